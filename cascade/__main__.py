@@ -1,0 +1,59 @@
+"""Command line: ``python -m cascade <command> ...`` (a thin skin over the library).
+
+Each command lives in its own module, which exposes ``add_parser(subparsers)``; that function registers the
+command's parser and sets ``func`` (called with the parsed arguments, returning an exit code). Modules are
+imported only to build the parser, so they must stay cheap to import (no Jittor or torch at import time).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command modules, in the order they appear in --help
+COMMAND_MODULES = (
+    "cascade.pipeline",   # train, test
+    "cascade.evaluate",   # eval
+    "cascade.bench",      # bench (real-feature tasks)
+)
+
+
+class CascadeError(Exception):
+    """An expected failure (bad input, missing file): reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cascade",
+        description="Few-shot image classification with a routed cascade of CLIP stages (InMaP -> LP++ -> "
+                    "specialists). Run `python -m cascade COMMAND --help` for each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command whose module is not there yet is simply absent
+            if exc.name == name:
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CascadeError, FileNotFoundError, ValueError) as exc:
+        print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cascade {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: Debian's oneDNN for Jittor, a virtual environment in .venv with the
+# package (and, with --test, the test references), and a first Jittor import that compiles its kernels once.
+# Safe to run again: each step is skipped when already done.
+#   bash scripts/setup.sh          # runtime only
+#   bash scripts/setup.sh --test   # + pytest, torch/torchvision/timm and OpenAI's CLIP code (test references)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+want_test=0; [ "${1:-}" = "--test" ] && want_test=1
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# 1. oneDNN (Debian's libdnnl-dev is API-compatible with the oneDNN 2.2 Jittor would download).
+if [ ! -f /usr/include/dnnl.hpp ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing libdnnl-dev (oneDNN) with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq libdnnl-dev >/dev/null \
+      || say "WARNING: apt could not install libdnnl-dev; Jittor will run without oneDNN (slow convolutions)"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq >/dev/null && sudo apt-get install -y -qq libdnnl-dev >/dev/null \
+      || say "WARNING: could not install libdnnl-dev; Jittor will run without oneDNN (slow convolutions)"
+  else
+    say "WARNING: no root and no apt: install libdnnl-dev yourself for fast convolutions; continuing without it"
+  fi
+fi
+
+# 2. Virtual environment with the package, re-installed only when pyproject.toml changes.
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.cascade-installed-$( (cat pyproject.toml; echo "test=$want_test") | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  extras=""; [ "$want_test" = 1 ] && extras="[test]"
+  say "installing cascade$extras into .venv (first time: a few minutes)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  .venv/bin/python -c "import cascade" || { say "ERROR: installing cascade failed"; exit 1; }
+  if [ "$want_test" = 1 ]; then
+    # OpenAI's reference CLIP code (test reference only); --no-deps: its model files need only torch.
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps clip-anytorch==2.6.0 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  fi
+  touch "$stamp"
+fi
+
+# 3. First Jittor import: wires oneDNN and compiles Jittor's kernels into ~/.cache/jittor (once per machine).
+.venv/bin/python -c "from cascade import runtime; runtime.jittor(); import sys; print('[setup] jittor ready:', runtime.status, file=sys.stderr)"

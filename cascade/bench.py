@@ -1,0 +1,128 @@
+"""``python -m cascade bench TASK.npz [...] [--json]``: score the stages on real-feature task files.
+
+A task file (format: benchmarks/realbench/README.md) holds support/val/query CLIP features, class text
+embeddings and optionally ``n_seen``. For each task this prints top-1/top-5 (%) on the queries of:
+
+  zero-shot          CLIP text classifier over all classes
+  inmap              InMaP, authors' defaults (Sinkhorn with a uniform class marginal)
+  inmap-nosinkhorn   InMaP without Sinkhorn
+  lpp                LP++ over the seen classes, authors' protocol (300 epochs, epoch chosen on val rows)
+  seed-cascade       the seeds' routing: InMaP (Sinkhorn) over all classes, predicted-unseen queries keep
+                     its ranking, the rest LP++ (as above)
+  cascade            the default Cascade (cascade.router), val rows used for calibration only
+
+``query_y`` is read only by the scoring code, after every method has produced its scores.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade")
+BACKBONE = "ViT-B/32"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="score zero-shot, InMaP, LP++ and the cascade on feature task files",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("tasks", nargs="+", metavar="TASK.npz", help="task files (e.g. benchmarks/realbench/*.npz)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object per task per line: {"task", "n_query", "results": '
+                        '{method: {"top1", "top5"}}}')
+    p.add_argument("--methods", default=",".join(ROWS),
+                   help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
+    p.set_defaults(func=run)
+
+
+def load_task(path) -> dict:
+    """Read and check a task file; returns a dict of arrays (query_y included, for scoring only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            task = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npz task file ({exc})") from exc
+    need = ("support_x", "support_y", "query_x", "query_y", "text_x")
+    missing = [k for k in need if k not in task]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing} (see benchmarks/realbench/README.md)")
+    C = task["text_x"].shape[0]
+    task["n_seen"] = int(task["n_seen"]) if "n_seen" in task else C
+    if not 1 <= task["n_seen"] <= C:
+        raise ValueError(f"{path}: n_seen={task['n_seen']} outside 1..{C}")
+    return task
+
+
+def evaluate_task(task: dict, methods=ROWS) -> dict[str, np.ndarray]:
+    """Scores [Nq, C] of each method. Never reads ``task['query_y']``."""
+    from .router import Cascade
+    from .stages import InMaP, LinearProbePP, ZeroShot
+
+    X, T = task["query_x"], task["text_x"]
+    C, S = T.shape[0], task["n_seen"]
+    sx, sy = task["support_x"], task["support_y"]
+    val = (task["val_x"], task["val_y"]) if "val_x" in task and "val_y" in task else None
+    out = {}
+    for name in methods:
+        if name == "zero-shot":
+            out[name] = ZeroShot().fit(text=T).decision_function(X)
+        elif name == "inmap":
+            out[name] = InMaP().fit(X, text=T).decision_function(X)
+        elif name == "inmap-nosinkhorn":
+            out[name] = InMaP(sinkhorn=False).fit(X, text=T).decision_function(X)
+        elif name == "lpp":
+            m = LinearProbePP().fit(sx, sy, text=T[:S], val=val)
+            z = np.full((X.shape[0], C), -np.inf, dtype=np.float64)
+            z[:, :S] = m.decision_function(X)
+            out[name] = z
+        elif name in ("seed-cascade", "cascade"):
+            if name == "seed-cascade":
+                model = Cascade(InMaP(), [LinearProbePP()], combine="replace", calibrate=False)
+            else:
+                model = Cascade()
+            v = ({BACKBONE: val[0]}, val[1]) if val is not None else None
+            model.fit({BACKBONE: sx}, sy, {BACKBONE: T}, S, val=v)
+            out[name] = model.predict({BACKBONE: X}).scores
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(ROWS)}")
+    return out
+
+
+def run(args) -> int:
+    from .metrics import top1_top5
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ROWS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ROWS)}")
+    for path in args.tasks:
+        t0 = time.perf_counter()
+        task = load_task(path)
+        labels = task.pop("query_y")          # kept away from every method
+        scores = evaluate_task(task, methods)
+        results = {m: {k: round(v, 2) for k, v in top1_top5(s, labels).items()} for m, s in scores.items()}
+        record = {"task": Path(path).stem, "n_query": int(labels.shape[0]), "results": results}
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            C, S = task["text_x"].shape[0], task["n_seen"]
+            print(f"{record['task']}: {labels.shape[0]} queries, {C} classes ({S} seen), "
+                  f"{task['support_x'].shape[0]} support rows  [{time.perf_counter() - t0:.1f} s]")
+            print(f"  {'method':<18}{'top-1':>8}{'top-5':>8}")
+            for m, r in results.items():
+                print(f"  {m:<18}{r['top1']:>8.2f}{r['top5']:>8.2f}")
+            print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .__main__ import main
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,53 @@
+"""Top-k accuracy helpers shared by the bench, the evaluation command and the tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def topk_indices(scores: np.ndarray, k: int = 5) -> np.ndarray:
+    """Indices of the ``k`` highest scores per row, best first ([N, k], int64).
+
+    Ties are broken by the lower class index (stable), so the result is deterministic.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a 2-D array [N, C], got shape {scores.shape}")
+    n_classes = scores.shape[1]
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"k={k} must be between 1 and the number of classes ({n_classes})")
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order[:, :k].astype(np.int64)
+
+
+def topk_accuracy(scores_or_topk: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Percentage of rows whose label is among the top ``k``.
+
+    Accepts either a score matrix [N, C] or an already ranked index matrix [N, >=k] of integers.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    arr = np.asarray(scores_or_topk)
+    if arr.ndim != 2 or arr.shape[0] != labels.shape[0]:
+        raise ValueError(f"got {arr.shape[0] if arr.ndim == 2 else arr.shape} rows of scores for "
+                         f"{labels.shape[0]} labels")
+    if labels.size == 0:
+        raise ValueError("no labels to score")
+    top = arr[:, :k] if np.issubdtype(arr.dtype, np.integer) else topk_indices(arr, k)
+    return float(np.mean(np.any(top == labels[:, None], axis=1)) * 100.0)
+
+
+def top1_top5(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``{"top1": %, "top5": %}`` (top-5 is capped at the number of classes)."""
+    k5 = min(5, np.asarray(scores).shape[1])
+    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, k5)}
+
+
+def per_group_accuracy(top: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 1) -> dict:
+    """Top-k accuracy (%) per group id (e.g. the domain of each label): ``{group: (accuracy, count)}``."""
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    out = {}
+    for g in np.unique(groups):
+        m = groups == g
+        out[g.item() if hasattr(g, "item") else g] = (topk_accuracy(np.asarray(top)[m], labels[m], k),
+                                                      int(m.sum()))
+    return out

@@ -1,0 +1,14 @@
+"""Stages of the cascade; each is an estimator with the interface of :class:`cascade.stages.base.Stage`.
+
+``STAGES`` maps a short name to each stage class (used by configs and the bench); a new stage is a new
+file plus one line here.
+"""
+from .base import NotFittedError, Stage, check_features, check_labels
+from .inmap import InMaP, estimate_prior, fit_temperature, image_opt, sinkhorn
+from .lpp import LinearProbePP
+from .zeroshot import ZeroShot
+
+STAGES = {"zero-shot": ZeroShot, "inmap": InMaP, "lpp": LinearProbePP}
+
+__all__ = ["Stage", "NotFittedError", "check_features", "check_labels", "ZeroShot", "InMaP", "LinearProbePP",
+           "sinkhorn", "image_opt", "estimate_prior", "fit_temperature", "STAGES"]

@@ -1,0 +1,227 @@
+"""InMaP: transductive zero-shot classification with vision proxies (Qian et al., arXiv 2310.19752).
+
+Same equations as the authors' ``idstcv/InMaP`` ``main.py`` (``sinkhorn`` and ``image_opt``), written
+independently:
+
+1. pseudo-labels ``P = softmax(X T^T / tau_t)`` for the queries, optionally balanced by Sinkhorn towards a
+   class marginal (uniform by default; ``prior`` makes it configurable) with ``n_sinkhorn`` rounds, each
+   first fixing the column sums, then the row sums;
+2. rows whose largest pseudo-label exceeds ``confidence`` become one-hot;
+3. projected gradient descent on the vision proxies ``W`` [C, D], started from the text embeddings:
+   ``grad = (softmax(X W^T / tau_i) - P)^T X``, step ``lr / (n tau_i)``, ``lr`` halved whenever the
+   gradient's Frobenius norm grows, each proxy re-normalised to unit length after every step.
+
+``tol`` (an extension) stops once a step changes no proxy entry by more than ``tol`` (after at least
+``min_iter`` steps); ``tol=None`` runs all ``n_iter`` steps exactly as the authors do.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Stage, check_features, check_labels, log_softmax, softmax
+
+
+def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter: int = 20,
+             prior: np.ndarray | None = None) -> np.ndarray:
+    """Balanced pseudo-labels from ``logits`` [N, C] (rows sum to 1 on return).
+
+    Columns are scaled to the class marginal (``prior``; else ``colsum**gamma`` normalised when
+    ``gamma > 0``, as in the authors' code; else uniform ``1/C``), then rows to ``1/N``, ``n_iter`` times.
+    """
+    n, c = logits.shape
+    P = softmax(np.asarray(logits, dtype=np.float64) / tau_t) / n
+    if prior is not None:
+        q = np.asarray(prior, dtype=np.float64).reshape(1, c)
+        q = q / q.sum()
+    elif gamma > 0:
+        q = P.sum(axis=0, keepdims=True) ** gamma
+        q /= q.sum()
+    else:
+        q = None
+    for _ in range(n_iter):
+        P /= P.sum(axis=0, keepdims=True)
+        if q is not None:
+            P *= q
+        else:
+            P /= c
+        P /= P.sum(axis=1, keepdims=True)
+        P /= n
+    return P * n
+
+
+def sharpen_confident(plabel: np.ndarray, confidence: float = 0.6) -> np.ndarray:
+    """Copy of ``plabel`` whose rows with max > ``confidence`` are replaced by one-hot rows."""
+    plabel = np.array(plabel, dtype=np.float64, copy=True)
+    idx = plabel.argmax(axis=1)
+    mask = plabel[np.arange(len(plabel)), idx] > confidence
+    plabel[mask] = 0.0
+    plabel[np.flatnonzero(mask), idx[mask]] = 1.0
+    return plabel
+
+
+def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 10.0, n_iter: int = 2000,
+              tau_i: float = 0.04, confidence: float = 0.6, tol: float | None = None, min_iter: int = 0,
+              dtype=np.float32):
+    """Learn vision proxies [C, D] from queries ``X`` [N, D] and pseudo-labels ``plabel`` [N, C].
+
+    Returns ``(proxies, n_steps, final_lr)``.
+    """
+    X = np.ascontiguousarray(X, dtype=dtype)
+    n = X.shape[0]
+    target = sharpen_confident(plabel, confidence)
+    base = (X.T @ target.astype(dtype)).T          # [C, D]  = (X^T P)^T
+    W = np.array(init, dtype=dtype, copy=True)      # [C, D]
+    logits = np.empty((n, W.shape[0]), dtype=dtype)
+    grad = np.empty_like(W)
+    prev = np.inf
+    inv_tau = dtype(1.0 / tau_i)
+    step = 0
+    for step in range(1, n_iter + 1):
+        np.matmul(X, W.T, out=logits)
+        logits *= inv_tau
+        softmax(logits, out=logits)
+        np.matmul(logits.T, X, out=grad)
+        grad -= base
+        norm = float(np.sqrt(np.vdot(grad, grad)))
+        if norm > prev:
+            lr /= 2.0
+        prev = norm
+        W_new = W - dtype(lr / (n * tau_i)) * grad
+        W_new /= np.linalg.norm(W_new, axis=1, keepdims=True)
+        if tol is not None and step >= min_iter:
+            change = float(np.max(np.abs(W_new - W)))
+            W = W_new
+            if change <= tol:
+                break
+        else:
+            W = W_new
+    return W, step, lr
+
+
+class InMaP(Stage):
+    """Transductive InMaP stage; ``fit`` sees the (unlabelled) queries and the class text embeddings.
+
+    Parameters (authors' defaults)
+    ----------
+    tau_t : float, 0.01      temperature of the text pseudo-labels.
+    tau_i : float, 0.04      temperature of the vision-proxy softmax.
+    lr : float, 10.0         initial step (halved when the gradient norm grows).
+    n_iter : int, 2000       gradient steps.
+    confidence : float, 0.6  pseudo-labels above this become one-hot (the authors' ``alpha``).
+    sinkhorn : bool, True    balance the pseudo-labels by Sinkhorn.
+    n_sinkhorn : int, 20     Sinkhorn rounds.
+    gamma : float, 0.0       authors' marginal exponent (0: uniform marginal).
+    prior : "uniform" | "auto" | array
+        Class marginal for Sinkhorn. "uniform" is the paper; "auto" estimates it from the queries by EM
+        (Saerens et al. 2002) on zero-shot posteriors whose temperature is fitted on the labelled support
+        (if given to fit), and keeps the estimate only if it beats uniform by the BIC margin
+        ``(C-1)/2 log N`` in log-likelihood (see ``estimate_prior``). An array is used as given.
+    tol : float or None, None  early stop once a step changes no proxy entry by more than tol.
+    """
+
+    def __init__(self, tau_t: float = 0.01, tau_i: float = 0.04, lr: float = 10.0, n_iter: int = 2000,
+                 confidence: float = 0.6, sinkhorn: bool = True, n_sinkhorn: int = 20, gamma: float = 0.0,
+                 prior="uniform", tol: float | None = None):
+        self.tau_t = tau_t
+        self.tau_i = tau_i
+        self.lr = lr
+        self.n_iter = n_iter
+        self.confidence = confidence
+        self.sinkhorn = sinkhorn
+        self.n_sinkhorn = n_sinkhorn
+        self.gamma = gamma
+        self.prior = prior
+        self.tol = tol
+
+    def fit(self, X, y=None, *, text, support_x=None, support_y=None) -> "InMaP":
+        """Learn the vision proxies from the queries ``X`` [N, D] (no labels) and ``text`` [C, D].
+
+        ``support_x``/``support_y`` (optional, labelled rows of some classes) are used only to calibrate
+        the zero-shot temperature when ``prior="auto"``.
+        """
+        text = check_features(text, "text")
+        X = check_features(X, "queries", dim=text.shape[1])
+        logits = X.astype(np.float64) @ text.T.astype(np.float64)
+        if self.sinkhorn:
+            prior = self._resolve_prior(logits, text, support_x, support_y)
+            plabel = sinkhorn(logits, self.tau_t, self.gamma, self.n_sinkhorn, prior=prior)
+        else:
+            prior = None
+            plabel = softmax(logits / self.tau_t)
+        W, steps, lr = image_opt(X, text, plabel, self.lr, self.n_iter, self.tau_i, self.confidence,
+                                 tol=self.tol)
+        self.proxies_ = W
+        self.prior_ = (np.full(text.shape[0], 1.0 / text.shape[0]) if prior is None
+                       else np.asarray(prior, dtype=np.float64))
+        self.n_iter_ = int(steps)
+        self.final_lr_ = float(lr)
+        return self
+
+    def _resolve_prior(self, logits, text, support_x, support_y):
+        prior = self.prior
+        if isinstance(prior, str):
+            if prior == "uniform":
+                return None
+            if prior == "auto":
+                scale = 1.0 / self.tau_t
+                if support_x is not None:
+                    sx = check_features(support_x, "support_x", dim=text.shape[1])
+                    sy = check_labels(support_y, sx.shape[0], text.shape[0], "support_y", require_all=False)
+                    scale = fit_temperature(sx.astype(np.float64) @ text.T.astype(np.float64), sy)
+                q, _ = estimate_prior(log_softmax(logits * scale))
+                return q
+            raise ValueError(f"prior must be 'uniform', 'auto' or an array, got {prior!r}")
+        q = np.asarray(prior, dtype=np.float64)
+        if q.shape != (text.shape[0],) or np.any(q < 0) or q.sum() <= 0:
+            raise ValueError(f"prior must be {text.shape[0]} non-negative weights, got shape {q.shape}")
+        return q / q.sum()
+
+    def decision_function(self, X) -> np.ndarray:
+        self._check_fitted()
+        X = check_features(X, "X", dim=self.proxies_.shape[1])
+        return (X @ self.proxies_.T) / np.float32(self.tau_i)
+
+
+# ------------------------------------------------------------------------------------------------------
+# class-marginal estimation (an extension used by the cascade)
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4)) -> float:
+    """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(y))
+
+    def nll(log_s):
+        return -log_softmax(logits * np.exp(log_s))[rows, y].mean()
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                          options={"xatol": 1e-4})
+    return float(np.exp(res.x))
+
+
+def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, bic: bool = True):
+    """EM estimate of the class marginal of a set of rows from posteriors made under a uniform prior.
+
+    ``log_post`` [N, C] are log-posteriors of a classifier trained with a uniform class prior (Saerens,
+    Latinne & Decaestecker 2002). Returns ``(q, gain)``: the estimated marginal and the gain in total
+    log-likelihood over the uniform marginal. With ``bic=True`` the estimate is kept only when the gain
+    exceeds ``(C-1)/2 * log N`` (the BIC penalty of its ``C-1`` free parameters); otherwise uniform
+    is returned, so that a classifier's own bias is not mistaken for class imbalance on small or
+    balanced query sets.
+    """
+    n, c = log_post.shape
+    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    q = np.full(c, 1.0 / c)
+    for _ in range(n_iter):
+        r = post * (q * c)
+        r /= r.sum(axis=1, keepdims=True)
+        q_new = r.mean(axis=0)
+        done = np.max(np.abs(q_new - q)) < tol
+        q = q_new
+        if done:
+            break
+    ll = np.log(np.maximum((post * (q * c)).sum(axis=1), 1e-300)).sum()  # minus the uniform ll (= 0)
+    if bic and ll <= 0.5 * (c - 1) * np.log(max(n, 2)):
+        return np.full(c, 1.0 / c), float(ll)
+    return q, float(ll)

@@ -1,0 +1,129 @@
+"""LP++: a linear probe blended with the text classifier (Huang et al., arXiv 2404.02285).
+
+Same procedure as the authors' ``LinearProbe_P2`` (FereshteShakeri/FewShot-CLIP-Strong-Baseline), written
+independently. Logits of a feature x for class k::
+
+    z_k(x) = w_k . x + b_k + alpha_k * (x . t_k)
+
+* ``w_k`` starts at the SUM of class k's support features; ``b`` like a freshly built torch ``nn.Linear``
+  bias, uniform in +-1/sqrt(D) (seeded, numpy generator);
+* every ``alpha_k`` starts at ``alpha_scale`` (250) x the mean over classes of the mean similarity between a
+  class's support features and its own text embedding;
+* ``w, b``: full-batch SGD with momentum 0.9 (torch convention: buf = 0.9 buf + g, p -= lr buf) on the mean
+  cross-entropy, step ``4 N / lambda_max(F^T F)``;
+* ``alpha``: every ``alpha_every`` (10) epochs, ``alpha -= N / (4 max_k sum_i (f_i . t_k)^2) * G`` where G
+  is alpha's gradient ACCUMULATED over all epochs so far (the reference never zeroes it);
+* ``epochs`` (300) epochs; with validation rows given, the parameters after the epoch with the best
+  validation accuracy are kept (ties go to the later epoch), else the last epoch's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Stage, check_features, check_labels, softmax
+
+
+class LinearProbePP(Stage):
+    """LP++ stage over the classes of ``text`` (each needs at least one support row).
+
+    Parameters (authors' defaults)
+    ----------
+    epochs : int, 300
+    alpha_scale : float, 250.0    initial alpha = alpha_scale x mean own-class text similarity.
+    momentum : float, 0.9
+    alpha_every : int, 10         epochs between alpha updates.
+    select : "val" | "last", "val"  keep the best-validation epoch when val data is given.
+    random_state : int, 0         seed of the bias initialisation.
+    """
+
+    def __init__(self, epochs: int = 300, alpha_scale: float = 250.0, momentum: float = 0.9,
+                 alpha_every: int = 10, select: str = "val", random_state: int = 0):
+        self.epochs = epochs
+        self.alpha_scale = alpha_scale
+        self.momentum = momentum
+        self.alpha_every = alpha_every
+        self.select = select
+        self.random_state = random_state
+
+    def fit(self, X, y, *, text, val=None) -> "LinearProbePP":
+        """Train on support features ``X`` [N, D] with labels ``y`` in 0..K-1 and ``text`` [K, D].
+
+        ``val``: optional ``(val_x, val_y)`` used only to choose the epoch (``select="val"``).
+        """
+        if self.select not in ("val", "last"):
+            raise ValueError(f"select must be 'val' or 'last', got {self.select!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        text = check_features(text, "text")
+        X = check_features(X, "support_x", dim=text.shape[1])
+        K, D = text.shape
+        y = check_labels(y, X.shape[0], K, "support_y", require_all=True)
+        N = X.shape[0]
+        F = X.astype(np.float32)
+        T = text.astype(np.float32)
+        Y = np.zeros((N, K), np.float32)
+        Y[np.arange(N), y] = 1.0
+        S = F @ T.T                                     # [N, K] text similarities
+        counts = Y.sum(axis=0)
+
+        W = Y.T @ F                                     # per-class sum of support features
+        bound = 1.0 / np.sqrt(D)
+        b = np.random.default_rng(self.random_state).uniform(-bound, bound, K).astype(np.float32)
+        own = (Y * S).sum(axis=0) / counts              # mean own-class similarity per class
+        alpha = np.full(K, self.alpha_scale * float(own.astype(np.float64).mean()), np.float32)
+        lam_max = float(np.linalg.eigvalsh(F.T.astype(np.float64) @ F.astype(np.float64))[-1])
+        lr_w = np.float32(4.0 * N / lam_max)
+        lr_alpha = np.float32(N / (4.0 * float((S.astype(np.float64) ** 2).sum(axis=0).max())))
+
+        use_val = self.select == "val" and val is not None
+        if use_val:
+            vx, vy = val
+            vx = check_features(vx, "val_x", dim=D)
+            vy = check_labels(vy, vx.shape[0], K, "val_y", require_all=False)
+            Sv = vx @ T.T
+        best = (-1.0, -1, W, b, alpha)
+        buf_w = np.zeros_like(W)
+        buf_b = np.zeros_like(b)
+        g_alpha = np.zeros(K, np.float32)
+        Z = np.empty((N, K), np.float32)
+        mom = np.float32(self.momentum)
+        inv_n = np.float32(1.0 / N)
+        for epoch in range(self.epochs):
+            np.matmul(F, W.T, out=Z)
+            Z += b
+            Z += alpha * S
+            softmax(Z, out=Z)
+            Z -= Y
+            Z *= inv_n                                  # dLoss/dlogits
+            g_w = Z.T @ F
+            g_b = Z.sum(axis=0)
+            g_alpha += (Z * S).sum(axis=0)
+            if epoch == 0:
+                buf_w, buf_b = g_w, g_b
+            else:
+                buf_w = mom * buf_w + g_w
+                buf_b = mom * buf_b + g_b
+            W = W - lr_w * buf_w
+            b = b - lr_w * buf_b
+            if (epoch + 1) % self.alpha_every == 0:
+                alpha = alpha - lr_alpha * g_alpha
+            if use_val:
+                acc = float(np.mean(np.argmax(vx @ W.T + b + alpha * Sv, axis=1) == vy))
+                if acc >= best[0]:
+                    best = (acc, epoch, W, b, alpha)
+        if use_val:
+            self.val_accuracy_, self.best_epoch_ = best[0] * 100.0, best[1]
+            W, b, alpha = best[2], best[3], best[4]
+        else:
+            self.best_epoch_ = self.epochs - 1
+        self.coef_ = np.ascontiguousarray(W, dtype=np.float32)
+        self.intercept_ = np.asarray(b, dtype=np.float32)
+        self.alpha_ = np.asarray(alpha, dtype=np.float32)
+        self.text_ = T
+        self.lr_w_, self.lr_alpha_ = float(lr_w), float(lr_alpha)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        self._check_fitted()
+        X = check_features(X, "X", dim=self.coef_.shape[1])
+        return X @ self.coef_.T + self.intercept_ + self.alpha_ * (X @ self.text_.T)

@@ -1,0 +1,246 @@
+"""Stage algorithms pinned on tiny hand-checkable inputs, invariances, persistence and bad inputs."""
+import numpy as np
+import pytest
+
+from cascade.stages import (STAGES, InMaP, LinearProbePP, NotFittedError, Stage, ZeroShot, estimate_prior,
+                            fit_temperature, image_opt, sinkhorn)
+from cascade.stages.inmap import sharpen_confident
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def toy(n_classes=3, dim=8, shots=4, n_query=30, seed=0, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((n_classes, dim)))
+    ys = np.repeat(np.arange(n_classes), shots)
+    yq = np.arange(n_query) % n_classes
+    sx = unit(centres[ys] + spread * rng.standard_normal((ys.size, dim)))
+    qx = unit(centres[yq] + spread * rng.standard_normal((n_query, dim)))
+    text = unit(centres + 0.5 * spread * rng.standard_normal(centres.shape))
+    return sx, ys, qx, yq, text
+
+
+# ---------------------------------------------------------------------------------------------- zero-shot
+def test_zeroshot_is_scaled_cosine():
+    text = unit([[1, 0], [0, 1]])
+    x = unit([[3, 4]])
+    z = ZeroShot().fit(text=text).decision_function(x)
+    np.testing.assert_allclose(z, [[60.0, 80.0]], rtol=1e-5)   # cos / 0.01
+    assert ZeroShot().fit(text=text).predict(x).tolist() == [1]
+
+
+def test_not_fitted_error():
+    for cls in (ZeroShot, InMaP, LinearProbePP):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            cls().decision_function(unit([[1.0, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- Sinkhorn
+def test_sinkhorn_marginals_and_hand_case():
+    logits = np.array([[0.30, 0.10], [0.29, 0.10], [0.10, 0.30]])
+    P = sinkhorn(logits, tau_t=0.01, n_iter=200)
+    np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-9)            # rows are distributions
+    np.testing.assert_allclose(P.sum(0), [1.5, 1.5], atol=1e-6)     # uniform columns: N/C each
+    # the second row, the least sure of class 0, is pushed towards class 1
+    assert P[1, 1] > P[0, 1] > 0.1 and P[2, 1] > 0.9
+    # a prior is honoured
+    P = sinkhorn(logits, tau_t=0.01, n_iter=500, prior=np.array([2.0, 1.0]))
+    np.testing.assert_allclose(P.sum(0), [2.0, 1.0], atol=1e-5)
+
+
+def test_sinkhorn_one_round_by_hand():
+    M = np.log(np.array([[0.6, 0.4], [0.2, 0.8]])) * 0.01   # softmax(M / 0.01) = the table
+    P = sinkhorn(M, tau_t=0.01, n_iter=1)
+    A = np.array([[0.6, 0.4], [0.2, 0.8]]) / 2
+    A = A / A.sum(0) / 2
+    A = A / A.sum(1, keepdims=True) / 2
+    np.testing.assert_allclose(P, A * 2, atol=1e-12)
+
+
+def test_sharpen_confident():
+    p = np.array([[0.7, 0.3], [0.55, 0.45]])
+    np.testing.assert_array_equal(sharpen_confident(p, 0.6), [[1, 0], [0.55, 0.45]])
+
+
+# ---------------------------------------------------------------------------------------------- image_opt
+def test_image_opt_one_step_by_hand():
+    X = unit([[1, 0], [0, 1], [1, 1]])
+    W0 = unit([[1, 0.2], [0.1, 1]])
+    pl = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    W, steps, lr = image_opt(X, W0, pl, lr=10.0, n_iter=1, tau_i=0.04, confidence=0.6, dtype=np.float64)
+    target = np.array([[1, 0], [0, 1], [0.5, 0.5]])
+    logits = X.astype(np.float64) @ W0.T.astype(np.float64) / 0.04
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    grad = prob.T @ X - target.T @ X
+    ref = W0 - 10.0 / (3 * 0.04) * grad
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(W, ref, atol=1e-5)
+    assert steps == 1 and lr == 10.0
+
+
+def test_image_opt_lr_halves_when_gradient_grows_and_tol_stops():
+    sx, ys, qx, yq, text = toy(seed=1)
+    pl = np.eye(3)[yq]
+    W, steps, lr = image_opt(qx, text, pl, n_iter=50)
+    assert steps == 50 and lr <= 10.0 and np.log2(10.0 / lr) == int(np.log2(10.0 / lr))
+    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1.0, atol=1e-5)
+    _, steps_tol, _ = image_opt(qx, text, pl, n_iter=2000, tol=1e-4)
+    assert steps_tol < 2000
+
+
+def test_inmap_learns_and_is_permutation_equivariant():
+    sx, ys, qx, yq, text = toy(seed=2, spread=0.5)
+    m = InMaP(n_iter=100).fit(qx, text=text)
+    assert m.proxies_.shape == text.shape and m.n_iter_ == 100
+    acc = np.mean(m.predict(qx) == yq)
+    assert acc >= np.mean(ZeroShot().fit(text=text).predict(qx) == yq) - 0.05
+    perm = np.random.default_rng(0).permutation(len(qx))
+    m2 = InMaP(n_iter=100).fit(qx[perm], text=text)              # query order does not matter
+    np.testing.assert_allclose(m2.proxies_, m.proxies_, atol=2e-4)
+    cperm = np.array([2, 0, 1])                                   # class order permutes the proxies
+    m3 = InMaP(n_iter=100).fit(qx, text=text[cperm])
+    np.testing.assert_allclose(m3.proxies_, m.proxies_[cperm], atol=2e-4)
+
+
+def test_inmap_single_query_and_prior_options():
+    sx, ys, qx, yq, text = toy()
+    m = InMaP(n_iter=10).fit(qx[:1], text=text)
+    assert m.decision_function(qx[:1]).shape == (1, 3)
+    m = InMaP(n_iter=10, prior=[1, 1, 2]).fit(qx, text=text)
+    np.testing.assert_allclose(m.prior_, [0.25, 0.25, 0.5])
+    with pytest.raises(ValueError, match="prior"):
+        InMaP(prior="nope").fit(qx, text=text)
+    m = InMaP(n_iter=10, prior="auto").fit(qx, text=text, support_x=sx, support_y=ys)
+    np.testing.assert_allclose(m.prior_.sum(), 1.0)
+
+
+def test_estimate_prior_recovers_imbalance_and_bic_keeps_uniform():
+    rng = np.random.default_rng(0)
+    q_true = np.array([0.7, 0.2, 0.1])
+    y = rng.choice(3, size=3000, p=q_true)
+    # a calibrated classifier under a uniform prior: it outputs type t, with p(t | y) = 0.7 if t == y
+    # else 0.15, and posterior p(y | t) = 0.7 if y == t else 0.15
+    conf = np.full((3, 3), 0.15) + 0.55 * np.eye(3)
+    t = np.array([rng.choice(3, p=conf[c]) for c in y])
+    lik = conf[t]
+    logp = np.log(lik / lik.sum(1, keepdims=True))
+    q, gain = estimate_prior(logp)
+    np.testing.assert_allclose(q, q_true, atol=0.04)
+    assert gain > 0
+    yb = np.arange(60) % 3                                          # balanced, small: stays uniform
+    lik = np.full((60, 3), 0.15)
+    lik[np.arange(60), yb] = 0.7
+    q, _ = estimate_prior(np.log(lik))
+    np.testing.assert_allclose(q, 1 / 3)
+
+
+def test_fit_temperature_recovers_scale():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((4000, 5))
+    p = np.exp(3.0 * z)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    assert abs(fit_temperature(z, y) - 3.0) < 0.3
+
+
+# ---------------------------------------------------------------------------------------------- LP++
+def test_lpp_initialisation_and_step_sizes():
+    sx, ys, qx, yq, text = toy(seed=3)
+    m = LinearProbePP(epochs=1, alpha_every=10).fit(sx, ys, text=text)
+    F = sx.astype(np.float64)
+    S = F @ text.T.astype(np.float64)
+    own = np.array([S[ys == k, k].mean() for k in range(3)])
+    assert m.lr_w_ == pytest.approx(4 * len(F) / np.linalg.eigvalsh(F.T @ F)[-1], rel=1e-4)
+    assert m.lr_alpha_ == pytest.approx(len(F) / (4 * (S ** 2).sum(0).max()), rel=1e-4)
+    np.testing.assert_allclose(m.alpha_, 250 * own.mean(), rtol=1e-4)   # alpha untouched before epoch 10
+    # after one epoch: W = sum of support - lr * grad (momentum buffer = grad on the first step)
+    W0 = np.stack([F[ys == k].sum(0) for k in range(3)])
+    b0 = np.random.default_rng(0).uniform(-1 / np.sqrt(8), 1 / np.sqrt(8), 3)
+    Z = F @ W0.T + b0 + 250 * own.mean() * S
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    R = (P - np.eye(3)[ys]) / len(F)
+    np.testing.assert_allclose(m.coef_, W0 - m.lr_w_ * R.T @ F, atol=1e-4)
+    np.testing.assert_allclose(m.intercept_, b0 - m.lr_w_ * R.sum(0), atol=1e-5)
+
+
+def test_lpp_alpha_uses_accumulated_gradient_every_10_epochs():
+    sx, ys, qx, yq, text = toy(seed=4)
+    sx, ys, qx, yq, text = toy(seed=4, spread=1.0)
+    fit = lambda e: LinearProbePP(epochs=e, alpha_scale=1.0).fit(sx, ys, text=text).alpha_
+    a9, a10, a19 = fit(9), fit(10), fit(19)
+    assert np.allclose(a9, fit(1))
+    assert not np.allclose(a9, a10) and np.allclose(a10, a19)
+    # epoch 20's alpha step uses the gradient summed over epochs 1..20 (the reference never zeroes it)
+    W, b, al = None, None, None
+    F, T = sx.astype(np.float64), text.astype(np.float64)
+    S, Y, N = F @ T.T, np.eye(3)[ys], len(F)
+    W = Y.T @ F
+    b = np.random.default_rng(0).uniform(-1 / np.sqrt(8), 1 / np.sqrt(8), 3)
+    al = np.full(3, (Y * S).sum(0).mean() / 4)             # alpha_scale 1 x mean own similarity (4 shots)
+    lr_w = 4 * N / np.linalg.eigvalsh(F.T @ F)[-1]
+    lr_a = N / (4 * (S ** 2).sum(0).max())
+    bw, bb, ga = 0, 0, 0
+    for ep in range(20):
+        Z = F @ W.T + b + al * S
+        P = np.exp(Z - Z.max(1, keepdims=True))
+        R = (P / P.sum(1, keepdims=True) - Y) / N
+        bw, bb = 0.9 * bw + R.T @ F, 0.9 * bb + R.sum(0)
+        ga = ga + (R * S).sum(0)
+        W, b = W - lr_w * bw, b - lr_w * bb
+        if ep in (9, 19):
+            al = al - lr_a * ga
+    np.testing.assert_allclose(fit(20), al, rtol=1e-3)
+
+
+def test_lpp_learns_and_val_selection():
+    sx, ys, qx, yq, text = toy(seed=5, spread=0.6)
+    m = LinearProbePP(epochs=60).fit(sx, ys, text=text, val=(qx, yq))
+    assert 0 <= m.best_epoch_ < 60 and m.val_accuracy_ == pytest.approx(np.mean(m.predict(qx) == yq) * 100)
+    assert np.mean(m.predict(sx) == ys) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_bad_inputs_have_clear_errors():
+    sx, ys, qx, yq, text = toy()
+    with pytest.raises(ValueError, match="dimension"):
+        LinearProbePP().fit(sx[:, :4], ys, text=text)
+    bad = sx.copy()
+    bad[2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        LinearProbePP().fit(bad, ys, text=text)
+    with pytest.raises(ValueError, match="normalised"):
+        InMaP().fit(qx * 2, text=text)
+    with pytest.raises(ValueError, match="no support"):
+        LinearProbePP().fit(sx[ys != 1], ys[ys != 1], text=text)
+    with pytest.raises(ValueError, match="labels"):
+        LinearProbePP().fit(sx, ys[:-1], text=text)
+    with pytest.raises(ValueError, match="single vector"):
+        ZeroShot().fit(text=text).decision_function(qx[0])
+
+
+def test_save_load_roundtrip(tmp_path):
+    sx, ys, qx, yq, text = toy()
+    for st in (ZeroShot().fit(text=text), InMaP(n_iter=20).fit(qx, text=text),
+               LinearProbePP(epochs=20).fit(sx, ys, text=text)):
+        path = st.save(tmp_path / f"{type(st).__name__}.npz")
+        back = Stage.load(path)
+        assert type(back) is type(st) and back.get_params() == st.get_params()
+        np.testing.assert_array_equal(back.decision_function(qx), st.decision_function(qx))
+        with np.load(path, allow_pickle=False) as data:   # loadable without pickle
+            assert "__meta__" in data.files
+    with pytest.raises(FileNotFoundError):
+        Stage.load(tmp_path / "missing.npz")
+    assert set(STAGES) >= {"zero-shot", "inmap", "lpp"}
+
+
+def test_params_are_stored_unchanged():
+    assert InMaP().get_params() == dict(tau_t=0.01, tau_i=0.04, lr=10.0, n_iter=2000, confidence=0.6,
+                                        sinkhorn=True, n_sinkhorn=20, gamma=0.0, prior="uniform", tol=None)
+    assert LinearProbePP().get_params()["epochs"] == 300
+    with pytest.raises(ValueError, match="no hyperparameter"):
+        InMaP().set_params(foo=1)

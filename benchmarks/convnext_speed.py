@@ -1,0 +1,128 @@
+"""ConvNeXt-V2-Base speed on this machine: Jittor (cascade.models.convnextv2) vs the PyTorch reference (timm's
+convnextv2_base) in one run, and the wall time to train the default specialist on 520 support images.
+
+    .venv/bin/python benchmarks/convnext_speed.py                 # both parts
+    .venv/bin/python benchmarks/convnext_speed.py --skip-train    # throughput only
+
+Both models get the same random weights (timm's init, converted with cascade's timm mapping) and the same
+inputs; the first call of each is a warm-up (Jittor compiles its kernels then) and is not timed; timed
+rounds alternate between the two frameworks so that load from other processes hits both alike. Needs torch
+and timm (test dependencies). Images for the specialist are generated (no real data on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cascade.runtime import jittor, status  # noqa: E402
+
+jt = jittor()
+
+
+def throughput(args) -> None:
+    import torch
+    import timm
+
+    from cascade.models import convnextv2 as cnx
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    ref = timm.create_model("convnextv2_base", pretrained=False).eval()
+    state, _ = cnx.convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()})
+    ours = cnx.model_from_state(state)
+    x = np.random.default_rng(0).standard_normal((args.batch_size, 3, 224, 224)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    ref_cl = timm.create_model("convnextv2_base", pretrained=False).eval().to(memory_format=torch.channels_last)
+    ref_cl.load_state_dict(ref.state_dict())
+    xt_cl = xt.contiguous(memory_format=torch.channels_last)
+
+    def run_jittor():
+        with jt.no_grad():
+            return ours.forward_features(x).numpy()
+
+    def run_torch():
+        with torch.inference_mode():
+            return ref.forward_head(ref.forward_features(xt), pre_logits=True).numpy()
+
+    def run_torch_cl():
+        with torch.inference_mode():
+            return ref_cl.forward_head(ref_cl.forward_features(xt_cl), pre_logits=True).numpy()
+
+    runs = {"jittor": run_jittor, "torch": run_torch, "torch channels_last": run_torch_cl}
+    outs = {k: f() for k, f in runs.items()}  # warm-up (Jittor compiles here)
+    diff = max(float(np.abs(outs["jittor"] - outs[k]).max()) for k in ("torch", "torch channels_last"))
+    times = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for k, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    ips = {k: args.batch_size / float(np.median(v)) for k, v in times.items()}
+    print(f"ConvNeXt-V2-Base forward_features, batch {args.batch_size} x 3x224x224 fp32, {os.cpu_count()} CPU cores "
+          f"(torch threads {torch.get_num_threads()}, Jittor oneDNN: {status.get('onednn')}), median of "
+          f"{args.rounds} rounds:")
+    for k, v in ips.items():
+        print(f"  {k:20s} {v:7.2f} images/s")
+    print(f"  ratio jittor / torch (timm default) = {ips['jittor'] / ips['torch']:.2f}x; "
+          f"jittor / torch channels_last = {ips['jittor'] / ips['torch channels_last']:.2f}x "
+          f"(max |diff| of features {diff:.1e})", flush=True)
+
+
+def train_time(args) -> None:
+    from PIL import Image
+
+    from cascade.models import convnextv2 as cnx
+    from cascade.stages.specialist import SpecialistStage
+
+    rng = np.random.default_rng(0)
+    n_cls, shots = args.classes, args.shots
+    images, labels = [], []
+    for c in range(n_cls):
+        base = rng.integers(0, 256, 3)
+        for _ in range(shots):
+            w, h = int(rng.integers(240, 500)), int(rng.integers(240, 500))
+            a = np.clip(base + rng.normal(0, 40, (h // 8, w // 8, 3)), 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(a).resize((w, h), Image.BILINEAR))
+            labels.append(244 + c)  # global indices of a domain placed after other classes
+    labels = np.asarray(labels)
+    n_all = 244 + n_cls
+    clip = rng.dirichlet(np.ones(n_all) * 0.2, size=len(labels))  # stands in for the router's OOF CLIP probs
+    model = cnx.convnextv2("base")
+    model.eval()
+    stage = SpecialistStage()
+    t = time.perf_counter()
+    stage.fit_images(images, labels, model, clip_probs=clip, progress=not args.quiet)
+    dt = time.perf_counter() - t
+    print(f"default specialist (n_views={stage.n_views}, {stage.finetune=}, C grid {stage.C_grid}, "
+          f"{stage.n_folds}-fold CV of C and w) on {len(labels)} generated support images "
+          f"({n_cls} classes x {shots}), ConvNeXt-V2-Base (real size, random weights): {dt:.1f} s wall "
+          f"(chosen C={stage.C_}, w={stage.weight_})", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per framework (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    p.add_argument("--classes", type=int, default=130, help="specialist classes (default 130)")
+    p.add_argument("--shots", type=int, default=4, help="support images per class (default 4)")
+    p.add_argument("--skip-train", action="store_true", help="only measure throughput")
+    p.add_argument("--skip-speed", action="store_true", help="only measure specialist training")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.skip_speed:
+        throughput(args)
+    if not args.skip_train:
+        train_time(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Specialist stage: re-ranking rule, cross-validated weight, folds, preprocessing, save/load, and the image
+paths (frozen features and fine-tuning) on a tiny ConvNeXt-V2."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascade.stages.specialist import (PRESETS, SpecialistStage, make_views, random_resized_crop_flip,
+                                       stratified_group_folds, eval_view, to_array)
+
+N_ALL = 40                      # all classes of the problem
+DOMAIN = np.arange(12, 32)      # the specialist's domain (20 classes, global indices)
+SHOTS, VIEWS, DIM = 4, 3, 24
+
+
+def synthetic(seed: int, spec_informative: bool, clip_informative: bool):
+    """Support views (features, labels, groups) and out-of-fold CLIP probabilities per support image."""
+    rng = np.random.default_rng(seed)
+    K = len(DOMAIN)
+    means = rng.standard_normal((K, DIM)) * 3.0
+    y_img = np.repeat(DOMAIN, SHOTS)
+    n_img = len(y_img)
+    groups = np.repeat(np.arange(n_img), VIEWS)
+    y = y_img[groups]
+    local = np.searchsorted(DOMAIN, y)
+    centre = means[local] if spec_informative else rng.standard_normal((len(y), DIM)) * 3.0
+    X = centre + rng.standard_normal((len(y), DIM))
+    logits = rng.standard_normal((n_img, N_ALL))
+    if clip_informative:
+        logits[np.arange(n_img), y_img] += 2.5  # right most of the time, not always
+    clip = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return X, y, groups, clip, means
+
+
+def queries(means, n, rng, n_all=N_ALL):
+    local = rng.integers(0, len(DOMAIN), n)
+    X = means[local] + rng.standard_normal((n, DIM))
+    probs = rng.dirichlet(np.ones(n_all) * 0.3, size=n)
+    return X, probs, DOMAIN[local]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y, groups, clip, means = synthetic(0, spec_informative=True, clip_informative=False)
+    return SpecialistStage(C=1.0).fit(X, y, clip_probs=clip, groups=groups), means
+
+
+def test_estimator_contract():
+    st = SpecialistStage(C=0.5, weight=0.3)
+    assert st.C == 0.5 and st.weight == 0.3 and st.feature_key == "convnextv2_base"
+    with pytest.raises(RuntimeError, match="not fitted"):
+        st.rerank(np.ones((1, N_ALL)) / N_ALL, np.zeros((1, DIM)))
+    X, y, groups, clip, _ = synthetic(1, True, True)
+    assert st.fit(X, y, clip, groups) is st
+    np.testing.assert_array_equal(st.classes_, DOMAIN)
+    assert st.weight_ == 0.3 and st.C_ == 0.5  # fixed values are used as given
+    with pytest.raises(ValueError, match="combine"):
+        SpecialistStage(combine="max").fit(X, y)
+
+
+def test_rerank_only_reorders_inside_the_domain(fitted):
+    st, means = fitted
+    rng = np.random.default_rng(5)
+    X, probs, _ = queries(means, 200, rng)
+    out = st.rerank(probs, X)
+    outside = np.setdiff1d(np.arange(N_ALL), DOMAIN)
+    np.testing.assert_array_equal(out[:, outside], probs[:, outside])              # mass outside untouched
+    np.testing.assert_allclose(out.sum(1), probs.sum(1), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.sort(out[:, DOMAIN], 1), np.sort(probs[:, DOMAIN], 1))  # a permutation
+    top5_before = np.argsort(-probs, 1, kind="stable")[:, :5]
+    top5 = np.argsort(-out, 1, kind="stable")[:, :5]
+    for a, b in zip(top5_before, top5):
+        assert len(set(b)) == 5 and b.min() >= 0 and b.max() < N_ALL              # a valid top-5
+        np.testing.assert_array_equal(np.isin(a, DOMAIN), np.isin(b, DOMAIN))     # same slots for the domain
+        np.testing.assert_array_equal(a[~np.isin(a, DOMAIN)], b[~np.isin(b, DOMAIN)])
+    routed = np.isin(top5_before[:, 0], DOMAIN)
+    assert routed.any() and np.isin(top5[routed, 0], DOMAIN).all()                 # never leaves the domain
+    assert (top5[:, 0] != top5_before[:, 0]).any()                                 # it does re-rank
+
+
+def test_weight_zero_gives_the_clip_ranking(fitted):
+    st, means = fitted
+    X0, y0, g0, clip0, _ = synthetic(0, True, False)
+    zero = SpecialistStage(C=1.0, weight=0.0).fit(X0, y0, clip0, g0)
+    X, probs, _ = queries(means, 100, np.random.default_rng(7))
+    np.testing.assert_array_equal(zero.rerank(probs, X), probs)
+    np.testing.assert_array_equal(SpecialistStage(C=1.0, weight=0.0, combine="log").fit(X0, y0).rerank(probs, X),
+                                  probs)
+
+
+def test_specialist_wins_when_it_is_better(fitted):
+    st, means = fitted
+    assert st.weight_ >= 0.7, st.cv_scores_
+    assert st.cv_specialist_accuracy_ > 0.9 and st.cv_clip_accuracy_ < 0.3
+    X, probs, truth = queries(means, 300, np.random.default_rng(9))
+    probs[:, DOMAIN] += 0.5  # queries routed to the domain (their top-1 is inside it)
+    probs /= probs.sum(1, keepdims=True)
+    top1 = st.rerank(probs, X).argmax(1)
+    assert np.mean(top1 == truth) > 0.9 > np.mean(probs.argmax(1) == truth)
+
+
+def test_clip_wins_when_the_specialist_is_noise():
+    X, y, groups, clip, _ = synthetic(2, spec_informative=False, clip_informative=True)
+    st = SpecialistStage().fit(X, y, clip_probs=clip, groups=groups)
+    assert st.weight_ <= 0.3, st.cv_scores_
+    assert st.cv_clip_accuracy_ > st.cv_specialist_accuracy_
+    assert st.C_ in (0.01, 0.1, 1.0)
+
+
+def test_clip_probs_per_image_or_per_row_and_domain_columns():
+    X, y, groups, clip, _ = synthetic(3, True, True)
+    a = SpecialistStage(C=1.0).fit(X, y, clip_probs=clip, groups=groups)                # one row per image
+    b = SpecialistStage(C=1.0).fit(X, y, clip_probs=clip[groups], groups=groups)        # one row per view
+    c = SpecialistStage(C=1.0).fit(X, y, clip_probs=clip[groups][:, DOMAIN], groups=groups)  # domain columns
+    assert a.weight_ == b.weight_ == c.weight_ and a.cv_scores_ == b.cv_scores_ == c.cv_scores_
+    with pytest.warns(RuntimeWarning, match="fallback_weight"):
+        d = SpecialistStage(C=1.0).fit(X, y, groups=groups)
+    assert d.weight_ == 0.5
+
+
+def test_folds_keep_views_together_and_spread_classes():
+    y = np.repeat(np.arange(10), SHOTS * VIEWS)
+    groups = np.repeat(np.arange(10 * SHOTS), VIEWS)
+    folds = stratified_group_folds(y, groups, 4, seed=0)
+    for g in np.unique(groups):
+        assert len(set(folds[groups == g])) == 1
+    for c in range(10):
+        assert sorted(set(folds[y == c])) == [0, 1, 2, 3]
+
+
+def test_save_and_load_arrays(fitted):
+    st, means = fitted
+    arrays, meta = st.to_arrays()
+    import json
+
+    meta = json.loads(json.dumps(meta))
+    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    back = SpecialistStage.from_arrays(arrays, meta)
+    X, probs, _ = queries(means, 50, np.random.default_rng(11))
+    np.testing.assert_array_equal(back.rerank(probs, X), st.rerank(probs, X))
+    assert back.get_params() == st.get_params()
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+def _image(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_train_views_are_seeded_and_sized():
+    img = _image(300, 180)
+    a = random_resized_crop_flip(img, np.random.default_rng(3))
+    b = random_resized_crop_flip(img, np.random.default_rng(3))
+    c = random_resized_crop_flip(img, np.random.default_rng(4))
+    assert a.size == (224, 224)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+    big = random_resized_crop_flip(img, np.random.default_rng(3), PRESETS["convnextv2_22k_384"])
+    assert big.size == (384, 384)
+
+
+def test_test_view_keeps_the_aspect_ratio():
+    # a wide image with a centred square: an aspect-preserving resize + centre crop keeps it square
+    a = np.zeros((200, 400, 3), np.uint8)
+    a[50:150, 150:250] = 255
+    v = np.asarray(eval_view(Image.fromarray(a)))
+    assert v.shape == (224, 224, 3)
+    rows = np.flatnonzero(v[:, 112, 0] > 128)
+    cols = np.flatnonzero(v[112, :, 0] > 128)
+    assert abs(len(rows) - len(cols)) <= 2 and abs(len(rows) - 128) <= 3  # 100 px * 256/200
+    x = to_array(Image.fromarray(v))
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    views = make_views(_image(250, 320), np.random.default_rng(0), 4)
+    assert len(views) == 4 and all(v.size == (224, 224) for v in views)
+
+
+# ------------------------------------------------------------------------------------- with a real network
+@pytest.fixture(scope="module")
+def tiny_net():
+    from cascade.runtime import jittor
+
+    jittor()
+    from cascade.models.convnextv2 import ConvNeXtV2
+
+    net = ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=3)
+    net.eval()
+    return net
+
+
+def _tiny_preset():
+    from cascade.stages.specialist import Preset
+
+    return Preset(train_resolution=32, test_resolution=32, test_resize=36)
+
+
+def _coloured_images(n_per_class, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs, ys = [], []
+    for i, c in enumerate(classes):
+        for _ in range(n_per_class):
+            a = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8)
+            a[..., i % 3] += 150  # classes differ by colour
+            imgs.append(Image.fromarray(a))
+            ys.append(c)
+    return imgs, np.array(ys)
+
+
+def test_fit_images_with_frozen_features(tiny_net):
+    imgs, y = _coloured_images(4, [5, 6, 7])
+    clip = np.full((len(y), 10), 0.1)
+    st = SpecialistStage(feature_key="tiny", n_views=2, preset=_tiny_preset(), C=1.0)
+    st.fit_images(imgs, y, tiny_net, clip_probs=clip, progress=False)
+    np.testing.assert_array_equal(st.classes_, [5, 6, 7])
+    assert st.n_features_in_ == 64 and 0.0 <= st.weight_ <= 1.0
+    q = np.stack([to_array(eval_view(im, _tiny_preset()), _tiny_preset()) for im in imgs])
+    feats = tiny_net.encode_image(q).numpy()
+    assert np.mean(st.predict(feats) == y) >= 0.9
+
+
+def test_finetune_last_stage_trains_only_the_last_stage(tiny_net):
+    from cascade.stages.specialist import finetune_backbone
+
+    imgs, y = _coloured_images(3, [0, 1])
+    before = {k: v.numpy().copy() for k, v in tiny_net.state_dict().items()}
+    W, b = finetune_backbone(tiny_net, imgs, y, 2, mode="last_stage", epochs=2, lr=1e-3, batch_size=4,
+                             preset=_tiny_preset(), progress=False)
+    after = {k: v.numpy() for k, v in tiny_net.state_dict().items()}
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert W.shape == (2, 64) and b.shape == (2,)
+    assert any(k.startswith("stages.3.") for k in changed) and "norm.weight" in changed
+    assert not any(k.startswith(("stages.0.", "stages.1.", "stages.2.", "downsample_layers.0.")) for k in changed)
+
+
+def test_fit_images_with_finetuning_reranks_with_its_own_encoder(tiny_net):
+    imgs, y = _coloured_images(4, [2, 4])
+    clip = np.random.default_rng(0).dirichlet(np.ones(6), size=len(y))
+    st = SpecialistStage(feature_key="tiny", preset=_tiny_preset(), finetune="last_stage", n_folds=2,
+                         finetune_epochs=1, finetune_batch_size=4, finetune_lr=1e-3)
+    st.fit_images(imgs, y, tiny_net, clip_probs=clip, progress=False)
+    assert st.encoder_ is tiny_net and st.feature_key_.startswith("tiny@ft-")
+    assert set(st.cv_scores_) == {f"w={w:g}" for w in st.weight_grid} and 0.0 <= st.weight_ <= 1.0
+    q = np.stack([to_array(eval_view(im, _tiny_preset()), _tiny_preset()) for im in imgs])
+    feats = st.encoder_.encode_image(q).numpy()
+    out = st.rerank(clip, feats)
+    np.testing.assert_array_equal(np.sort(out, 1), np.sort(clip, 1))  # values only move among classes

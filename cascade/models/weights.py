@@ -1,0 +1,498 @@
+"""Safe reading and writing of model weights.
+
+Formats read by :func:`read_checkpoint` (recognised from the file's bytes, not its name):
+
+* **ours** (written by :func:`save_weights`): a zip of ``.npy`` arrays (an ``.npz``) plus a ``__meta__.json``
+  member. Read with ``allow_pickle=False``; never needs torch.
+* **PyTorch**: ``torch.save`` files (zip or legacy) holding a state dict in fp16/fp32/bf16, bare or under a
+  ``model`` / ``state_dict`` key. Read with ``torch.load(weights_only=True)`` (torch's own allow-list
+  unpickler), so the file cannot run code.
+* **TorchScript** archives such as OpenAI's ``ViT-B-32.pt`` / ``RN101.pt``: ``torch.jit.load(...).state_dict()``.
+  TorchScript archives carry code that torch interprets only when the model runs; we only read the parameters.
+* **Jittor pickles** (``jt.save`` of a dict of arrays, e.g. the challenge baseline's ``ViT-B-32.pkl``): read by a
+  restricted unpickler whose allow-list admits only numpy array reconstruction (without object arrays),
+  ``collections.OrderedDict``, latin-1 byte strings (old pickle protocols) and ``jittor.Var`` (rebuilt as a
+  numpy array, without importing jittor). ``jt.save`` of a dict of *torch* tensors (how the baseline's file was
+  made) is read too: the stand-ins for torch's tensor rebuild read each storage with
+  ``torch.load(weights_only=True)``. Anything else is refused.
+* **safetensors** files (header + raw little-endian buffers), parsed directly without the library.
+
+torch is imported lazily, only when a PyTorch or TorchScript file is read. All failures raise
+:class:`CheckpointError`, whose message names the file and the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
+    "state_sha256",
+]
+
+FORMAT_NAME = "cascade-weights"
+FORMAT_VERSION = 1
+META_MEMBER = "__meta__.json"
+NESTED_KEYS = ("state_dict", "model")  # where trainers nest the state dict inside a checkpoint
+
+_JITTOR_MAGIC = b"HCAJSLHD"  # jt.save appends sha1(pickle) + this marker
+# torch's legacy (non-zip) serialisation starts with a pickled magic number (protocol 2, LONG1 of 10 bytes)
+_TORCH_LEGACY_PREFIX = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+class CheckpointError(ValueError):
+    """A weights file could not be read or does not fit the model. ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _c_contiguous(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_sha256(state: dict[str, np.ndarray]) -> str:
+    """Hex SHA-256 over a state dict's names, dtypes, shapes and bytes (sorted by name): the weights' identity."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        a = _c_contiguous(state[key])
+        h.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _describe(head: bytes) -> str:
+    printable = "".join(chr(b) if 32 <= b < 127 else "." for b in head[:16])
+    return f"first bytes {head[:16].hex()} ({printable!r})"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Return one of 'cascade', 'npz', 'torch-zip', 'torchscript', 'torch-legacy', 'jittor-pickle', 'pickle',
+    'safetensors'. Raises CheckpointError for a missing, empty, truncated or unrecognised file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError("file not found", p)
+    if p.is_dir():
+        raise CheckpointError("is a directory, not a checkpoint file", p)
+    size = p.stat().st_size
+    if size == 0:
+        raise CheckpointError("empty file (0 bytes), not a checkpoint", p)
+    with open(p, "rb") as f:
+        head = f.read(64)
+        f.seek(max(0, size - len(_JITTOR_MAGIC)))
+        tail = f.read()
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        if not zipfile.is_zipfile(p):
+            raise CheckpointError("truncated or corrupt zip archive (no central directory)", p)
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"truncated or corrupt zip archive ({exc})", p) from None
+        if META_MEMBER in names:
+            return "cascade"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "torch-zip"
+        raise CheckpointError("zip archive that is neither a PyTorch checkpoint nor our weights format", p)
+    if head.startswith(_TORCH_LEGACY_PREFIX):
+        return "torch-legacy"
+    if tail == _JITTOR_MAGIC:
+        return "jittor-pickle"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 10:
+        (hlen,) = struct.unpack("<Q", head[:8])
+        if 2 <= hlen <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    raise CheckpointError(f"not a checkpoint: unrecognised file format ({_describe(head)})", p)
+
+
+def _validate_state(obj: Any, path: Path, what: str) -> dict[str, np.ndarray]:
+    """Unwrap a nested state dict and check that it maps str -> numeric numpy arrays."""
+    if isinstance(obj, dict):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"not a checkpoint: the {what} holds a {type(obj).__name__}, not a dict of arrays",
+                              path)
+    out: dict[str, np.ndarray] = {}
+    bad = []
+    for key, value in obj.items():
+        if isinstance(value, (np.ndarray, np.generic, int, float)) and not isinstance(value, bool):
+            arr = np.asarray(value)
+            if arr.dtype.kind in "biufc":
+                out[str(key)] = arr
+                continue
+        bad.append(f"{key!s} ({type(value).__name__})")
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+        raise CheckpointError(f"not a state dict: entries that are not numeric arrays: {shown}", path)
+    if not out:
+        raise CheckpointError(f"not a checkpoint: the {what} holds no arrays", path)
+    return out
+
+
+# ------------------------------------------------------------------------------------- restricted unpickler
+def _jittor_var(data):  # stands in for jittor.Var when unpickling: Var.__reduce__ is (Var, (ndarray,))
+    if not isinstance(data, np.ndarray):
+        raise pickle.UnpicklingError("jittor.Var must be rebuilt from a numpy array")
+    return data
+
+
+def _safe_reconstruct(cls, shape, dtype):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError("only numpy.ndarray may be reconstructed")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _safe_dtype(spec, align=False, copy=False):
+    dt = np.dtype(spec, align, copy)
+    if dt.hasobject:
+        raise pickle.UnpicklingError("arrays of Python objects are not allowed")
+    return dt
+
+
+def _safe_scalar(dtype, data=None):
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("Python object scalars are not allowed")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    if np.dtype(dtype).hasobject:
+        raise pickle.UnpicklingError("arrays of Python objects are not allowed")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+def _safe_latin1(text, encoding="latin1"):
+    """Pickle protocols 0-2 store byte strings as latin-1 text re-encoded with _codecs.encode."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591") or not isinstance(text, str):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin-1 byte strings")
+    return text.encode("latin1")
+
+
+class _NeedsTorch(pickle.UnpicklingError):
+    pass
+
+
+def _torch_storage_from_bytes(data):
+    """Stands in for torch.storage._load_from_bytes: a pickled torch tensor carries its storage as bytes in
+    torch's own format, which we read with torch.load(weights_only=True) (no code can run)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("torch storage must be given as bytes")
+    try:
+        import torch
+    except ImportError:
+        raise _NeedsTorch("holds pickled PyTorch tensors; reading it needs torch (pip install torch)") from None
+    storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError("expected a torch storage")
+    return storage
+
+
+def _torch_rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor_v2 (a view of a storage; nothing else is done)."""
+    import torch
+
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError("a torch tensor must be rebuilt from a torch storage")
+    return torch._utils._rebuild_tensor_v2(storage, int(offset), tuple(size), tuple(stride), False, {})
+
+
+def _torch_rebuild_parameter(data, requires_grad=False, hooks=None):
+    import torch
+
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError("a torch parameter must wrap a tensor")
+    return data
+
+
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _safe_latin1,
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    ("numpy.core.multiarray", "scalar"): _safe_scalar,
+    ("numpy._core.multiarray", "scalar"): _safe_scalar,
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("collections", "OrderedDict"): dict,
+    ("jittor", "Var"): _jittor_var,
+    ("jittor_core", "Var"): _jittor_var,
+    # dicts of torch tensors pickled by jt.save (how the Jittor challenge baseline's ViT-B-32.pkl was made)
+    ("torch.storage", "_load_from_bytes"): _torch_storage_from_bytes,
+    ("torch._utils", "_rebuild_tensor_v2"): _torch_rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _torch_rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that can only build dicts, lists, numbers, strings and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load '{module}.{name}': only numpy arrays and dicts are allowed in a weights pickle "
+                "(a pickle can run arbitrary code)") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids (torch storages) are not allowed in a plain weights pickle")
+
+
+def _safe_unpickle(data: bytes, path: Path):
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except _NeedsTorch as exc:
+        raise CheckpointError(str(exc), path) from None
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "truncated" in msg:
+            raise CheckpointError("truncated or corrupt pickle (ends early)", path) from None
+        if msg.startswith("refusing") or "allowed" in msg or "only numpy" in msg or "must be rebuilt" in msg:
+            raise CheckpointError(f"unsafe pickle refused: {msg}", path) from None
+        raise CheckpointError(f"corrupt pickle ({msg})", path) from None
+    except (EOFError, struct.error):
+        raise CheckpointError("truncated or corrupt pickle (ends early)", path) from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, RuntimeError) as exc:
+        raise CheckpointError(f"corrupt pickle ({type(exc).__name__}: {exc})", path) from None
+    if "torch" in sys.modules:  # tensors rebuilt by the torch stand-ins above become numpy arrays
+        obj = _torch_to_numpy(obj)
+    return obj
+
+
+def _read_jittor_pickle(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    body, checksum = data[:-28], data[-28:-8]
+    if hashlib.sha1(body).digest() != checksum:
+        raise CheckpointError("Jittor pickle checksum mismatch: the file is truncated or corrupt", path)
+    return _validate_state(_safe_unpickle(body, path), path, "pickle")
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    return _validate_state(_safe_unpickle(path.read_bytes(), path), path, "pickle")
+
+
+# ------------------------------------------------------------------------------------------- our own format
+def _read_ours(path: Path, with_meta: bool):
+    meta: dict = {}
+    state: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.filename == META_MEMBER:
+                    meta = json.loads(z.read(info).decode("utf-8"))
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", path)
+                with z.open(info) as f:
+                    arr = np.lib.format.read_array(f, allow_pickle=False)
+                state[info.filename[:-4]] = arr
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise CheckpointError(f"truncated or corrupt weights archive ({exc})", path) from None
+    except ValueError as exc:  # includes object arrays refused by allow_pickle=False, bad .npy headers
+        raise CheckpointError(f"corrupt weights archive ({exc})", path) from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt metadata in weights archive ({exc})", path) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError("corrupt metadata in weights archive (not a JSON object)", path)
+    state = _validate_state(state, path, "archive")
+    return (state, meta) if with_meta else state
+
+
+# -------------------------------------------------------------------------------------------------- torch
+def _torch_to_numpy(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy().copy()
+    if isinstance(obj, dict):
+        return {k: _torch_to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_torch_to_numpy(v) for v in obj]
+    return obj
+
+
+def _import_torch(path: Path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CheckpointError("is a PyTorch file; reading it needs torch (pip install torch), converted weights "
+                              "do not", path) from None
+    return torch
+
+
+def _read_torch(path: Path, fmt: str) -> dict[str, np.ndarray]:
+    torch = _import_torch(path)
+    if fmt == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of export
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError subclasses with long messages
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"truncated or corrupt TorchScript archive ({first})", path) from None
+        return _validate_state(_torch_to_numpy(dict(module.state_dict())), path, "TorchScript archive")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "truncated" in text or "ran out of input" in text.lower():
+            raise CheckpointError("truncated or corrupt PyTorch checkpoint", path) from None
+        detail = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower() and len(ln) < 300), "")
+        raise CheckpointError("unsafe PyTorch checkpoint refused: it holds Python objects other than tensors, "
+                              "which torch.load(weights_only=True) will not unpickle" +
+                              (f" ({detail})" if detail else ""), path) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"truncated or corrupt PyTorch checkpoint ({first})", path) from None
+    return _validate_state(_torch_to_numpy(obj), path, "PyTorch checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------ safetensors
+_ST_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "U8": "u1", "I16": "<i2", "I32": "<i4",
+              "I64": "<i8", "BOOL": "?"}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    try:
+        (hlen,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + hlen].decode("utf-8"))
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt safetensors header ({exc})", path) from None
+    base = 8 + hlen
+    state = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = (base + int(o) for o in info["data_offsets"])
+        if end > len(data):
+            raise CheckpointError("truncated safetensors file", path)
+        raw = np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start)
+        if info["dtype"] == "BF16":
+            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _ST_DTYPES:
+            arr = raw.view(_ST_DTYPES[info["dtype"]])
+        else:
+            raise CheckpointError(f"unsupported safetensors dtype {info['dtype']} for {key}", path)
+        state[key] = arr.reshape(info["shape"]).copy()
+    return _validate_state(state, path, "safetensors file")
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read any supported weights file into ``{name: numpy array}`` with the file's own names and dtypes
+    (fp16 stays fp16; bf16 becomes fp32). Raises :class:`CheckpointError` naming the file and the problem."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt in ("cascade", "npz"):
+        return _read_ours(p, with_meta=False)
+    if fmt in ("torchscript", "torch-zip", "torch-legacy"):
+        return _read_torch(p, fmt)
+    if fmt == "jittor-pickle":
+        return _read_jittor_pickle(p)
+    if fmt == "pickle":
+        return _read_pickle(p)
+    if fmt == "safetensors":
+        return _read_safetensors(p)
+    raise CheckpointError(f"unsupported format {fmt}", p)  # pragma: no cover
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Load weights written by :func:`save_weights`: ``(state, meta)``. Never imports torch, never unpickles."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt not in ("cascade", "npz"):
+        raise CheckpointError(f"is a {fmt} file, not converted weights: convert it first with "
+                              f"`python -m cascade.convert {p} OUT.npz`", p)
+    state, meta = _read_ours(p, with_meta=True)
+    if meta and meta.get("format") not in (None, FORMAT_NAME):
+        raise CheckpointError(f"unknown weights format {meta.get('format')!r}", p)
+    return state, meta
+
+
+def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: dict) -> dict:
+    """Write ``state`` (name -> array) and ``meta`` (JSON-serialisable: arch, config, source, ...) atomically
+    to ``path`` as an uncompressed npz with a ``__meta__.json`` member. Adds ``format``, ``version`` and
+    ``sha256`` (:func:`state_sha256` of the arrays) to the stored meta and returns it. On any failure nothing
+    is left at ``path`` (a previous file there is kept unchanged)."""
+    p = Path(path)
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError("refusing to write: no arrays to save", p)
+    arrays = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or "/" in key or key == META_MEMBER[:-4]:
+            raise CheckpointError(f"refusing to write: invalid array name {key!r}", p)
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            raise CheckpointError(f"refusing to write: {key} has dtype {arr.dtype}, not numeric", p)
+        arrays[key] = _c_contiguous(arr)
+    full_meta = dict(meta or {})
+    full_meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, sha256=state_sha256(arrays))
+    try:
+        meta_bytes = json.dumps(full_meta, indent=1, sort_keys=True).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"refusing to write: metadata is not JSON-serialisable ({exc})", p) from None
+    if p.is_dir():
+        raise CheckpointError("destination is a directory", p)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"destination folder {parent} does not exist", p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+                z.writestr(META_MEMBER, meta_bytes)
+                for key, arr in arrays.items():
+                    with z.open(key + ".npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, arr, allow_pickle=False)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return full_meta

@@ -9,8 +9,10 @@
 
 Routing: a query whose best class under stage 1 is unseen keeps stage 1's ranking (route ``"unseen"``).
 Every other query (route ``"seen"``) gets, for the seen classes,
-``P1(seen | x) * softmax(a_1 log p1(c|x) + sum_s a_s log p_s(c|x))`` (a product of experts; ``a`` are
-temperatures calibrated on held-out labelled rows, see docs/stages.md) and keeps stage 1's probabilities
+``P1(seen | x) * softmax(log p1(c|x) + beta * sum_s log p_s(c|x))`` (a product of experts whose
+probabilities use temperatures calibrated on held-out labelled rows; ``beta`` in [0, 1], the weight of the
+inductive experts, maximises the log-likelihood of the validation rows when ``fit`` was given some, else
+1; see docs/stages.md) and keeps stage 1's probabilities
 for the unseen classes, so each row is a distribution over all classes and top-5 lists may include unseen
 classes. With ``combine="replace"`` the seen block is stage-2 alone (the seeds' cascade).
 
@@ -62,7 +64,9 @@ class Cascade:
     ----------
     transductive : Stage
         Stage over all classes fitted on the queries; ``fit(X, text=..., support_x=..., support_y=...)``.
-        Default ``InMaP(prior="auto", tol=1e-5)``.
+        Default ``InMaP(prior="auto", n_iter=200, tol=1e-5)``: at most 200 proxy steps (on the real
+        tasks the arg-max has settled by then while the authors' 2000 steps cost 10x more; see
+        docs/stages.md, "Speed").
     seen_stages : sequence of Stage
         Inductive stages over the seen classes; ``fit(X, y, text=..., val=...)``. Default
         ``[LinearProbePP(select="last")]``.
@@ -74,14 +78,17 @@ class Cascade:
     calibrate : bool
         Fit each expert's temperature by maximum likelihood on held-out labelled rows: the validation rows
         when given to ``fit`` (for the inductive stages), the support rows for the transductive stage (it
-        never sees their labels). Without validation rows the inductive stages keep temperature 1.
+        never sees their labels). Without validation rows the inductive stages keep temperature 1. With
+        validation rows, ``predict`` also chooses the inductive experts' weight ``beta`` on them.
     specialists : sequence
         Objects with ``classes_``, ``feature_key``, ``name`` (optional) and ``rerank(probs, X)``.
     """
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, backbone_weights=None,
                  combine: str = "product", calibrate: bool = True, specialists=()):
-        self.transductive = transductive if transductive is not None else InMaP(prior="auto", tol=1e-5)
+        if transductive is None:
+            transductive = InMaP(prior="auto", n_iter=200, tol=1e-5)
+        self.transductive = transductive
         self.seen_stages = list(seen_stages) if seen_stages is not None else [LinearProbePP(select="last")]
         self.backbone_weights = backbone_weights
         self.combine = combine
@@ -154,6 +161,9 @@ class Cascade:
         self.text_ = texts
         self.support_ = sups
         self.support_y_ = y
+        # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
+        self.val_ = val_sets if (self.calibrate and val_sets is not None) else None
+        self.val_y_ = vy if self.val_ is not None else None
         self.seen_fitted_ = fitted
         self.seen_temperatures_ = temps
         return self
@@ -221,7 +231,11 @@ class Cascade:
         p1 = np.exp(lp1)
         route_unseen = np.argmax(lp1, axis=1) >= S if S < C else np.zeros(n, bool)
 
-        seen_lp = self._seen_log_proba(feats, lp1)
+        beta = 1.0
+        if self.combine == "product" and getattr(self, "val_", None) is not None:
+            lp1v = log_softmax(a1 * stage.decision_function(self._joint(self.val_)).astype(np.float64))
+            beta = self._fit_expert_weight(lp1v, self._seen_log_proba(self.val_, None), self.val_y_)
+        seen_lp = self._seen_log_proba(feats, lp1, beta)
         scores = p1.copy()
         seen_rows = ~route_unseen
         if seen_rows.any():
@@ -231,21 +245,37 @@ class Cascade:
         scores = self._apply_specialists(scores, query, route)
         scores /= scores.sum(axis=1, keepdims=True)
         top5 = _topk(scores, min(5, C))
-        details = {"transductive_temperature": a1, "seen_temperatures": list(self.seen_temperatures_),
+        details = {"transductive_temperature": a1, "expert_weight": beta, "seen_temperatures": list(self.seen_temperatures_),
                    "n_unseen_routed": int(route_unseen.sum())}
         for name in ("prior_", "n_iter_"):
             if hasattr(stage, name):
                 details[name.rstrip("_")] = getattr(stage, name)
         return CascadeResult(scores=scores, top5=top5, route=route, details=details)
 
-    def _seen_log_proba(self, feats: dict, lp1: np.ndarray | None) -> np.ndarray:
-        """Combined log-probabilities over the seen classes (rows normalised)."""
+    @staticmethod
+    def _fit_expert_weight(lp1: np.ndarray, lp2: np.ndarray, y: np.ndarray, grid: int = 21) -> float:
+        """Weight ``beta`` in [0, 1] of the inductive expert maximising the mean log-likelihood of the
+        labelled held-out rows ``y`` under ``softmax(lp1[:, :S] + beta * lp2)`` (grid search; ties go to
+        the larger weight). ``lp1``: the transductive stage's log-probabilities of those rows (it never
+        saw their labels); ``lp2``: the seen stages' combined log-probabilities."""
+        S = lp2.shape[1]
+        rows = np.arange(len(y))
+        best, best_ll = 1.0, -np.inf
+        for beta in np.linspace(1.0, 0.0, grid):
+            ll = log_softmax(lp1[:, :S] + beta * lp2)[rows, y].mean()
+            if ll > best_ll + 1e-12:
+                best, best_ll = float(beta), ll
+        return best
+
+    def _seen_log_proba(self, feats: dict, lp1: np.ndarray | None, beta: float = 1.0) -> np.ndarray:
+        """Combined log-probabilities over the seen classes (rows normalised): the seen stages' calibrated
+        log-probabilities weighted by ``beta``, plus stage 1's when ``combine="product"``."""
         S = self.n_seen_
         total = 0.0
         for per_backbone, a in zip(self.seen_fitted_, self.seen_temperatures_):
             total = total + log_softmax(a * self._combined_logits(per_backbone, feats, self.weights_))
         if self.combine == "product" and lp1 is not None:
-            total = total + lp1[:, :S]
+            total = beta * total + lp1[:, :S]
         return log_softmax(total)
 
     def _apply_specialists(self, scores: np.ndarray, query: dict, route: list) -> np.ndarray:
@@ -283,7 +313,8 @@ class Cascade:
         Rows are split into ``n_folds`` folds per class (round-robin after a seeded shuffle); each fold is
         scored by the seen stages refitted on the other folds (their calibrated temperatures are reused),
         blended with zero-shot over all classes as stage 1 would be without queries. Rows of a class
-        with a single support row cannot be held out and are scored by the full model. Use these to choose
+        with a single support row cannot be held out and are scored by the full model. The inductive experts
+        get weight 1 here (``beta`` is chosen at ``predict`` time, with the queries). Use these to choose
         a specialist's blending weight without touching query labels.
         """
         self._check_fitted()
@@ -327,6 +358,10 @@ class Cascade:
         for i, k in enumerate(self.backbones_):
             arrays[f"text/{i}"] = self.text_[k]
             arrays[f"support/{i}"] = self.support_[k]
+            if getattr(self, "val_", None) is not None:
+                arrays[f"val/{i}"] = self.val_[k]
+        if getattr(self, "val_", None) is not None:
+            arrays["val_y"] = self.val_y_
         stages_meta = []
         for j, per_backbone in enumerate(self.seen_fitted_):
             metas = []
@@ -370,6 +405,11 @@ class Cascade:
         obj.text_ = {k: arrays[f"text/{i}"] for i, k in enumerate(keys)}
         obj.support_ = {k: arrays[f"support/{i}"] for i, k in enumerate(keys)}
         obj.support_y_ = arrays["support_y"]
+        if "val_y" in arrays:
+            obj.val_ = {k: arrays[f"val/{i}"] for i, k in enumerate(keys)}
+            obj.val_y_ = arrays["val_y"]
+        else:
+            obj.val_, obj.val_y_ = None, None
         fitted = []
         for j, metas in enumerate(meta["seen_fitted"]):
             per_backbone = {}

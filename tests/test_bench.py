@@ -49,8 +49,9 @@ def test_reproduces_authors(bench, name):
         assert abs(res[row]["top1"] - ref) <= 0.3, (name, row, res[row]["top1"], ref)
 
 
-GAP = pytest.mark.xfail(strict=True, reason="known gap: on Food-101 the cascade (95.0 / 94.55) stays below "
-                                             "InMaP-Sinkhorn (95.45); see docs/stages.md, 'Known gap'")
+GAP = pytest.mark.xfail(strict=True, reason="known gap: on Food-101 the cascade (95.00; 95.45 on the open "
+                                             "variant) does not beat InMaP-Sinkhorn (95.45); see docs/stages.md, "
+                                             "'Known gap'")
 
 
 @pytest.mark.parametrize("name", ["caltech101", "caltech101-open",

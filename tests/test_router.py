@@ -166,3 +166,28 @@ def test_bad_inputs():
         small().predict(query)
     one = m.predict({k: v[:1] for k, v in query.items()})          # a query set of one image
     assert one.top5.shape == (1, 5) and len(set(one.top5[0].tolist())) == 5
+
+
+def test_expert_weight_is_chosen_by_held_out_likelihood():
+    from cascade.stages.base import log_softmax
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    lp1 = log_softmax(rng.standard_normal((60, 4)))                 # stage 1: uninformative (4 classes)
+    good = log_softmax(np.eye(3)[y] * 4.0)                           # an expert that is right
+    bad = log_softmax(np.eye(3)[(y + 1) % 3] * 4.0)                  # an expert that is confidently wrong
+    assert Cascade._fit_expert_weight(lp1, good, y) == 1.0
+    assert Cascade._fit_expert_weight(lp1, bad, y) == 0.0
+    half = log_softmax(np.where(np.arange(60)[:, None] % 2 == 0, np.eye(3)[y], np.eye(3)[(y + 1) % 3]) * 4.0)
+    assert 0.0 < Cascade._fit_expert_weight(lp1, half, y) < 1.0     # a mixed expert gets a partial weight
+
+
+def test_val_rows_set_the_expert_weight_and_are_saved(tmp_path):
+    support, ys, query, yq, text, S = task(seed=8)
+    seen = yq < S
+    val = ({k: v[seen] for k, v in query.items()}, yq[seen])
+    m = small().fit(support, ys, text, S, val=val)
+    res = m.predict(query)
+    assert 0.0 <= res.details["expert_weight"] <= 1.0
+    assert small().fit(support, ys, text, S).predict(query).details["expert_weight"] == 1.0   # no val rows
+    back = Cascade.load(m.save(tmp_path / "m").parent)
+    assert back.predict(query).details["expert_weight"] == res.details["expert_weight"]

@@ -81,36 +81,44 @@ class LinearProbePP(Stage):
             vx = check_features(vx, "val_x", dim=D)
             vy = check_labels(vy, vx.shape[0], K, "val_y", require_all=False)
             Sv = vx @ T.T
-        best = (-1.0, -1, W, b, alpha)
+        best = (-1.0, -1, W.copy(), b.copy(), alpha.copy())
+        # everything below is float32 and updated in place (no per-epoch allocations of [N, K] or [K, D])
         buf_w = np.zeros_like(W)
         buf_b = np.zeros_like(b)
+        g_w = np.empty_like(W)
+        step_w = np.empty_like(W)
         g_alpha = np.zeros(K, np.float32)
         Z = np.empty((N, K), np.float32)
+        tmp = np.empty((N, K), np.float32)
+        rows = np.arange(N)
         mom = np.float32(self.momentum)
         inv_n = np.float32(1.0 / N)
         for epoch in range(self.epochs):
             np.matmul(F, W.T, out=Z)
             Z += b
-            Z += alpha * S
+            np.multiply(S, alpha, out=tmp)
+            Z += tmp
             softmax(Z, out=Z)
-            Z -= Y
+            Z[rows, y] -= 1.0
             Z *= inv_n                                  # dLoss/dlogits
-            g_w = Z.T @ F
+            np.matmul(Z.T, F, out=g_w)
             g_b = Z.sum(axis=0)
-            g_alpha += (Z * S).sum(axis=0)
-            if epoch == 0:
-                buf_w, buf_b = g_w, g_b
-            else:
-                buf_w = mom * buf_w + g_w
-                buf_b = mom * buf_b + g_b
-            W = W - lr_w * buf_w
-            b = b - lr_w * buf_b
+            np.multiply(Z, S, out=tmp)
+            g_alpha += tmp.sum(axis=0)
+            if epoch > 0:                               # torch SGD: buf = g at the first step
+                buf_w *= mom
+                buf_b *= mom
+            buf_w += g_w
+            buf_b += g_b
+            np.multiply(buf_w, lr_w, out=step_w)
+            W -= step_w
+            b -= lr_w * buf_b
             if (epoch + 1) % self.alpha_every == 0:
-                alpha = alpha - lr_alpha * g_alpha
+                alpha -= lr_alpha * g_alpha
             if use_val:
                 acc = float(np.mean(np.argmax(vx @ W.T + b + alpha * Sv, axis=1) == vy))
                 if acc >= best[0]:
-                    best = (acc, epoch, W, b, alpha)
+                    best = (acc, epoch, W.copy(), b.copy(), alpha.copy())
         if use_val:
             self.val_accuracy_, self.best_epoch_ = best[0] * 100.0, best[1]
             W, b, alpha = best[2], best[3], best[4]

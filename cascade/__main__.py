@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "cascade.pipeline",   # train, test
     "cascade.evaluate",   # eval
     "cascade.bench",      # bench (real-feature tasks)
+    "cascade.convert",    # convert (same as python -m cascade.convert)
 )
 
 

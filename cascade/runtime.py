@@ -9,7 +9,9 @@ finds it and never downloads. ``scripts/setup.sh`` installs the package; this mo
 Also handled here:
 * ``nvcc`` present without a CUDA runtime (``libcudart``): Jittor would try to build CUDA kernels and fail, so we
   set ``nvcc_path=""`` unless a GPU is really usable.
-* Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``.
+* Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``. (Its
+  one-line "Compiling Operators(i/n)" progress, printed on stderr by Jittor's C++ core when a first compile
+  takes over 2 s, cannot be switched off; it appears only on a machine's first runs.)
 * No download is ever attempted: if the wiring is impossible, oneDNN is switched off with one warning.
 
 Use :func:`jittor` to get the configured module.
@@ -115,7 +117,6 @@ def jittor():
         os.environ["nvcc_path"] = ""  # nvcc without libcudart: never try to build CUDA kernels
     if not verbose:
         os.environ.setdefault("log_silent", "1")
-    os.environ.setdefault("JITTOR_SILENT_PROGRESS", "1")
     import jittor as jt  # noqa: E402  (configured above)
 
     jt.flags.use_cuda = 1 if (use_gpu and jt.has_cuda) else 0

@@ -1,0 +1,345 @@
+"""One configuration tree, loaded from TOML and overridable from the command line.
+
+The defaults live in ``cascade/configs/default.toml`` (shipped inside the package). A user file given with
+``--config`` is merged over it (only the keys it sets change), then ``--set key.path=value`` overrides are
+applied in order (the value is read as a TOML value when it parses as one, e.g. ``300``, ``true``, ``[1, 2]``,
+otherwise as a plain string). Unknown keys and wrongly typed values are errors naming the file and the key.
+
+Paths: ``paths.data`` and ``paths.out`` are relative to the current directory; inputs under ``[paths]`` are
+relative to the data root, outputs to the out folder; ``{data}`` and ``{out}`` inside any path are expanded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Config", "ConfigError", "load_config", "default_config_text", "parse_override", "add_config_arguments",
+           "config_from_args", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file/override and the key."""
+
+
+@dataclass
+class PathsConfig:
+    data: str = "data"
+    out: str = "out"
+    classes: str = "classes.txt"
+    all_classes: str = ""
+    train_list: str = "train.txt"
+    test_dir: str = "TestSetA"
+    result: str = "result.txt"
+
+
+@dataclass
+class ModelsConfig:
+    clip: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    shots: int = 4
+    seed: int = 0
+    list: str = ""
+    allow_fewer: bool = False
+    val_per_class: int = 10
+    val_max: int = 0
+
+
+@dataclass
+class FeaturesConfig:
+    batch_size: int = 32
+    workers: int = 0
+    chunk: int = 1024
+    cache: str = "cache"
+
+
+@dataclass
+class PromptsConfig:
+    default: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    domains: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class StagesConfig:
+    cascade: dict[str, Any] = field(default_factory=dict)
+    zeroshot: dict[str, Any] = field(default_factory=dict)
+    inmap: dict[str, Any] = field(default_factory=dict)
+    lpp: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SpecialistConfig:
+    enabled: bool = True
+    domains: list[str] = field(default_factory=lambda: ["Thu-dog"])
+    weights: str = "{out}/weights/convnextv2_base.npz"
+    feature_key: str = "convnextv2_base"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
+
+    # ---- resolved paths (Path objects; relative ones stay relative to the current directory)
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.paths.data)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.paths.out)
+
+    def expand(self, value: str, base: Path | None = None) -> Path:
+        """Expand ``{data}``/``{out}`` in ``value``; a relative result is taken relative to ``base``."""
+        text = value.replace("{data}", self.paths.data).replace("{out}", self.paths.out)
+        p = Path(text).expanduser()
+        if base is not None and not p.is_absolute() and "{" not in value:
+            p = base / p
+        return p
+
+    def data_path(self, value: str) -> Path:
+        return self.expand(value, self.data_dir)
+
+    def out_path(self, value: str) -> Path:
+        return self.expand(value, self.out_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out_path(self.features.cache)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / "model"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.out_dir / "split"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out_dir / "report"
+
+    def clip_weights(self) -> dict[str, Path]:
+        """Backbone name -> weights path; an empty path ("") switches that backbone off."""
+        return {name: self.expand(p) for name, p in self.models.clip.items() if p}
+
+    def templates_for(self, domain: str) -> list[str]:
+        return list(self.prompts.domains.get(domain) or self.prompts.default)
+
+
+# --------------------------------------------------------------------------------------------- dict <-> tree
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Recursive merge: tables merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def default_config_text() -> str:
+    return resources.files("cascade").joinpath("configs/default.toml").read_text(encoding="utf-8")
+
+
+def _read_toml(text: str, source: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"stages.lpp.epochs=300"`` -> (["stages", "lpp", "epochs"], 300). The value is read as TOML when it
+    parses as a TOML value, else kept as a string (so ``paths.data=/x/y`` needs no quotes)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. stages.lpp.epochs=300")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = [p.strip().strip('"') for p in key.split(".")]
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"--set {text!r}: empty key")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any, source: str) -> None:
+    node = tree
+    for depth, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[:depth + 1])} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The default config, merged with the TOML file at ``path`` (if given), then ``--set`` overrides."""
+    tree = _read_toml(default_config_text(), "cascade/configs/default.toml")
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot read config file ({exc})") from None
+        tree = _merge(tree, _read_toml(text, str(p)))
+        source = str(p)
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for item in overrides:
+        parts, value = parse_override(item)
+        _apply_override(tree, parts, value, f"--set {item}")
+        try:
+            cfg = _build(Config, tree, "")
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item}: {exc}") from None
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        where = source + (" with --set " + " ".join(overrides) if overrides else "")
+        raise ConfigError(f"{where}: {exc}") from None
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.sampling
+    if s.shots < 1:
+        raise ConfigError(f"sampling.shots must be >= 1, got {s.shots}")
+    if s.val_per_class < 0 or s.val_max < 0:
+        raise ConfigError("sampling.val_per_class and sampling.val_max must be >= 0")
+    if cfg.features.batch_size < 1:
+        raise ConfigError(f"features.batch_size must be >= 1, got {cfg.features.batch_size}")
+    if cfg.features.chunk < 1:
+        raise ConfigError(f"features.chunk must be >= 1, got {cfg.features.chunk}")
+    if not any(cfg.models.clip.values()):
+        raise ConfigError("models.clip is empty: name at least one CLIP backbone and its weights")
+    for name, templates in [("prompts.default", cfg.prompts.default)] + [
+            (f"prompts.domains.{d}", t) for d, t in cfg.prompts.domains.items()]:
+        if not templates:
+            raise ConfigError(f"{name}: empty list of prompt templates")
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ConfigError(f"{name}: template {t!r} must contain exactly one '{{}}' (the class name)")
+
+
+# ------------------------------------------------------------------------------------------- argparse glue
+def add_config_arguments(parser) -> None:
+    """The options every command that reads the config shares."""
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config", metavar="FILE", help="a TOML file merged over the defaults "
+                   "(cascade/configs/default.toml); only the keys it sets change")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set stages.lpp.epochs=300 --set sampling.seed=1 (repeatable)")
+    g.add_argument("--data", metavar="DIR", help="data root (default: data/ in the current directory)")
+    g.add_argument("--out", metavar="DIR", help="output folder (default: out/ in the current directory)")
+
+
+def config_from_args(args, extra: dict[str, Any] | None = None) -> Config:
+    """Load the config from parsed arguments: --config, then explicit flags, then --set (last wins)."""
+    flags = []
+    if getattr(args, "data", None):
+        flags.append(f"paths.data={_quote(args.data)}")
+    if getattr(args, "out", None):
+        flags.append(f"paths.out={_quote(args.out)}")
+    for key, value in (extra or {}).items():
+        if value is not None:
+            flags.append(f"{key}={_quote(value) if isinstance(value, str) else _toml_value(value)}")
+    return load_config(getattr(args, "config", None), flags + list(getattr(args, "overrides", []) or []))
+
+
+def _quote(s: str) -> str:
+    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,483 @@
+"""The dataset: its layout on disk, the class list, few-shot sampling and robust image decoding.
+
+Layout (the 4th Jittor AI Challenge's, see data/README.md), all paths relative to a data root::
+
+    classes.txt        <Domain>_<Class> <index>          one line per seen class, indices 0..C-1
+    classes_b.txt      the same lines, then extra unseen classes (optional "all classes" file)
+    train.txt          <path> <index>                    every training image, e.g. TrainSet/Animal/Bear/7.jpg 0
+    TrainSet/<Domain>/<Class>/<image>
+    TestSetA/<image>   a flat folder of test images
+
+A class's domain is the prefix of its name up to the first underscore (``Thu-dog_chinese_rural_dog`` ->
+domain ``Thu-dog``, class ``chinese rural dog`` in prompts). Every input is validated and problems are
+reported together, each naming the file and the line.
+
+Nothing here imports Jittor: this module is cheap to import and safe to use from worker threads.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DataError", "ImageError", "ClassList", "Example", "Split", "IMAGE_EXTENSIONS", "split_class_name",
+    "read_class_file", "load_classes", "read_image_list", "sample_split", "split_from_list", "write_split",
+    "write_image_list", "list_test_images", "load_image", "to_rgb",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm"})
+MAX_LISTED = 20  # problems listed in one error message before "... and N more"
+
+
+class DataError(ValueError):
+    """The dataset's files are inconsistent. The message names the file(s), line(s) and problem(s)."""
+
+
+class ImageError(Exception):
+    """An image could not be decoded. ``str(err)`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _raise_many(problems: list[str], header: str) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED]
+    more = len(problems) - len(shown)
+    text = header + "\n  " + "\n  ".join(shown)
+    if more:
+        text += f"\n  ... and {more} more"
+    raise DataError(text)
+
+
+def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """Non-blank lines (1-based line number, stripped text); BOM and CRLF tolerated."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise DataError(f"{path}: {what} is a directory, expected a text file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
+    return [(i, s) for i, s in lines if s and not s.startswith("#")]
+
+
+# ------------------------------------------------------------------------------------------------ classes
+def split_class_name(full: str) -> tuple[str, str]:
+    """``"Thu-dog_chinese_rural_dog"`` -> ``("Thu-dog", "chinese rural dog")``. A name without an underscore
+    has no domain (``""``)."""
+    if "_" in full:
+        domain, name = full.split("_", 1)
+        if domain and name:
+            return domain, name.replace("_", " ").strip()
+    return "", full.replace("_", " ").strip()
+
+
+def read_class_file(path) -> list[str]:
+    """Read ``<name> <index>`` lines; return the names in index order. Indices must be exactly 0..C-1, each
+    once; names must be unique."""
+    path = Path(path)
+    entries = _read_lines(path, "class list")
+    if not entries:
+        raise DataError(f"{path}: class list is empty")
+    problems: list[str] = []
+    by_index: dict[int, tuple[str, int]] = {}
+    by_name: dict[str, int] = {}
+    for line_no, text in entries:
+        parts = text.split()
+        if len(parts) != 2:
+            problems.append(f"line {line_no}: expected '<Domain>_<Class> <index>', got {text!r}")
+            continue
+        name, idx_text = parts
+        try:
+            idx = int(idx_text)
+        except ValueError:
+            problems.append(f"line {line_no}: index {idx_text!r} is not an integer")
+            continue
+        if idx < 0:
+            problems.append(f"line {line_no}: index {idx} is negative")
+            continue
+        if name in by_name:
+            problems.append(f"line {line_no}: duplicate class name {name!r} (also on line {by_name[name]})")
+            continue
+        if idx in by_index:
+            problems.append(f"line {line_no}: duplicate index {idx} ({name!r}; also {by_index[idx][0]!r} on "
+                            f"line {by_index[idx][1]})")
+            continue
+        by_name[name] = line_no
+        by_index[idx] = (name, line_no)
+    _raise_many(problems, f"{path}: invalid class list:")
+    n = len(by_index)
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+        too_big = sorted(i for i in by_index if i >= n)
+        raise DataError(f"{path}: class indices must be 0..{n - 1} with none missing; missing {missing[:10]}"
+                        f"{' ...' if len(missing) > 10 else ''}, out of range "
+                        f"{[f'{by_index[i][0]} {i} (line {by_index[i][1]})' for i in too_big[:5]]}")
+    return [by_index[i][0] for i in range(n)]
+
+
+@dataclass
+class ClassList:
+    """All classes in index order: the seen ones (with training images) first, then unseen ones (names only)."""
+
+    names: list[str]                 # full names as in classes.txt, e.g. "Thu-dog_chinese_rural_dog"
+    n_seen: int
+    source: str = ""
+
+    def __post_init__(self):
+        self.domains = [split_class_name(n)[0] for n in self.names]
+        self.labels = [split_class_name(n)[1] for n in self.names]
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def n_unseen(self) -> int:
+        return len(self.names) - self.n_seen
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Domains in order of first appearance."""
+        return list(dict.fromkeys(self.domains))
+
+    def index(self, name: str) -> int | None:
+        return self._index.get(name)
+
+    def domain_classes(self, domain: str) -> np.ndarray:
+        return np.array([i for i, d in enumerate(self.domains) if d == domain], dtype=np.int64)
+
+    def prompts(self, templates_for: Callable[[str], Sequence[str]]) -> list[list[str]]:
+        """One list of prompts per class: each of its domain's templates filled with the readable name."""
+        return [[t.format(label) if "{}" in t else t for t in templates_for(domain)]
+                for domain, label in zip(self.domains, self.labels)]
+
+    def to_lines(self) -> str:
+        return "".join(f"{n} {i}\n" for i, n in enumerate(self.names))
+
+
+def load_classes(classes_path, all_classes_path=None) -> ClassList:
+    """Seen classes from ``classes_path``; with ``all_classes_path`` (like classes_b.txt), which must start with
+    exactly the same classes at the same indices, the extra classes are added as unseen."""
+    seen = read_class_file(classes_path)
+    if not all_classes_path:
+        return ClassList(seen, len(seen), str(classes_path))
+    every = read_class_file(all_classes_path)
+    if len(every) < len(seen):
+        raise DataError(f"{all_classes_path}: has {len(every)} classes, fewer than the {len(seen)} seen classes "
+                        f"of {classes_path}; it must list them all first, then the unseen ones")
+    mismatch = [f"index {i}: {every[i]!r} here but {seen[i]!r} in {classes_path}"
+                for i in range(len(seen)) if every[i] != seen[i]]
+    _raise_many(mismatch, f"{all_classes_path}: the first {len(seen)} classes must be those of {classes_path}, "
+                          "at the same indices:")
+    return ClassList(every, len(seen), str(all_classes_path))
+
+
+# ------------------------------------------------------------------------------------------ labelled lists
+@dataclass(frozen=True, order=True)
+class Example:
+    path: str        # as written in the list, relative to the data root
+    label: int
+    line: int = 0    # line in the list it came from (0: not from a file)
+
+
+def read_image_list(path, classes: ClassList, root, check_files: bool = True) -> list[Example]:
+    """Read ``<path> <index>`` lines (paths relative to ``root``; a path may contain spaces). Checks: each line's
+    form, the index is an integer of a seen class, no path twice, the file exists, and, for the official layout
+    ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class. All problems are reported
+    in one error naming the file and lines."""
+    path, root = Path(path), Path(root)
+    entries = _read_lines(path, "image list")
+    if not entries:
+        raise DataError(f"{path}: image list is empty")
+    problems: list[str] = []
+    missing: list[str] = []
+    seen_paths: dict[str, int] = {}
+    out: list[Example] = []
+    n = classes.n_seen
+    for line_no, text in entries:
+        parts = text.rsplit(None, 1)
+        if len(parts) != 2:
+            problems.append(f"line {line_no}: expected '<path> <index>', got {text!r}")
+            continue
+        rel, idx_text = parts
+        try:
+            idx = int(idx_text)
+        except ValueError:
+            problems.append(f"line {line_no}: index {idx_text!r} is not an integer ({text!r})")
+            continue
+        if not 0 <= idx < n:
+            problems.append(f"line {line_no}: index {idx} is out of range: {classes.source or 'the class list'} "
+                            f"has {n} classes with training images (0..{n - 1})")
+            continue
+        rel = rel.replace("\\", "/")
+        if rel in seen_paths:
+            problems.append(f"line {line_no}: {rel} is listed twice (also line {seen_paths[rel]})")
+            continue
+        seen_paths[rel] = line_no
+        folders = rel.split("/")
+        if len(folders) >= 3:
+            folder_class = classes.index(f"{folders[-3]}_{folders[-2]}")
+            if folder_class is not None and folder_class != idx:
+                problems.append(f"line {line_no}: {rel} is in the folder of class {classes.names[folder_class]} "
+                                f"({folder_class}) but labelled {idx} ({classes.names[idx]})")
+                continue
+        if check_files and not (root / rel).is_file():
+            missing.append(f"line {line_no}: {rel} ({'a directory' if (root / rel).is_dir() else 'no such file'})")
+            continue
+        out.append(Example(rel, idx, line_no))
+    _raise_many(problems, f"{path}: invalid lines:")
+    _raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:")
+    return out
+
+
+def write_image_list(path, examples: Iterable[Example]) -> None:
+    from .output import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{e.path} {e.label}\n" for e in examples))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@dataclass
+class Split:
+    """Support (few-shot training) and validation examples, plus each class's ordered candidates so that an
+    unreadable support image can be replaced deterministically by the next candidate."""
+
+    order: dict[int, list[Example]]          # per seen class, in selection order: support first, then the rest
+    shots: dict[int, int]                    # per class, how many support images it gets
+    val_per_class: int
+    val_max: int
+    fixed_support: bool = False              # a given list: support images are not replaced
+    excluded: dict[str, str] = field(default_factory=dict)   # path -> why it was left out (unreadable)
+    meta: dict = field(default_factory=dict)
+
+    def exclude(self, path: str, reason: str) -> None:
+        self.excluded[path] = reason
+
+    @property
+    def support(self) -> list[Example]:
+        out = []
+        for c in sorted(self.order):
+            ok = [e for e in self.order[c] if e.path not in self.excluded]
+            out.extend(ok[: self.shots[c]])
+        return out
+
+    @property
+    def val(self) -> list[Example]:
+        if self.val_per_class <= 0:
+            return []
+        per_class = []
+        for c in sorted(self.order):
+            ok = [e for e in self.order[c] if e.path not in self.excluded]
+            per_class.append(ok[self.shots[c]: self.shots[c] + self.val_per_class])
+        # interleave by rank (every class's first, then every class's second, ...) so a cap stays balanced
+        out = [lst[r] for r in range(self.val_per_class) for lst in per_class if r < len(lst)]
+        if self.val_max:
+            out = out[: self.val_max]
+        return sorted(out, key=lambda e: (e.label, e.path))
+
+    def check(self, classes: ClassList) -> None:
+        """Every seen class must keep at least one readable support image."""
+        counts = defaultdict(int)
+        for e in self.support:
+            counts[e.label] += 1
+        short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {self.shots[c]} needed"
+                 for c in sorted(self.order) if counts[c] < self.shots[c]]
+        if short:
+            _raise_many(short, "not enough readable training images:")
+
+
+def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
+    by_class: dict[int, list[Example]] = defaultdict(list)
+    for e in pool:
+        by_class[e.label].append(e)
+    return {c: sorted(v, key=lambda e: e.path) for c, v in by_class.items()}
+
+
+def _check_counts(by_class: dict[int, list[Example]], classes: ClassList, shots: int, allow_fewer: bool,
+                  source: str) -> dict[int, int]:
+    none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not by_class.get(c)]
+    _raise_many(none, f"{source}: {len(none)} class(es) have no training images:")
+    few = [f"{classes.names[c]} ({c}): {len(by_class[c])} image(s)" for c in range(classes.n_seen)
+           if len(by_class[c]) < shots]
+    if few and not allow_fewer:
+        _raise_many(few, f"{source}: {len(few)} class(es) have fewer than {shots} images (sampling.shots); use "
+                         "`--set sampling.allow_fewer=true` to train them on what they have:")
+    if few:
+        warnings.warn(f"{len(few)} class(es) have fewer than {shots} training images and use what they have: "
+                      + ", ".join(few[:5]) + (" ..." if len(few) > 5 else ""), stacklevel=3)
+    return {c: min(shots, len(by_class[c])) for c in range(classes.n_seen)}
+
+
+def sample_split(pool: Sequence[Example], classes: ClassList, shots: int = 4, seed: int = 0,
+                 val_per_class: int = 10, val_max: int = 0, allow_fewer: bool = False,
+                 source: str = "train.txt") -> Split:
+    """K images per seen class drawn with ``seed`` (each class has its own stream seeded by (seed, class), so
+    a class's choice does not depend on the others); the rest of the pool, in the same random order, serves as
+    validation (up to ``val_per_class`` per class, ``val_max`` in all)."""
+    by_class = _group(pool)
+    per_class = _check_counts(by_class, classes, shots, allow_fewer, source)
+    order = {}
+    for c in range(classes.n_seen):
+        items = by_class[c]
+        perm = np.random.default_rng([seed, c]).permutation(len(items))
+        order[c] = [items[i] for i in perm]
+    meta = {"method": "sampled", "seed": seed, "shots": shots, "source": source}
+    return Split(order, per_class, val_per_class, val_max, meta=meta)
+
+
+def split_from_list(selection: Sequence[Example], pool: Sequence[Example], classes: ClassList, seed: int = 0,
+                    val_per_class: int = 10, val_max: int = 0, source: str = "selection") -> Split:
+    """Support = a given selection (like train_label.txt); validation from the rest of ``pool``."""
+    chosen = _group(selection)
+    none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not chosen.get(c)]
+    _raise_many(none, f"{source}: {len(none)} class(es) have no selected training image:")
+    picked = {e.path for e in selection}
+    by_class = _group(pool)
+    order = {}
+    for c in range(classes.n_seen):
+        # the pool in the same random order sample_split uses, so a split written by a sampled run and given
+        # back as a list reproduces its validation images too
+        items = by_class.get(c, [])
+        perm = np.random.default_rng([seed, c]).permutation(len(items))
+        order[c] = list(chosen[c]) + [items[i] for i in perm if items[i].path not in picked]
+    meta = {"method": "given list", "list": source, "seed": seed}
+    return Split(order, {c: len(chosen[c]) for c in chosen}, val_per_class, val_max, fixed_support=True, meta=meta)
+
+
+def write_split(split: Split, folder) -> dict:
+    """Write support.txt and val.txt (``<path> <index>``, reusable as ``sampling.list``) and split.json."""
+    from .output import atomic_write_json
+
+    folder = Path(folder)
+    support, val = split.support, split.val
+    write_image_list(folder / "support.txt", support)
+    write_image_list(folder / "val.txt", val)
+    info = dict(split.meta, n_support=len(support), n_val=len(val),
+                excluded=[{"path": p, "reason": r} for p, r in sorted(split.excluded.items())])
+    atomic_write_json(folder / "split.json", info)
+    return info
+
+
+# -------------------------------------------------------------------------------------------- test folders
+def list_test_images(folder) -> tuple[list[str], list[str]]:
+    """File names of the images in a flat folder, sorted by name; and the names of other entries that were
+    skipped (sub-folders, hidden files, files without an image extension). Raises DataError when the folder is
+    missing or holds no image."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: test image folder not found")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    images, skipped = [], []
+    for entry in os.scandir(folder):
+        name = entry.name
+        if name.startswith(".") or not entry.is_file() or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(name)
+        elif any(ch in name for ch in "\n\r\t"):
+            skipped.append(name)  # cannot be written on one result line
+        else:
+            images.append(name)
+    if not images:
+        raise DataError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return sorted(images), sorted(skipped)
+
+
+# -------------------------------------------------------------------------------------------------- images
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB: 16-bit and 32-bit integer images are scaled (not clipped), float images
+    mapped from [0, 1] (or clipped to [0, 255]), transparency composited over white."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        a = a.astype(np.int64) if a.dtype != np.int64 else a
+        a = np.clip(a, 0, 65535)
+        if mode == "I" and a.max(initial=0) <= 255:
+            a8 = a.astype(np.uint8)           # an 8-bit image stored as 32-bit
+        else:
+            a8 = (a >> 8).astype(np.uint8)    # 16-bit: keep the most significant byte
+        return Image.fromarray(a8, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.nan_to_num(a)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+_bomb_warning_filtered = False
+
+
+def load_image(path, draft_size: int | None = 448, draft_above: int = 4096 * 4096):
+    """Decode an image file into an 8-bit RGB PIL image, robustly: EXIF orientation applied; grayscale, CMYK,
+    palette, 16-bit and alpha images converted (see :func:`to_rgb`); JPEGs with more than ``draft_above`` pixels
+    decoded at a reduced scale (DCT scaling, keeping both sides >= ``draft_size``) so memory stays bounded;
+    anything unreadable raises :class:`ImageError` naming the file and the reason."""
+    global _bomb_warning_filtered
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not _bomb_warning_filtered:  # we report sizes ourselves; PIL's warning would only be noise
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _bomb_warning_filtered = True
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(p, "file not found") from None
+    except OSError as exc:
+        raise ImageError(p, f"cannot access file ({exc.strerror or exc})") from None
+    if p.is_dir():
+        raise ImageError(p, "is a directory, not an image")
+    if size == 0:
+        raise ImageError(p, "empty file (0 bytes)")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise ImageError(p, f"image has no pixels ({w}x{h})")
+            if draft_size and im.format == "JPEG" and w * h > draft_above:
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            out = to_rgb(im)
+            out.load()
+            return out
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(p, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(p, f"image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise ImageError(p, f"truncated image data ({msg})") from None
+        raise ImageError(p, f"corrupt or unsupported image ({msg})") from None
+

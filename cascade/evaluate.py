@@ -1,0 +1,195 @@
+"""``python -m cascade eval RESULT LABELS``: top-1/top-5 accuracy of a result file, overall and per domain, and
+the classes the predictions get wrong most often.
+
+LABELS holds ``<file name> <index>`` lines (the form of train.txt; a path is matched by its file name when the
+result names images without folders). With ``--classes`` (classes.txt or classes_b.txt) the per-domain table
+and class names are shown; without it, everything is reported under one domain.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["topk_table", "worst_classes", "read_labels", "evaluate_files", "add_parser", "LabelError"]
+
+
+class LabelError(ValueError):
+    """A labels file is malformed; the message names the file and line."""
+
+
+def topk_table(top: np.ndarray, labels: np.ndarray, class_domains: Sequence[str] | None = None,
+               ks: Sequence[int] = (1, 5)) -> list[dict]:
+    """Rows ``{"domain", "n", "top1", "top5"}`` (accuracies in %), one per domain in order of first appearance
+    in ``class_domains`` that has examples, then ``"all"``."""
+    top = np.asarray(top)
+    labels = np.asarray(labels, dtype=np.int64)
+    hits = {k: (top[:, :k] == labels[:, None]).any(axis=1) for k in ks}
+    rows = []
+    if class_domains is not None and len(labels):
+        dom = np.array([class_domains[c] or "-" for c in labels])
+        for d in dict.fromkeys(class_domains[c] or "-" for c in range(len(class_domains))):
+            m = dom == d
+            if m.any():
+                rows.append({"domain": d, "n": int(m.sum()),
+                             **{f"top{k}": float(100.0 * hits[k][m].mean()) for k in ks}})
+    rows.append({"domain": "all", "n": int(len(labels)),
+                 **{f"top{k}": float(100.0 * hits[k].mean()) if len(labels) else 0.0 for k in ks}})
+    return rows
+
+
+def worst_classes(top1: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
+                  n: int = 10) -> list[dict]:
+    """The ``n`` classes with the lowest top-1 accuracy (ties: more examples first), each with the class it is
+    most often mistaken for."""
+    top1 = np.asarray(top1, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    per: dict[int, list[int]] = defaultdict(list)
+    for y, p in zip(labels.tolist(), top1.tolist()):
+        per[y].append(p)
+    name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
+    rows = []
+    for c, preds in per.items():
+        correct = sum(p == c for p in preds)
+        wrong = Counter(p for p in preds if p != c)
+        confused, times = wrong.most_common(1)[0] if wrong else (None, 0)
+        rows.append({"class": c, "name": name(c), "n": len(preds), "top1": 100.0 * correct / len(preds),
+                     "confused_with": "" if confused is None else f"{name(confused)} ({confused})",
+                     "times": times})
+    rows.sort(key=lambda r: (r["top1"], -r["n"], r["class"]))
+    return rows[:n]
+
+
+def read_labels(path) -> dict[str, int]:
+    """``<file name or path> <index>`` lines -> {name: index}; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: labels file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    out: dict[str, int] = {}
+    problems = []
+    for line_no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            problems.append(f"line {line_no}: expected '<file name> <index>', got {line!r}")
+            continue
+        try:
+            idx = int(parts[1])
+        except ValueError:
+            problems.append(f"line {line_no}: index {parts[1]!r} is not an integer")
+            continue
+        if idx < 0:
+            problems.append(f"line {line_no}: negative index {idx}")
+            continue
+        if parts[0] in out:
+            problems.append(f"line {line_no}: {parts[0]} appears twice")
+            continue
+        out[parts[0]] = idx
+    if problems:
+        raise LabelError(f"{path}: malformed labels file:\n  " + "\n  ".join(problems[:20])
+                         + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    if not out:
+        raise LabelError(f"{path}: labels file has no lines")
+    return out
+
+
+def _match(result: dict[str, list[int]], labels: dict[str, int], result_path, labels_path):
+    """Pair result lines with labels, by exact name or else by file name."""
+    if set(labels) <= set(result):
+        keys = {k: k for k in labels}
+    else:
+        by_base: dict[str, str] = {}
+        dup = set()
+        for k in result:
+            b = k.replace("\\", "/").rsplit("/", 1)[-1]
+            if b in by_base:
+                dup.add(b)
+            by_base[b] = k
+        keys = {}
+        for k in labels:
+            if k in result:
+                keys[k] = k
+            else:
+                b = k.replace("\\", "/").rsplit("/", 1)[-1]
+                if b in by_base and b not in dup:
+                    keys[k] = by_base[b]
+    missing = [k for k in labels if k not in keys]
+    return keys, missing
+
+
+def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10, allow_missing: bool = False):
+    """Evaluate a result file; returns (table rows, worst-class rows, info)."""
+    from .data import read_class_file, split_class_name
+    from .output import read_result
+
+    names = read_class_file(classes_path) if classes_path else None
+    result = read_result(result_path, n_classes=len(names) if names else None)
+    labels = read_labels(labels_path)
+    if names is not None:
+        bad = [f"{k} {v}" for k, v in labels.items() if v >= len(names)]
+        if bad:
+            raise LabelError(f"{labels_path}: {len(bad)} label(s) out of range for {classes_path} "
+                             f"({len(names)} classes), e.g. {bad[0]}")
+    keys, missing = _match(result, labels, result_path, labels_path)
+    if missing and not allow_missing:
+        raise LabelError(f"{result_path}: {len(missing)} labelled image(s) have no result line, e.g. "
+                         f"{', '.join(missing[:5])} (use --allow-missing to count them as wrong)")
+    k = min(len(v) for v in result.values())
+    order = list(labels)
+    top = np.full((len(order), k), -1, dtype=np.int64)
+    for i, name in enumerate(order):
+        if name in keys:
+            top[i] = result[keys[name]][:k]
+    y = np.array([labels[n] for n in order], dtype=np.int64)
+    domains = [split_class_name(n)[0] for n in names] if names is not None else None
+    ks = (1, 5) if k >= 5 else (1, k)
+    rows = topk_table(top, y, domains, ks=ks)
+    worst_rows = worst_classes(top[:, 0], y, names, n=worst)
+    extra = len(set(result) - set(keys.values()))
+    info = {"result": str(result_path), "labels": str(labels_path), "n_labels": len(labels),
+            "n_missing": len(missing), "n_unlabelled_results": extra}
+    return rows, worst_rows, info
+
+
+# ------------------------------------------------------------------------------------------------ command
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy of a result file against labels",
+        description="Top-1/top-5 accuracy of RESULT (`<file name> <top1> ... <top5>` lines) against LABELS "
+                    "(`<file name> <index>` lines), overall and per domain (with --classes), and the classes "
+                    "most often wrong with what they are mistaken for.")
+    p.add_argument("result", help="result file, e.g. out/result.txt")
+    p.add_argument("labels", help="labels file: `<file name> <class index>` per line")
+    p.add_argument("--classes", metavar="FILE", help="classes.txt (or classes_b.txt): per-domain table and names")
+    p.add_argument("--worst", type=int, default=10, metavar="N", help="list the N worst classes (default 10)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="count labelled images without a result line as wrong instead of failing")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .output import atomic_write_json, format_table
+
+    rows, worst_rows, info = evaluate_files(args.result, args.labels, args.classes, args.worst, args.allow_missing)
+    cols = ["domain", "n"] + [c for c in ("top1", "top5") if c in rows[-1]]
+    print(format_table(rows, cols))
+    if info["n_missing"]:
+        print(f"\n{info['n_missing']} labelled image(s) had no result line (counted as wrong)")
+    if info["n_unlabelled_results"]:
+        print(f"{info['n_unlabelled_results']} result line(s) have no label (ignored)", file=sys.stderr)
+    if worst_rows:
+        print(f"\nworst classes (top-1):")
+        print(format_table(worst_rows, ["name", "class", "n", "top1", "confused_with", "times"], floats="{:.1f}"))
+    if args.json:
+        atomic_write_json(args.json, {"accuracy": rows, "worst_classes": worst_rows, **info})
+    return 0

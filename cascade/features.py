@@ -1,0 +1,725 @@
+"""Image preprocessing, batched feature extraction and the on-disk feature cache.
+
+Each image is decoded and encoded once per backbone: features are cached on disk under a key made of the
+model weights' identity (their SHA-256), the preprocessing and the image file (absolute path, size, mtime), so
+``train``, ``test`` and every stage reuse them, and an interrupted run resumes where it stopped (features are
+written every ``chunk`` images and when the run is interrupted).
+
+Pipeline: worker processes decode and resize/crop images a few batches ahead of the model, which encodes batch
+after batch in the calling process (processes, not threads: Jittor holds the GIL while it computes, so decoding
+threads would stall; small jobs use threads). Decoded crops travel through a shared memory-mapped buffer, only
+small messages through pipes. Unreadable images are returned as failures with their reason, never dropped
+silently: their rows are zero and ``ok`` is False.
+
+An *encoder* is any object with ``cache_key`` (a string identifying the weights) and
+``encode_image(x: float32 [N,3,H,W]) -> [N,D]``; optionally ``preprocess`` (a :class:`Preprocess`).
+:class:`ModelEncoder` wraps a model loaded lazily, so a fully cached run never loads the weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import uuid
+import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from .data import ImageError, load_image
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "FeatureCache", "Failure",
+    "FeatureResult", "extract_features", "ModelEncoder", "clip_encoder", "convnext_encoder", "weights_identity",
+    "text_features", "l2_normalize",
+]
+
+# OpenAI CLIP's normalisation (clip/clip.py, _transform) and ImageNet's (timm / torchvision defaults)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CACHE_FORMAT = "cascade-features-v1"
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x.astype(np.float64), axis=axis, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize`` (bicubic by default, the long side ``int(resize * long / short)``
+    as torchvision's ``Resize`` computes it), centre-crop ``size`` x ``size`` (offsets rounded as torchvision's
+    ``CenterCrop``), scale to [0, 1], normalise with ``mean``/``std``; output float32 [3, size, size].
+
+    :meth:`clip` is CLIP's transform (224, no extra margin); :meth:`imagenet` the usual 256 -> 224 evaluation
+    transform of ImageNet-trained models such as ConvNeXt-V2 (crop ratio 0.875)."""
+
+    size: int = 224
+    resize: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def clip(cls, resolution: int = 224) -> "Preprocess":
+        return cls(resolution, resolution, CLIP_MEAN, CLIP_STD, "bicubic")
+
+    @classmethod
+    def imagenet(cls, size: int = 224, crop_pct: float = 0.875) -> "Preprocess":
+        return cls(size, int(size / crop_pct), IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        d = dict(d)
+        known = {"size", "resize", "mean", "std", "interpolation"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"preprocess: unknown key(s) {sorted(unknown)} (known: {sorted(known)})")
+        size = int(d.get("size", 224))
+        return cls(size, int(d.get("resize", size)), tuple(float(v) for v in d.get("mean", CLIP_MEAN)),
+                   tuple(float(v) for v in d.get("std", CLIP_STD)), str(d.get("interpolation", "bicubic")))
+
+    def __post_init__(self):
+        if self.resize < self.size:
+            raise ValueError(f"preprocess: resize ({self.resize}) must be >= size ({self.size})")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("preprocess: mean and std need 3 values each, std > 0")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"preprocess: interpolation must be one of {sorted(_RESAMPLE)}")
+
+    @property
+    def cache_key(self) -> str:
+        f = lambda v: ",".join(f"{x:.8g}" for x in v)  # noqa: E731
+        return (f"resize={self.resize}:{self.interpolation};crop={self.size};mean={f(self.mean)};"
+                f"std={f(self.std)};rgb8")
+
+    def _geometry(self, w: int, h: int):
+        if w <= h:
+            nw, nh = self.resize, int(self.resize * h / w)
+        else:
+            nw, nh = int(self.resize * w / h), self.resize
+        top = int(round((nh - self.size) / 2.0))
+        left = int(round((nw - self.size) / 2.0))
+        return nw, nh, left, top
+
+    def image(self, im):
+        """An RGB PIL image -> the resized and cropped PIL image."""
+        from PIL import Image
+
+        resample = getattr(Image.Resampling, _RESAMPLE[self.interpolation])
+        w, h = im.size
+        nw, nh, left, top = self._geometry(w, h)
+        if max(nw, nh) <= 8 * self.resize:
+            im = im.resize((nw, nh), resample)
+            return im.crop((left, top, left + self.size, top + self.size))
+        # extreme aspect ratio: resample only the region that survives the crop (bounded memory)
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        return im.resize((self.size, self.size), resample, box=box)
+
+    def crop(self, im) -> np.ndarray:
+        """An RGB PIL image -> uint8 [size, size, 3] (resized and cropped, not yet normalised)."""
+        return np.asarray(self.image(im), dtype=np.uint8)
+
+    def normalize(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 [..., size, size, 3] crops -> float32 [..., 3, size, size] normalised with mean/std."""
+        a = np.asarray(crops, dtype=np.float32) * np.float32(1 / 255.0)
+        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(np.moveaxis(a, -1, -3))
+
+    def __call__(self, im) -> np.ndarray:
+        return self.normalize(self.crop(im))
+
+    def load_crop(self, path) -> np.ndarray:
+        """Decode one file robustly (see :func:`cascade.data.load_image`) and resize/crop it: uint8 [S, S, 3]."""
+        return self.crop(load_image(path, draft_size=2 * self.resize))
+
+    def load(self, path) -> np.ndarray:
+        """Decode and preprocess one file: float32 [3, size, size]."""
+        return self.normalize(self.load_crop(path))
+
+
+_RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS",
+             "box": "BOX", "hamming": "HAMMING"}
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def file_key(path) -> str:
+    """The cache key of an image file: its absolute path, size and modification time (ns)."""
+    p = os.path.abspath(path)
+    st = os.stat(p)
+    return hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class FeatureCache:
+    """Features of one (model weights, preprocessing) pair: append-only shards of ``<id>.feats.npy`` (float32
+    [n, D]) and ``<id>.keys.npy`` (file keys). A shard counts once its keys file exists; both are written
+    atomically (features first), so an interrupted write leaves at most an ignored temporary file. Several
+    processes may write the same cache; duplicate rows are harmless."""
+
+    def __init__(self, root, key: str):
+        self.key = key
+        self.dir = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:24]
+        self.index: dict[str, tuple[str, int]] = {}
+        self.dim: int | None = None
+        self._pending_keys: list[str] = []
+        self._pending_feats: list[np.ndarray] = []
+        self._loaded = False
+
+    def _load_index(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self.dir.is_dir():
+            return
+        for kf in sorted(self.dir.glob("*.keys.npy")):
+            sid = kf.name[: -len(".keys.npy")]
+            ff = self.dir / f"{sid}.feats.npy"
+            try:
+                keys = np.load(kf, allow_pickle=False)
+                feats = np.load(ff, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:  # a damaged shard: ignore it (its images are recomputed)
+                print(f"warning: ignoring damaged feature cache shard {kf} ({exc})", file=sys.stderr)
+                continue
+            if feats.ndim != 2 or len(feats) != len(keys):
+                print(f"warning: ignoring inconsistent feature cache shard {ff}", file=sys.stderr)
+                continue
+            if self.dim is None:
+                self.dim = int(feats.shape[1])
+            elif feats.shape[1] != self.dim:
+                print(f"warning: ignoring feature cache shard {ff} of width {feats.shape[1]} != {self.dim}",
+                      file=sys.stderr)
+                continue
+            for row, k in enumerate(keys.tolist()):
+                self.index[k.decode() if isinstance(k, bytes) else k] = (sid, row)
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """Boolean mask: which keys are cached."""
+        self._load_index()
+        return np.array([k in self.index for k in keys], dtype=bool)
+
+    def gather(self, keys: Sequence[str], out: np.ndarray, rows: Sequence[int]) -> None:
+        """Copy the cached features of ``keys`` into ``out[rows]`` (reading shards memory-mapped)."""
+        self._load_index()
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for k, r in zip(keys, rows):
+            sid, srow = self.index[k]
+            by_shard.setdefault(sid, []).append((r, srow))
+        for sid, pairs in by_shard.items():
+            feats = np.load(self.dir / f"{sid}.feats.npy", mmap_mode="r", allow_pickle=False)
+            dst = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+            src = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
+            order = np.argsort(src)
+            out[dst[order]] = feats[src[order]]
+
+    def add(self, keys: Sequence[str], feats: np.ndarray) -> None:
+        self._pending_keys.extend(keys)
+        self._pending_feats.append(np.asarray(feats, dtype=np.float32))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending_keys)
+
+    def flush(self) -> None:
+        if not self._pending_keys:
+            return
+        from .output import atomic_open
+
+        feats = np.concatenate(self._pending_feats, axis=0)
+        keys = np.array(self._pending_keys, dtype="S40")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "key.json"
+        if not info.exists():
+            from .output import atomic_write_json
+
+            atomic_write_json(info, {"format": CACHE_FORMAT, "key": self.key, "dim": int(feats.shape[1])})
+        sid = f"{uuid.uuid4().hex[:16]}"
+        with atomic_open(self.dir / f"{sid}.feats.npy", "wb") as f:
+            np.save(f, feats, allow_pickle=False)
+        with atomic_open(self.dir / f"{sid}.keys.npy", "wb") as f:
+            np.save(f, keys, allow_pickle=False)
+        for row, k in enumerate(self._pending_keys):
+            self.index[k] = (sid, row)
+        if self.dim is None:
+            self.dim = int(feats.shape[1])
+        self._pending_keys, self._pending_feats = [], []
+
+
+# ------------------------------------------------------------------------------------------ extraction
+class Failure(NamedTuple):
+    index: int      # position in the list of paths given
+    path: str
+    reason: str
+
+
+class FeatureResult(NamedTuple):
+    features: np.ndarray        # float32 [N, D], L2-normalised; rows of failed images are zero
+    failures: list              # list[Failure]
+
+    @property
+    def ok(self) -> np.ndarray:
+        mask = np.ones(len(self.features), dtype=bool)
+        for f in self.failures:
+            mask[f.index] = False
+        return mask
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _decode(preprocess: Preprocess, path: str):
+    """(uint8 crop or None, failure reason or None) for one file; never raises for a bad image."""
+    try:
+        return preprocess.load_crop(path), None
+    except ImageError as exc:
+        return None, exc.reason
+    except Exception as exc:  # noqa: BLE001  (anything Pillow throws for a hostile file: reported, not fatal)
+        return None, f"cannot decode ({type(exc).__name__}: {exc})"
+
+
+def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None = None,
+                     batch_size: int = 32, workers: int = 0, chunk: int = 1024, progress: bool = True,
+                     desc: str | None = None, pad_batches: bool = True) -> FeatureResult:
+    """Features of ``paths`` (L2-normalised float32 [N, D]) and the files that could not be read.
+
+    Cached features are reused. The others are decoded by ``workers`` processes (0: one per core, at most 8;
+    threads for small jobs) while ``encoder`` encodes batches of ``batch_size`` in this process, and written
+    to the cache every ``chunk`` images and on interruption. Decoding runs in separate processes because
+    Jittor holds the GIL while it computes, which would stall decoding threads. With ``pad_batches`` the last
+    batch is padded to ``batch_size`` so the model always sees one input shape."""
+    from tqdm import tqdm
+
+    preprocess = preprocess or getattr(encoder, "preprocess", None) or Preprocess.clip()
+    paths = [str(p) for p in paths]
+    n = len(paths)
+    failures: list[Failure] = []
+    keys: list[str | None] = []
+    for i, p in enumerate(paths):
+        try:
+            keys.append(file_key(p))
+        except FileNotFoundError:
+            keys.append(None)
+            failures.append(Failure(i, p, "file not found"))
+        except OSError as exc:
+            keys.append(None)
+            failures.append(Failure(i, p, f"cannot access file ({exc.strerror or exc})"))
+    if n == 0:
+        return FeatureResult(np.zeros((0, 0), np.float32), [])
+    cache = FeatureCache(cache_dir, f"{encoder.cache_key}|{preprocess.cache_key}")
+    valid = [i for i in range(n) if keys[i] is not None]
+    hit = cache.lookup([keys[i] for i in valid])
+    cached_rows = [i for i, h in zip(valid, hit) if h]
+    todo = [i for i, h in zip(valid, hit) if not h]
+
+    label = desc or str(getattr(encoder, "name", "features"))
+    bar = tqdm(total=n, desc=label, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               mininterval=0.5)
+    bar.update(n - len(todo))
+    out: list[np.ndarray] = []      # the [N, D] result, allocated once D is known (new rows go straight in)
+    batch_x: list[np.ndarray] = []
+    batch_i: list[int] = []
+
+    def run_batch():
+        x = preprocess.normalize(np.stack(batch_x))
+        m = len(x)
+        if pad_batches and m < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], np.float32)])
+        y = _to_numpy(encoder.encode_image(x))
+        if y.ndim != 2 or len(y) < m:
+            raise RuntimeError(f"encoder {getattr(encoder, 'name', encoder)!r} returned shape {y.shape} "
+                               f"for a batch of {len(x)}")
+        y = l2_normalize(y[:m])
+        cache.add([keys[i] for i in batch_i], y)
+        if not out:
+            out.append(np.zeros((n, y.shape[1]), dtype=np.float32))
+        out[0][np.asarray(batch_i)] = y
+        bar.update(m)
+        batch_x.clear()
+        batch_i.clear()
+        if cache.pending >= chunk:
+            cache.flush()
+
+    def consume(i, crop, reason):
+        if crop is None:
+            failures.append(Failure(i, paths[i], reason))
+            bar.update(1)
+            return
+        batch_x.append(crop)
+        batch_i.append(i)
+        if len(batch_x) == batch_size:
+            run_batch()
+
+    try:
+        if todo:
+            workers = workers or _default_workers()
+            lookahead = max(3 * batch_size, 4 * workers)
+            decoded = None
+            if len(todo) > 2 * batch_size and workers > 1:
+                decoded = _decode_in_processes(preprocess, paths, todo, workers, lookahead)
+            if decoded is None:
+                decoded = _decode_in_threads(preprocess, paths, todo, workers, lookahead)
+            try:
+                for i, crop, reason in decoded:
+                    consume(i, crop, reason)
+            finally:
+                decoded.close()  # stop the decoders now, also when encoding failed or was interrupted
+            if batch_x:
+                run_batch()
+    finally:
+        cache.flush()  # also on Ctrl-C: what was computed is kept for the next run
+        bar.close()
+    if not out:
+        out.append(np.zeros((n, cache.dim or 0), dtype=np.float32))
+    if cached_rows:
+        cache.gather([keys[i] for i in cached_rows], out[0], cached_rows)
+    failures.sort(key=lambda f: f.index)
+    return FeatureResult(out[0], failures)
+
+
+def _decode_in_threads(preprocess, paths, todo, workers, lookahead):
+    """Yield (index, crop, reason) in order, decoded by a thread pool a few batches ahead."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        it = iter(todo)
+        try:
+            for i in it:
+                pending.append((i, pool.submit(_decode, preprocess, paths[i])))
+                if len(pending) >= lookahead:
+                    break
+            while pending:
+                i, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_decode, preprocess, paths[nxt])))
+                crop, reason = fut.result()
+                yield i, crop, reason
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def _decode_in_processes(preprocess, paths, todo, workers, slots):
+    """Decode in ``workers`` spawned processes. Each decoded crop is written into one of ``slots`` slots of a
+    shared memory-mapped file; only small messages (slot, index, reason) travel through the pipes, so workers
+    keep decoding while this process is busy in Jittor (which holds the GIL). Yields (index, crop, reason) as
+    images finish (any order). Returns None when worker processes cannot be started."""
+    import multiprocessing as mp
+
+    shape = (preprocess.size, preprocess.size, 3)
+    slot_bytes = int(np.prod(shape))
+    tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    import tempfile
+
+    fd, buf_path = tempfile.mkstemp(prefix="cascade-decode-", suffix=".u8", dir=tmpdir)
+    try:
+        os.ftruncate(fd, slots * slot_bytes)
+    finally:
+        os.close(fd)
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.SimpleQueue(), ctx.SimpleQueue()
+    procs = []
+    try:
+        for _ in range(workers):
+            p = ctx.Process(target=_decode_worker, args=(tasks, results, buf_path, slots, shape, preprocess),
+                            daemon=True)
+            p.start()
+            procs.append(p)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: cannot start decoding processes ({exc}); decoding in threads", file=sys.stderr)
+        for p in procs:
+            p.terminate()
+        os.unlink(buf_path)
+        return None
+    return _process_results(tasks, results, procs, buf_path, slots, shape, paths, todo)
+
+
+def _process_results(tasks, results, procs, buf_path, slots, shape, paths, todo):
+    buf = np.memmap(buf_path, dtype=np.uint8, mode="r+", shape=(slots,) + shape)
+    try:
+        for _ in procs:  # every worker has mapped the buffer: its name can go (nothing left behind, even on kill)
+            if _get_result(results, procs) != "ready":
+                raise RuntimeError("image decoding process sent an unexpected message")
+    finally:
+        try:
+            os.unlink(buf_path)
+        except OSError:
+            pass
+    free = list(range(slots))
+    it = iter(todo)
+    outstanding = 0
+    try:
+        def feed():
+            nonlocal outstanding
+            while free:
+                i = next(it, None)
+                if i is None:
+                    return
+                tasks.put((free.pop(), i, paths[i]))
+                outstanding += 1
+
+        feed()
+        while outstanding:
+            msg = _get_result(results, procs)
+            slot, i, reason = msg
+            outstanding -= 1
+            crop = None if reason is not None else np.array(buf[slot])
+            free.append(slot)
+            feed()
+            yield i, crop, reason
+    finally:
+        for _ in procs:
+            try:
+                tasks.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.terminate()
+        del buf
+
+
+def _get_result(results, procs):
+    """Next worker message; raises if every worker died (rather than waiting forever)."""
+    while True:
+        if results._reader.poll(1.0):
+            return results.get()
+        if not any(p.is_alive() for p in procs):
+            raise RuntimeError("image decoding processes exited unexpectedly")
+
+
+def _decode_worker(tasks, results, buf_path, slots, shape, preprocess):  # runs in a spawned process
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    buf = np.memmap(buf_path, dtype=np.uint8, mode="r+", shape=(slots,) + tuple(shape))
+    results.put("ready")
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        slot, i, path = task
+        crop, reason = _decode(preprocess, path)
+        if crop is not None:
+            if crop.shape != tuple(shape):
+                crop, reason = None, f"unexpected crop shape {crop.shape}"
+            else:
+                buf[slot] = crop
+        results.put((slot, i, reason))
+
+
+def _to_numpy(y) -> np.ndarray:
+    if hasattr(y, "numpy") and not isinstance(y, np.ndarray):
+        y = y.numpy()
+    return np.asarray(y, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------- encoders
+def weights_identity(path) -> str:
+    """A string that changes whenever the weights change: the SHA-256 stored in our converted format's
+    metadata, else the SHA-256 of the file's bytes."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: weights file not found (convert the checkpoint first: "
+                                f"python -m cascade.convert SRC {p})")
+    try:
+        with zipfile.ZipFile(p) as z:
+            meta = json.loads(z.read("__meta__.json"))
+        if isinstance(meta, dict) and meta.get("sha256"):
+            return f"sha256:{meta['sha256']}"
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return f"file-sha256:{h.hexdigest()}"
+
+
+class ModelEncoder:
+    """An encoder over a model loaded on first use. ``loader()`` returns the model; ``method`` names its
+    image method (``encode_image``); ``identity`` is the weights' identity (see :func:`weights_identity`)."""
+
+    def __init__(self, name: str, loader: Callable[[], Any], identity: str, preprocess: Preprocess,
+                 method: str = "encode_image"):
+        self.name = name
+        self._loader = loader
+        self._model = None
+        self._lock = threading.Lock()
+        self.identity = identity
+        self.preprocess = preprocess
+        self.method = method
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}|{self.identity}"
+
+    @property
+    def model(self):
+        with self._lock:
+            if self._model is None:
+                self._model = self._loader()
+                _python_sigint()
+            return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def release(self) -> None:
+        """Drop the model (it is loaded again if needed), returning its memory."""
+        with self._lock:
+            if self._model is None:
+                return
+            self._model = None
+        import gc
+
+        gc.collect()
+        if "jittor" in sys.modules:
+            sys.modules["jittor"].gc()
+
+    def encode_image(self, x: np.ndarray) -> np.ndarray:
+        from .runtime import jittor
+
+        jt = jittor()
+        model = self.model
+        with jt.no_grad():
+            y = getattr(model, self.method)(jt.array(np.ascontiguousarray(x, dtype=np.float32)))
+            out = y.numpy()
+        return out
+
+
+def _python_sigint() -> None:
+    """Give Ctrl-C back to Python. Jittor's import installs a C-level SIGINT handler that exits the process at
+    once ("Caught SIGINT, quick exit"), which would skip our clean-up: the features computed since the last
+    cache write, temporary files. With Python's handler, Ctrl-C raises KeyboardInterrupt (after the batch
+    being computed), the cache is flushed and temporary files are removed."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except (ValueError, OSError):
+            pass
+
+
+def clip_encoder(name: str, weights_path, resolution: int | None = None) -> ModelEncoder:
+    """A lazily loaded CLIP image tower (``cascade.models.load_clip``) with CLIP's preprocessing at the model's
+    input resolution (read from the converted weights' metadata or shapes without building the model)."""
+    path = Path(weights_path)
+    identity = weights_identity(path)
+    res = resolution or _peek_resolution(path) or 224
+
+    def loader():
+        from .models import load_clip
+
+        model = load_clip(path)
+        got = int(getattr(model, "input_resolution", res))
+        if got != res:
+            raise ValueError(f"{path}: model input resolution {got} differs from the expected {res}")
+        return model
+
+    return ModelEncoder(name, loader, identity, Preprocess.clip(res))
+
+
+def convnext_encoder(name: str, weights_path, preprocess: Preprocess | None = None) -> ModelEncoder:
+    """A lazily loaded ConvNeXt-V2 (``cascade.models.load_convnextv2``); ImageNet preprocessing by default."""
+    path = Path(weights_path)
+    identity = weights_identity(path)
+
+    def loader():
+        from .models import load_convnextv2
+
+        return load_convnextv2(path)
+
+    return ModelEncoder(name, loader, identity, preprocess or Preprocess.imagenet(), method="encode_image")
+
+
+def _peek_resolution(path: Path) -> int | None:
+    """CLIP's input resolution from converted weights without loading them all: patch size x grid (ViT) or
+    32 x grid of the attention pool (modified ResNet)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            try:
+                meta = json.loads(z.read("__meta__.json"))
+                for key in ("image_resolution", "input_resolution"):
+                    v = (meta.get("config") or {}).get(key) if isinstance(meta.get("config"), dict) else None
+                    v = v or meta.get(key)
+                    if v:
+                        return int(v)
+            except (KeyError, ValueError):
+                pass
+
+            def shape(member):
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    return read(f)[0]
+
+            if "visual.conv1.weight.npy" in names and "visual.positional_embedding.npy" in names:
+                patch = shape("visual.conv1.weight.npy")[-1]
+                grid = int(round((shape("visual.positional_embedding.npy")[0] - 1) ** 0.5))
+                return int(patch * grid)
+            if "visual.attnpool.positional_embedding.npy" in names:
+                grid = int(round((shape("visual.attnpool.positional_embedding.npy")[0] - 1) ** 0.5))
+                return int(32 * grid)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------ text features
+def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache_dir, batch_size: int = 256,
+                  progress: bool = True) -> np.ndarray:
+    """Class text embeddings [C, D], L2-normalised: each class's prompts are encoded, normalised, averaged
+    (a prompt ensemble) and normalised again. Cached under the weights' identity and the prompts."""
+    from tqdm import tqdm
+
+    from .output import atomic_open
+
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("text_features: every class needs at least one prompt")
+    digest = hashlib.sha256(json.dumps([encoder.cache_key, prompts], ensure_ascii=False).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "text" / f"{digest}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape[0] == len(prompts):
+                return arr
+        except (OSError, ValueError):
+            pass
+    from .models import tokenize
+    from .runtime import jittor
+
+    jt = jittor()
+    flat = [t for p in prompts for t in p]
+    owner = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])
+    model = encoder.model
+    chunks = []
+    for s in tqdm(range(0, len(flat), batch_size), desc=f"{encoder.name} text", unit="batch", file=sys.stderr,
+                  disable=not progress, mininterval=0.5):
+        tokens = tokenize(flat[s: s + batch_size])
+        with jt.no_grad():
+            chunks.append(l2_normalize(_to_numpy(model.encode_text(jt.array(tokens)))))
+    emb = np.concatenate(chunks)
+    sums = np.zeros((len(prompts), emb.shape[1]), np.float64)
+    np.add.at(sums, owner, emb)
+    out = l2_normalize(sums.astype(np.float32))
+    with atomic_open(path, "wb") as f:
+        np.save(f, out, allow_pickle=False)
+    return out

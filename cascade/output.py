@@ -1,0 +1,186 @@
+"""Everything the tool writes, written atomically: a temporary file in the same folder, flushed and fsynced,
+then ``os.replace`` onto the target, so a crash or Ctrl-C never leaves a half-written file behind (the old
+file, if any, stays intact).
+
+Result file format (the challenge's): one line per test image, ``<file name> <top1> <top2> <top3> <top4> <top5>``
+(class indices), sorted by file name.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "ResultError",
+           "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
+    """``with atomic_open(p) as f: f.write(...)``: the file appears at ``p`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_open(path, "w", newline="\n") as f:
+        f.write(text)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def replace_dir(tmp_dir, final_dir) -> None:
+    """Move a fully written folder onto ``final_dir``. The old folder is renamed aside first and removed only
+    after the new one is in place, so at every moment either the old or the new folder is complete."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- result file
+class ResultError(ValueError):
+    """A result file is malformed; the message names the file and line."""
+
+
+def format_result(names: Sequence[str], top5: np.ndarray) -> str:
+    top5 = np.asarray(top5)
+    if top5.ndim != 2 or top5.shape[0] != len(names) or top5.shape[1] < 1:
+        raise ValueError(f"top5 has shape {top5.shape}, expected [{len(names)}, 5]")
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate image names in the result")
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    lines = []
+    for i in order:
+        if any(ch in names[i] for ch in "\n\r"):
+            raise ValueError(f"image name {names[i]!r} contains a line break")
+        lines.append(names[i] + " " + " ".join(str(int(c)) for c in top5[i]) + "\n")
+    return "".join(lines)
+
+
+def write_result(path, names: Sequence[str], top5: np.ndarray) -> None:
+    """The submission file: one line per image, sorted by name, written atomically."""
+    atomic_write_text(path, format_result(names, top5))
+
+
+def read_result(path, k: int = 5, n_classes: int | None = None) -> dict[str, list[int]]:
+    """Parse a result file into {file name: [k class indices]}. Every malformed line is an error naming the
+    file and line (wrong number of fields, non-integers, negative or out-of-range indices, repeated indices,
+    duplicate names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultError(f"{path}: result file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ResultError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    out: dict[str, list[int]] = {}
+    problems = []
+    for line_no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, k)
+        if len(parts) != k + 1:
+            problems.append(f"line {line_no}: expected '<file name> {' '.join(f'<top{i + 1}>' for i in range(k))}', "
+                            f"got {line!r}")
+            continue
+        name, *idx_text = parts
+        try:
+            idx = [int(t) for t in idx_text]
+        except ValueError:
+            problems.append(f"line {line_no}: class indices must be integers, got {' '.join(idx_text)!r}")
+            continue
+        bad = [i for i in idx if i < 0 or (n_classes is not None and i >= n_classes)]
+        if bad:
+            rng = f" (0..{n_classes - 1})" if n_classes is not None else ""
+            problems.append(f"line {line_no}: class index {bad[0]} out of range{rng}")
+            continue
+        if len(set(idx)) != len(idx):
+            problems.append(f"line {line_no}: a class index is repeated in {idx}")
+            continue
+        if name in out:
+            problems.append(f"line {line_no}: {name} appears twice")
+            continue
+        out[name] = idx
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ResultError(f"{path}: malformed result file:\n  {shown}{more}")
+    if not out:
+        raise ResultError(f"{path}: result file has no lines")
+    return out
+
+
+def write_routes_csv(path, names: Sequence[str], routes: Sequence[str], top5: np.ndarray, top5_scores: np.ndarray,
+                     status: Sequence[str] | None = None) -> None:
+    """Per image: its route through the cascade, top-5 classes and their scores, and a status ('ok' or why it
+    could not be read). Sorted by name like the result file."""
+    k = top5.shape[1]
+    header = ["image", "route", "status"] + [f"top{i + 1}" for i in range(k)] + [f"score{i + 1}" for i in range(k)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for i in sorted(range(len(names)), key=lambda j: names[j]):
+        w.writerow([names[i], routes[i], status[i] if status is not None else "ok"]
+                   + [int(c) for c in top5[i]] + [f"{float(s):.6g}" for s in top5_scores[i]])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def format_table(rows: Sequence[dict], columns: Sequence[str], floats: str = "{:.2f}") -> str:
+    """A plain-text table (for stderr)."""
+    def cell(v):
+        return floats.format(v) if isinstance(v, float) else str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    fmt = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([fmt(list(columns)), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def write_table_csv(path, rows: Iterable[dict], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,500 @@
+"""``python -m cascade train`` and ``python -m cascade test``: the user journey from a dataset folder to a
+submission file.
+
+train: read and validate the class list and train.txt, pick K images per class (seed) or take a given list,
+       write the split to out/split/, extract and cache image features for every CLIP backbone (and the
+       specialist's backbone for its domains), build the class text embeddings, fit the cascade, save it to
+       out/model/ (atomically), and report validation top-1/top-5 overall and per domain (stderr table,
+       out/report/val_metrics.json and .csv).
+test:  list the flat test folder, extract (cached) features, run the saved cascade, and write out/result.txt
+       (`<file name> <top1> ... <top5>`, every image once, sorted by name, atomically) and out/routes.csv (route
+       and top-5 scores per image). Unreadable test images are still listed, with a fallback ranking (the mean
+       of the cascade's probabilities over the readable test images), and reported.
+
+Both are resumable: features are cached as they are computed, so a rerun after an interruption continues
+where it stopped. No output file is written until its content is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_parser", "train", "test", "PipelineError"]
+
+
+class PipelineError(ValueError):
+    """An expected failure of train/test (missing model, weights, mismatched classes): one clear line."""
+
+
+def _log(msg: str) -> None:
+    print(f"[cascade] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ shared
+def _classes(cfg):
+    from .data import load_classes
+
+    all_path = cfg.data_path(cfg.paths.all_classes) if cfg.paths.all_classes else None
+    return load_classes(cfg.data_path(cfg.paths.classes), all_path)
+
+
+def _clip_encoders(cfg) -> dict:
+    from .features import clip_encoder
+
+    weights = cfg.clip_weights()
+    missing = [f"{name}: {p}" for name, p in weights.items() if not p.is_file()]
+    if missing:
+        raise PipelineError("converted CLIP weights not found: " + "; ".join(missing) + ". Convert OpenAI's "
+                            "checkpoints first, e.g. `python -m cascade.convert ViT-B-32.pt out/weights/ViT-B-32.npz`"
+                            ", or point models.clip.<name> at them (--set)")
+    return {name: clip_encoder(name, p) for name, p in weights.items()}
+
+
+def _specialist_setup(cfg, classes):
+    """(encoder, domains) for the specialist, or (None, []) when it is off or no configured domain exists."""
+    sp = cfg.specialist
+    if not sp.enabled:
+        return None, []
+    present = [d for d in sp.domains if d in classes.domain_names]
+    absent = [d for d in sp.domains if d not in classes.domain_names]
+    if absent:
+        _log(f"specialist domain(s) {', '.join(absent)} not in the class list: ignored")
+    if not present:
+        return None, []
+    path = cfg.expand(sp.weights)
+    if not path.is_file():
+        raise PipelineError(f"{path}: specialist weights not found (convert the ConvNeXt-V2 checkpoint with "
+                            f"`python -m cascade.convert SRC {path}`, or switch the specialist off with "
+                            "--set specialist.enabled=false)")
+    from .features import convnext_encoder
+
+    stage = _new_specialist(cfg)
+    if getattr(stage, "finetune", "none") != "none":
+        raise PipelineError(f"specialist.params.finetune={stage.finetune!r}: train/test support only 'none' (a "
+                            "frozen backbone whose features are cached); the fine-tuned backbone is not saved "
+                            "with the model")
+    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage)), present
+
+
+def _new_specialist(cfg):
+    from .stages.specialist import SpecialistStage
+
+    try:
+        return SpecialistStage(feature_key=cfg.specialist.feature_key, **cfg.specialist.params)
+    except TypeError as exc:
+        raise PipelineError(f"specialist.params: {exc}") from None
+
+
+def _specialist_preprocess(stage):
+    """The specialist's test-time preprocessing, from its preset (plain data in cascade.stages.specialist)."""
+    from .stages.specialist import PRESETS, Preset
+
+    p = stage.preset
+    preset = p if isinstance(p, Preset) else Preset(**p) if isinstance(p, dict) else PRESETS.get(p)
+    if preset is None:
+        raise PipelineError(f"specialist.params.preset: unknown preset {p!r} (known: {', '.join(PRESETS)})")
+    return preset.test_preprocess()
+
+
+def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
+    """Features of ``paths`` for every encoder: ({key: [N, D]}, failures {index: (path, reason)}). Backbones
+    run one after the other and each model is released when done (``then(key, encoder)`` runs first), so only
+    one model is in memory at a time."""
+    from .features import extract_features
+
+    feats, failures = {}, {}
+    for key, enc in encoders.items():
+        res = extract_features(enc, paths, cfg.cache_dir, batch_size=cfg.features.batch_size,
+                               workers=cfg.features.workers, chunk=cfg.features.chunk, progress=progress,
+                               desc=f"{key} {what}")
+        feats[key] = res.features
+        for f in res.failures:
+            failures.setdefault(f.index, (f.path, f.reason))
+        if then is not None:
+            then(key, enc)
+        enc.release()
+    return feats, failures
+
+
+STAGE_NAMES = {"zeroshot": "zero-shot", "inmap": "inmap", "lpp": "lpp"}  # config table -> cascade.stages.STAGES
+
+
+def _build_stage(cfg, name: str, where: str):
+    from .stages import STAGES
+
+    if name not in STAGE_NAMES:
+        raise PipelineError(f"{where}: unknown stage {name!r} (known: {', '.join(STAGE_NAMES)})")
+    params = dict(getattr(cfg.stages, name))
+    try:
+        return STAGES[STAGE_NAMES[name]](**params)
+    except TypeError as exc:
+        raise PipelineError(f"stages.{name}: {exc}") from None
+
+
+def _make_cascade(cfg):
+    """The Cascade of [stages.cascade]: its transductive stage and seen stages named there, each built from its
+    own [stages.<name>] table (keyword arguments, unchanged)."""
+    from .router import Cascade
+
+    kwargs = dict(cfg.stages.cascade)
+    trans = kwargs.pop("transductive", "inmap")
+    seen = kwargs.pop("seen", ["lpp"])
+    if isinstance(seen, str):
+        seen = [seen]
+    transductive = _build_stage(cfg, trans, "stages.cascade.transductive")
+    seen_stages = [_build_stage(cfg, n, "stages.cascade.seen") for n in seen]
+    try:
+        return Cascade(transductive=transductive, seen_stages=seen_stages, **kwargs)
+    except TypeError as exc:
+        raise PipelineError(f"stages.cascade: {exc}") from None
+
+
+def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_feats, oof, progress):
+    """One fitted specialist per domain: on the domain's support images (several augmented views through the
+    specialist's own backbone when n_views > 1, else the cached features), choosing its blending weight with
+    the cascade's out-of-fold probabilities of the support rows."""
+    out = []
+    key = cfg.specialist.feature_key
+    for d in domains:
+        stage = _new_specialist(cfg)
+        rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
+        _log(f"fitting the {d} specialist on {rows.size} support images")
+        if int(getattr(stage, "n_views", 1)) > 1:
+            stage.fit_images([str(cfg.data_dir / support[r].path) for r in rows], y_sup[rows], encoder.model,
+                             clip_probs=oof[rows], progress=progress)
+        else:
+            stage.fit(support_feats[key][rows], y_sup[rows], clip_probs=oof[rows])
+        stage.name = d
+        out.append(stage)
+    return out
+
+
+def _save_specialists(folder: Path, specialists) -> list:
+    from .stages.base import save_npz_json
+
+    names = []
+    for i, sp in enumerate(specialists):
+        arrays, meta = sp.to_arrays()
+        save_npz_json(folder / f"specialist-{i}.npz", arrays, dict(meta, name=sp.name))
+        names.append(sp.name)
+    return names
+
+
+def _load_specialists(folder: Path, names) -> list:
+    from .stages.base import load_npz_json
+    from .stages.specialist import SpecialistStage
+
+    out = []
+    for i, name in enumerate(names):
+        arrays, meta = load_npz_json(folder / f"specialist-{i}.npz")
+        sp = SpecialistStage.from_arrays(arrays, meta)
+        sp.name = name
+        out.append(sp)
+    return out
+
+
+def _report_failures(failures: dict, what: str) -> None:
+    if not failures:
+        return
+    _log(f"{len(failures)} {what} image(s) could not be read:")
+    for i, (p, reason) in sorted(failures.items())[:20]:
+        print(f"  {p}: {reason}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+
+
+# -------------------------------------------------------------------------------------------------- train
+def train(cfg, progress: bool = True) -> dict:
+    """Fit the cascade on the few-shot split and save it; returns a summary (also out/report/train.json)."""
+    from .data import DataError, read_image_list, sample_split, split_from_list, write_split
+    from .evaluate import topk_table, worst_classes
+    from .features import text_features
+    from .output import atomic_write_json, format_table, replace_dir, write_table_csv
+
+    t0 = time.time()
+    encoders = _clip_encoders(cfg)  # first: a missing weights file is reported before any long work
+    classes = _classes(cfg)
+    _log(f"{len(classes)} classes ({classes.n_seen} seen, {classes.n_unseen} unseen) in domains "
+         f"{', '.join(d or '-' for d in classes.domain_names)}")
+    train_list = cfg.data_path(cfg.paths.train_list)
+    pool = read_image_list(train_list, classes, cfg.data_dir)
+    s = cfg.sampling
+    if s.list:
+        sel_path = cfg.data_path(s.list)
+        selection = read_image_list(sel_path, classes, cfg.data_dir)
+        split = split_from_list(selection, pool, classes, s.seed, s.val_per_class, s.val_max, source=str(sel_path))
+    else:
+        split = sample_split(pool, classes, s.shots, s.seed, s.val_per_class, s.val_max, s.allow_fewer,
+                             source=str(train_list))
+    sp_encoder, sp_domains = _specialist_setup(cfg, classes)
+
+    # Decode/encode with the first backbone; unreadable support images are replaced by the class's next
+    # candidate (a given list cannot be changed: its unreadable images are an error).
+    first_key, first = next(iter(encoders.items()))
+    while True:
+        support, val = split.support, split.val
+        paths = [cfg.data_dir / e.path for e in support + val]
+        _, failures = _extract({first_key: first}, paths, cfg, progress, "train")
+        if not failures:
+            break
+        rel = support + val
+        for i, (_, reason) in failures.items():
+            split.exclude(rel[i].path, reason)
+        _report_failures(failures, "training")
+        bad_support = [f"{rel[i].path}: {r}" for i, (_, r) in failures.items() if i < len(support)]
+        if bad_support and split.fixed_support:
+            raise DataError(f"{cfg.data_path(s.list)}: {len(bad_support)} selected image(s) cannot be read:\n  "
+                            + "\n  ".join(bad_support[:20]))
+        split.check(classes)
+    split_info = write_split(split, cfg.split_dir)
+    n_sup = len(support)
+    _log(f"split: {n_sup} support images, {len(val)} validation images (written to {cfg.split_dir})")
+
+    prompts = classes.prompts(cfg.templates_for)
+    text = {}
+
+    def encode_text(key, enc):
+        text[key] = text_features(enc, prompts, cfg.cache_dir, progress=progress)
+
+    feats, failures = _extract(encoders, paths, cfg, progress, "train", then=encode_text)
+    if failures:  # decoding is the same for every backbone, so this only happens if files change under us
+        _report_failures(failures, "training")
+        raise DataError("training images became unreadable during the run; rerun train")
+    y_all = np.array([e.label for e in support + val], dtype=np.int64)
+    support_feats = {k: v[:n_sup] for k, v in feats.items()}
+    val_feats = {k: v[n_sup:] for k, v in feats.items()}
+    y_sup, y_val = y_all[:n_sup], y_all[n_sup:]
+
+
+    cascade = _make_cascade(cfg)
+    _log(f"fitting the cascade on {n_sup} support images")
+    cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
+
+    if sp_encoder is not None:
+        # the specialist's backbone sees the validation images (queries) and, with one view per image, the
+        # support images; with several views it encodes augmented support views itself
+        key = cfg.specialist.feature_key
+        one_view = int(getattr(_new_specialist(cfg), "n_views", 1)) <= 1
+        sp_paths = paths if one_view else paths[n_sup:]
+        if sp_paths:
+            sp_feats, sp_fail = _extract({key: sp_encoder}, sp_paths, cfg, progress, "train")
+            if sp_fail:
+                _report_failures(sp_fail, "training")
+                raise DataError("training images became unreadable during the run; rerun train")
+            if one_view:
+                support_feats[key] = sp_feats[key][:n_sup]
+            val_feats[key] = sp_feats[key][-len(y_val):] if len(y_val) else sp_feats[key][:0]
+        oof = cascade.support_oof_proba()
+        cascade.specialists = _fit_specialists(cfg, classes, sp_domains, sp_encoder, support, y_sup, support_feats,
+                                               oof, progress)
+
+    # save atomically: a complete folder replaces the old one
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out_dir / f".model.tmp-{os.getpid()}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        cascade.save(tmp)
+        sp_names = _save_specialists(tmp, cascade.specialists)
+        (tmp / "classes.txt").write_text(classes.to_lines(), encoding="utf-8")
+        atomic_write_json(tmp / "pipeline.json", {
+            "n_seen": classes.n_seen, "backbones": list(encoders), "clip_weights": {
+                k: enc.identity for k, enc in encoders.items()},
+            "specialist": {"feature_key": cfg.specialist.feature_key, "domains": sp_domains, "saved": sp_names,
+                           "identity": sp_encoder.identity if sp_encoder else None,
+                           "preprocess": (sp_encoder.preprocess.cache_key if sp_encoder else None)},
+            "split": split_info})
+        replace_dir(tmp, cfg.model_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"model saved to {cfg.model_dir}")
+
+    summary = {"classes": len(classes), "n_seen": classes.n_seen, "n_support": n_sup, "n_val": int(len(y_val)),
+               "seconds": None}
+    if len(y_val):
+        pred = cascade.predict(val_feats)
+        top5 = np.asarray(pred.top5)
+        rows = topk_table(top5, y_val, classes.domains)
+        worst = worst_classes(top5[:, 0], y_val, classes.names, n=10)
+        cfg.report_dir.mkdir(parents=True, exist_ok=True)
+        write_table_csv(cfg.report_dir / "val_metrics.csv", rows, ["domain", "n", "top1", "top5"])
+        atomic_write_json(cfg.report_dir / "val_metrics.json", {"accuracy": rows, "worst_classes": worst,
+                                                                 "routes": _count(pred.route)})
+        print("\nvalidation (held-out images of the training pool):\n" + format_table(rows, ["domain", "n", "top1",
+              "top5"]) + "\n", file=sys.stderr)
+        summary["val"] = rows
+    summary["seconds"] = round(time.time() - t0, 1)
+    atomic_write_json(cfg.report_dir / "train.json", summary)
+    _log(f"train done in {summary['seconds']} s")
+    return summary
+
+
+def _count(routes) -> dict:
+    out: dict[str, int] = {}
+    for r in routes:
+        out[str(r)] = out.get(str(r), 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- test
+def test(cfg, progress: bool = True) -> dict:
+    """Write the submission file for the test folder; returns a summary."""
+    from .data import ClassList, list_test_images, read_class_file
+    from .output import atomic_write_text, write_result, write_routes_csv
+    from .router import Cascade
+
+    t0 = time.time()
+    model_dir = cfg.model_dir
+    info_path = model_dir / "pipeline.json"
+    if not info_path.is_file():
+        raise PipelineError(f"{model_dir}: no trained model (run `bash train.sh` first, with the same --out)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    trained = ClassList(read_class_file(model_dir / "classes.txt"), int(info["n_seen"]), str(model_dir / "classes.txt"))
+    # the model's own class list (saved by train, incl. unseen classes) is the one the result refers to; the
+    # configured list must agree with it (the seen classes, and all classes when an all-classes file is set)
+    configured = _classes(cfg)
+    same = (configured.names == trained.names if cfg.paths.all_classes
+            else configured.names == trained.names[: trained.n_seen])
+    if not same:
+        raise PipelineError(f"the class list ({configured.source}, {len(configured)} classes) differs from the one "
+                            f"the model in {model_dir} was trained with ({trained.n_seen} seen + {trained.n_unseen} "
+                            f"unseen classes); retrain, or use the same paths.classes/paths.all_classes")
+    classes = trained
+    test_dir = cfg.data_path(cfg.paths.test_dir)
+    names, skipped = list_test_images(test_dir)
+    if skipped:
+        _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
+             + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    _log(f"{len(names)} test images in {test_dir}")
+
+    encoders = _clip_encoders(cfg)
+    if set(encoders) != set(info["backbones"]):
+        raise PipelineError(f"configured backbones {sorted(encoders)} differ from the trained model's "
+                            f"{sorted(info['backbones'])}")
+    changed = [k for k, enc in encoders.items() if enc.identity != info["clip_weights"].get(k)]
+    if changed:
+        raise PipelineError(f"the weights of {', '.join(changed)} differ from those the model was trained with; "
+                            "retrain")
+    sp = info.get("specialist") or {}
+    if sp.get("domains"):
+        sp_encoder, _ = _specialist_setup(cfg, classes)
+        if sp_encoder is None or sp_encoder.identity != sp.get("identity") or \
+                sp_encoder.preprocess.cache_key != sp.get("preprocess"):
+            raise PipelineError("the specialist's configuration or weights differ from those the model was trained "
+                                "with; retrain")
+        encoders[sp["feature_key"]] = sp_encoder
+
+    paths = [test_dir / n for n in names]
+    feats, failures = _extract(encoders, paths, cfg, progress, "test")
+    _report_failures(failures, "test")
+    ok = np.ones(len(names), dtype=bool)
+    ok[list(failures)] = False
+
+    cascade = Cascade.load(model_dir, specialists=_load_specialists(model_dir, sp.get("saved") or []))
+    n_classes = len(classes)
+    scores = np.zeros((len(names), n_classes), dtype=np.float64)
+    routes = ["unreadable"] * len(names)
+    if ok.any():
+        pred = cascade.predict({k: v[ok] for k, v in feats.items()})
+        s = np.asarray(pred.scores, dtype=np.float64)
+        if s.shape != (int(ok.sum()), n_classes):
+            raise PipelineError(f"the cascade returned scores of shape {s.shape}, expected "
+                                f"{(int(ok.sum()), n_classes)}")
+        scores[ok] = s
+        for j, r in zip(np.flatnonzero(ok), pred.route):
+            routes[j] = str(r)
+        fallback = s.mean(axis=0)
+        top5_ok = np.asarray(pred.top5)
+    else:
+        fallback = np.full(n_classes, 1.0 / n_classes)
+        top5_ok = None
+    if (~ok).any():  # unreadable: ranked by the cascade's mean probability over the readable test images
+        scores[~ok] = fallback
+    k = min(5, n_classes)
+    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    if top5_ok is not None:
+        top5[ok] = top5_ok[:, :k]  # the cascade's own ranking for readable images (ties broken its way)
+    top_scores = np.take_along_axis(scores, top5, axis=1)
+    status = ["ok" if ok[i] else f"unreadable: {failures[i][1]}" for i in range(len(names))]
+
+    result_path = cfg.out_path(cfg.paths.result)
+    routes_path = result_path.with_name(result_path.stem + "_routes.csv")
+    write_routes_csv(routes_path, names, routes, top5, top_scores, status)
+    fail_path = result_path.with_name(result_path.stem + "_unreadable.txt")
+    if failures:
+        atomic_write_text(fail_path, "".join(f"{names[i]}\t{r}\n" for i, (_, r) in sorted(failures.items())))
+    elif fail_path.exists():
+        fail_path.unlink()
+    write_result(result_path, names, top5)  # last: the submission appears only when everything succeeded
+    summary = {"images": len(names), "unreadable": len(failures), "result": str(result_path),
+               "routes": _count(routes), "seconds": round(time.time() - t0, 1)}
+    _log(f"wrote {result_path} ({len(names)} images; routes: "
+         + ", ".join(f"{r} {n}" for r, n in summary["routes"].items()) + f") in {summary['seconds']} s")
+    if failures:
+        _log(f"{len(failures)} unreadable image(s) are listed with a fallback ranking; see {fail_path}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def add_parser(subparsers) -> None:
+    from .config import add_config_arguments
+
+    p = subparsers.add_parser(
+        "train", help="fit the cascade on the few-shot split and report validation accuracy",
+        description="Read DATA/classes.txt and DATA/train.txt (the challenge layout; see data/README.md), pick "
+                    "K images per class (sampling.shots, sampling.seed) or a given list (sampling.list), extract "
+                    "and cache features for every CLIP backbone (and the specialist's), fit the cascade, save it "
+                    "to OUT/model/ and report validation top-1/top-5 per domain (OUT/report/). Settings come from "
+                    "cascade/configs/default.toml, --config and --set.")
+    add_config_arguments(p)
+    p.add_argument("--shots", type=int, help="K training images per class (sampling.shots)")
+    p.add_argument("--seed", type=int, help="sampling seed (sampling.seed)")
+    p.add_argument("--train-list", metavar="FILE", help="a given selection instead of sampling, e.g. "
+                   "train_label.txt (sampling.list, relative to the data root)")
+    p.add_argument("--all-classes", metavar="FILE", help="all classes incl. unseen ones, e.g. classes_b.txt "
+                   "(paths.all_classes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train)
+
+    q = subparsers.add_parser(
+        "test", help="write the submission file for a folder of test images",
+        description="Classify every image of DATA/TestSetA (paths.test_dir) with the cascade saved by train and "
+                    "write OUT/result.txt (`<file name> <top1> ... <top5>`, sorted by name) and "
+                    "OUT/result_routes.csv (each image's route and top-5 scores). Unreadable images are listed "
+                    "too (fallback ranking) and reported in OUT/result_unreadable.txt.")
+    add_config_arguments(q)
+    q.add_argument("--test-dir", metavar="DIR", help="folder of test images (paths.test_dir, relative to the "
+                   "data root)")
+    q.add_argument("--result", metavar="FILE", help="result file (paths.result, relative to the out folder)")
+    q.add_argument("--all-classes", metavar="FILE", help="as given to train (paths.all_classes)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_run_test)
+
+
+def _run_train(args) -> int:
+    from .config import config_from_args
+
+    cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
+                                  "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
+    train(cfg, progress=not args.quiet)
+    return 0
+
+
+def _run_test(args) -> int:
+    from .config import config_from_args
+
+    cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
+                                  "paths.all_classes": args.all_classes})
+    test(cfg, progress=not args.quiet)
+    return 0

@@ -1,0 +1,225 @@
+"""The whole user journey, as a user runs it: convert checkpoints with `python -m cascade.convert`, then
+`bash train.sh` and `bash test.sh` in a folder holding data/ (the challenge's layout, with the REAL 374 seen
+class names and the 29 unseen Stanford-Cars names of classes_b.txt, from tests/data/jittor4/) and out/.
+
+Models are small seeded random CLIPs built with OpenAI's own code (a ViT and a modified ResNet, saved as
+PyTorch state dicts) and a ConvNeXt-V2-atto built with timm for the Thu-dog specialist: every one goes through
+the real conversion path. Images are generated; a few test images are broken on purpose (empty, not an image,
+truncated) and one has a non-ASCII name.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JITTOR4 = Path(__file__).parent / "data" / "jittor4"
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHOTS = 4
+TEST_CLASSES = list(range(0, 374, 11)) + [244, 250, 300, 373]     # every domain, several Thu-dog classes
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd, cwd, timeout=900):
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _convert(src: Path, dst: Path):
+    r = _run([sys.executable, "-m", "cascade.convert", str(src), str(dst)], REPO)
+    assert r.returncode == 0, r.stderr
+    assert dst.is_file()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from _reference import build_reference
+    from test_data import class_image, make_dataset
+
+    root = tmp_path_factory.mktemp("journey")
+    data = root / "data"
+    names = [line.split()[0] for line in (JITTOR4 / "classes.txt").read_text().splitlines() if line.strip()]
+    assert len(names) == 374
+    info = make_dataset(data, names, per_class=SHOTS + 1, test_per_class=1, test_classes=TEST_CLASSES,
+                        classes_file=str(JITTOR4 / "classes.txt"), size=(40, 30))
+    (data / "classes_b.txt").write_text((JITTOR4 / "classes_b.txt").read_text())
+    # an unreadable training image: sampled or not, the run must report it and never train on it
+    broken_train = data / "TrainSet/Animal/Bird/2.jpg"
+    broken_train.write_bytes(broken_train.read_bytes()[:40])
+    test_dir = data / "TestSetA"
+    (test_dir / "zero.jpg").write_bytes(b"")
+    (test_dir / "notes.png").write_text("not an image")
+    good = (test_dir / "image_1001.jpg").read_bytes()
+    (test_dir / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    class_image(244, 5, (40, 30)).save(test_dir / "柴犬 Shiba ü.jpg")
+    (test_dir / "readme.txt").write_text("not listed: no image extension")
+
+    # checkpoints -> converted weights, through the real command
+    weights = root / "out" / "weights"
+    weights.mkdir(parents=True)
+    for ref_name, file in (("tiny-vit", "ViT-B-32"), ("tiny-rn", "RN101")):
+        model = build_reference(ref_name, seed=11)
+        torch.save(model.state_dict(), root / f"{file}.pt")
+        _convert(root / f"{file}.pt", weights / f"{file}.npz")
+    torch.manual_seed(0)
+    cnx = timm.create_model("convnextv2_atto", pretrained=False)
+    torch.save({"model": cnx.state_dict()}, root / "convnextv2_atto.pth")
+    _convert(root / "convnextv2_atto.pth", weights / "convnextv2_base.npz")
+    expected = sorted(list(info["test"]) + ["zero.jpg", "notes.png", "truncated.jpg", "柴犬 Shiba ü.jpg"])
+    return {"root": root, "expected": expected, "labels": info["test"]}
+
+
+# small settings for a 2-core CI machine: one validation image per class, the specialist on cached features
+# (one view per support image) with a fixed regularisation and few solver iterations
+FAST = ["--set", "sampling.val_per_class=1", "--set", "specialist.params.n_views=1", "--set", "specialist.params.C=0.1",
+        "--set", "specialist.params.max_iter=30"]
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    root = workspace["root"]
+    r = _run(["bash", str(REPO / "train.sh"), "--all-classes", "classes_b.txt", "--quiet"] + FAST, root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def tested(workspace, trained):
+    r = _run(["bash", str(REPO / "test.sh"), "--quiet"] + FAST, workspace["root"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_train_writes_split_model_and_validation_report(workspace, trained):
+    out = workspace["root"] / "out"
+    support = (out / "split/support.txt").read_text().splitlines()
+    assert len(support) == 374 * SHOTS
+    assert np.bincount([int(s.rsplit(" ", 1)[1]) for s in support], minlength=374).tolist() == [SHOTS] * 374
+    assert "TrainSet/Animal/Bird/2.jpg" not in (out / "split/support.txt").read_text()
+    import json
+
+    split = json.loads((out / "split/split.json").read_text())
+    assert split["seed"] == 0 and split["n_support"] == 374 * SHOTS
+    # seed 0 draws it into Bird's support: it is excluded, reported and replaced by Bird's next candidate
+    assert [e["path"] for e in split["excluded"]] == ["TrainSet/Animal/Bird/2.jpg"]
+    assert "truncated" in split["excluded"][0]["reason"] and "Animal/Bird/2.jpg" in trained.stderr
+    assert (out / "split/support.txt").read_text().count("TrainSet/Animal/Bird/") == SHOTS
+    assert len((out / "split/val.txt").read_text().splitlines()) == 374 - len(split["excluded"])
+    assert (out / "model/classes.txt").read_text().splitlines()[-1] == "Stanford-Cars_Volvo_C30_Hatchback_2012 402"
+
+    report = json.loads((out / "report/val_metrics.json").read_text())
+    domains = [row["domain"] for row in report["accuracy"]]
+    assert domains == ["Animal", "Caltech-101", "Food-101", "Thu-dog", "all"]
+    assert report["accuracy"][-1]["n"] == 374 - len(split["excluded"])
+    assert all(0.0 <= row["top1"] <= row["top5"] <= 100.0 for row in report["accuracy"])
+    assert "validation" in trained.stderr and "Thu-dog" in trained.stderr       # the table on stderr
+    assert (out / "report/val_metrics.csv").read_text().startswith("domain,n,top1,top5")
+
+
+def test_result_file_lists_every_test_image_once_sorted(workspace, tested):
+    out = workspace["root"] / "out"
+    lines = (out / "result.txt").read_text(encoding="utf-8").splitlines()
+    names = [line.rsplit(" ", 5)[0] for line in lines]
+    assert names == workspace["expected"]                      # every image once, sorted; readme.txt left out
+    for line in lines:
+        idx = [int(t) for t in line.rsplit(" ", 5)[1:]]
+        assert len(idx) == 5 and len(set(idx)) == 5 and all(0 <= i < 403 for i in idx)
+
+
+def test_unreadable_test_images_are_listed_and_reported(workspace, tested):
+    out = workspace["root"] / "out"
+    bad = {"zero.jpg": "empty file", "notes.png": "not an image", "truncated.jpg": "truncated"}
+    reported = dict(line.split("\t", 1) for line in (out / "result_unreadable.txt").read_text().splitlines())
+    assert set(reported) == set(bad)
+    for name, why in bad.items():
+        assert why in reported[name] and name in tested.stderr
+    rows = {r["image"]: r for r in csv.DictReader((out / "result_routes.csv").open(encoding="utf-8"))}
+    assert sorted(rows) == workspace["expected"]
+    assert all(rows[n]["route"] == "unreadable" for n in bad)
+    assert all(rows[n]["status"] == "ok" and rows[n]["route"] != "unreadable" for n in rows if n not in bad)
+    for r in rows.values():
+        scores = [float(r[f"score{i}"]) for i in range(1, 6)]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_rerun_is_served_by_the_cache_and_identical(workspace, tested):
+    root = workspace["root"]
+    before = (root / "out/result.txt").read_text(encoding="utf-8")
+    shards = sorted((root / "out/cache").rglob("*.keys.npy"))
+    r = _run([sys.executable, "-m", "cascade", "test", "--quiet"] + FAST, root)
+    assert r.returncode == 0, r.stderr
+    assert (root / "out/result.txt").read_text(encoding="utf-8") == before
+    assert sorted((root / "out/cache").rglob("*.keys.npy")) == shards   # nothing was encoded again
+
+
+def test_eval_scores_the_result(workspace, tested):
+    root = workspace["root"]
+    labels = root / "labels.txt"
+    labels.write_text("".join(f"{n} {c}\n" for n, c in workspace["labels"].items()))
+    r = _run([sys.executable, "-m", "cascade", "eval", "out/result.txt", str(labels), "--classes",
+              "data/classes_b.txt"], root)
+    assert r.returncode == 0, r.stderr
+    assert "Thu-dog" in r.stdout and "all" in r.stdout and "worst classes" in r.stdout
+
+
+def test_failure_leaves_previous_outputs_untouched(workspace, tested):
+    root = workspace["root"]
+    before = (root / "out/result.txt").read_bytes()
+    r = _run([sys.executable, "-m", "cascade", "test", "--quiet", "--set", "models.clip.RN101=out/weights/none.npz"],
+             root)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("cascade test: error: ") and "none.npz" in r.stderr
+    assert (root / "out/result.txt").read_bytes() == before
+    assert not [p for p in (root / "out").iterdir() if p.name.startswith(".")]     # no temporary files left
+
+
+def test_wrappers_explain_themselves():
+    r = _run(["bash", str(REPO / "train.sh"), "--help"], REPO)
+    assert r.returncode == 0 and "--set KEY=VALUE" in r.stdout and "sampling" in r.stdout
+    r = _run(["bash", str(REPO / "test.sh"), "--help"], REPO)
+    assert r.returncode == 0 and "--test-dir" in r.stdout
+
+
+def test_interrupted_train_resumes_from_the_cache(workspace, trained):
+    """Ctrl-C in the middle of feature extraction: exit 130 with one line, the features computed so far are in
+    the cache, no temporary file and no model are left behind; the rerun reuses them and finishes."""
+    import shutil
+    import signal
+    import time
+
+    root = workspace["root"]
+    out = root / "out_interrupted"
+    (out / "weights").mkdir(parents=True)
+    for f in (root / "out/weights").iterdir():
+        shutil.copy(f, out / "weights" / f.name)
+    args = [sys.executable, "-m", "cascade", "train", "--out", str(out), "--quiet", "--set", "specialist.enabled=false",
+            "--set", "features.batch_size=8", "--set", "features.chunk=16", "--set", "sampling.val_per_class=0"]
+    p = subprocess.Popen(args, cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not list((out / "cache").rglob("*.keys.npy")):
+        time.sleep(0.2)
+    assert p.poll() is None, "train finished before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "cascade train: interrupted"
+    first = sorted((out / "cache").rglob("*.keys.npy"))
+    assert first and not (out / "model").exists()
+    assert not [f for f in out.rglob("*") if f.name.startswith(".")]              # no temporary files
+    r = _run(args, root)
+    assert r.returncode == 0, r.stderr
+    assert set(first) <= set((out / "cache").rglob("*.keys.npy"))               # earlier work kept and reused
+    assert (out / "model/cascade.npz").is_file()

@@ -31,8 +31,10 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   "$PY" -m venv .venv
 fi
-stamp=".venv/.cascade-installed-$( (cat pyproject.toml; echo "test=$want_test") | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+stamp_for() { echo ".venv/.cascade-installed-$( (cat pyproject.toml; echo "test=$1") | sha256sum | cut -c1-16)"; }
+stamp="$(stamp_for "$want_test")"
+# a test install also satisfies a runtime-only set-up
+if [ ! -f "$stamp" ] && ! { [ "$want_test" = 0 ] && [ -f "$(stamp_for 1)" ]; }; then
   extras=""; [ "$want_test" = 1 ] && extras="[test]"
   say "installing cascade$extras into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v "^WARNING: Location" >&2 || true

@@ -2,11 +2,4 @@
 # Write the submission: `bash test.sh [--data DIR] [--out DIR] [--set key=value ...]` (see `bash test.sh --help`).
 # Sets itself up first (idempotent, quiet), then runs `python -m cascade test` in the current directory, so
 # data/ and out/ default to the current directory's.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-log="$(mktemp)"; trap 'rm -f "$log"' EXIT
-if ! bash "$root/scripts/setup.sh" >"$log" 2>&1; then
-  cat "$log" >&2; echo "test.sh: set-up failed (scripts/setup.sh)" >&2; exit 1
-fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$root/.venv/bin/python" -m cascade test "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/scripts/run.sh" test "$@"

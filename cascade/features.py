@@ -571,7 +571,6 @@ class ModelEncoder:
         with self._lock:
             if self._model is None:
                 self._model = self._loader()
-                _python_sigint()
             return self._model
 
     @property
@@ -599,20 +598,6 @@ class ModelEncoder:
             y = getattr(model, self.method)(jt.array(np.ascontiguousarray(x, dtype=np.float32)))
             out = y.numpy()
         return out
-
-
-def _python_sigint() -> None:
-    """Give Ctrl-C back to Python. Jittor's import installs a C-level SIGINT handler that exits the process at
-    once ("Caught SIGINT, quick exit"), which would skip our clean-up: the features computed since the last
-    cache write, temporary files. With Python's handler, Ctrl-C raises KeyboardInterrupt (after the batch
-    being computed), the cache is flushed and temporary files are removed."""
-    import signal
-
-    if threading.current_thread() is threading.main_thread():
-        try:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        except (ValueError, OSError):
-            pass
 
 
 def clip_encoder(name: str, weights_path, resolution: int | None = None) -> ModelEncoder:

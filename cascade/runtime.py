@@ -12,6 +12,9 @@ Also handled here:
 * Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``. (Its
   one-line "Compiling Operators(i/n)" progress, printed on stderr by Jittor's C++ core when a first compile
   takes over 2 s, cannot be switched off; it appears only on a machine's first runs.)
+* Ctrl-C: Jittor's import installs a C-level SIGINT handler that exits at once ("Caught SIGINT, quick exit"),
+  skipping every clean-up (cache flushes, temporary files); Python's handler is put back, so Ctrl-C raises
+  KeyboardInterrupt and the callers clean up.
 * No download is ever attempted: if the wiring is impossible, oneDNN is switched off with one warning.
 
 Use :func:`jittor` to get the configured module.
@@ -102,6 +105,17 @@ def cuda_usable() -> bool:
     return bool(ctypes.util.find_library("cudart") or glob.glob("/usr/local/cuda*/lib64/libcudart.so*"))
 
 
+def _python_sigint() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except (ValueError, OSError):
+            pass
+
+
 def jittor():
     """Import and configure Jittor once; return the module."""
     global _jt
@@ -118,6 +132,8 @@ def jittor():
     if not verbose:
         os.environ.setdefault("log_silent", "1")
     import jittor as jt  # noqa: E402  (configured above)
+
+    _python_sigint()
 
     jt.flags.use_cuda = 1 if (use_gpu and jt.has_cuda) else 0
     status["device"] = "cuda" if jt.flags.use_cuda else "cpu"

@@ -243,3 +243,66 @@ def test_fit_images_with_finetuning_reranks_with_its_own_encoder(tiny_net):
     feats = st.encoder_.encode_image(q).numpy()
     out = st.rerank(clip, feats)
     np.testing.assert_array_equal(np.sort(out, 1), np.sort(clip, 1))  # values only move among classes
+
+
+# ------------------------------------------------------------------------------------------------ the head
+def test_logistic_head_matches_scikit_learn():
+    """fit_logistic minimises the objective of sklearn's LogisticRegression(C) (same minimiser), so at
+    convergence the coefficients agree and held-out accuracy on data with real signal is the same."""
+    from sklearn.linear_model import LogisticRegression
+
+    from cascade.stages.specialist import fit_logistic
+
+    rng = np.random.default_rng(0)
+    K, D = 15, 40
+    means = rng.standard_normal((K, D)) * 0.7
+    y = np.repeat(np.arange(K), 12)
+    X = means[y] + rng.standard_normal((len(y), D))
+    yq = np.repeat(np.arange(K), 30)
+    Xq = means[yq] + rng.standard_normal((len(yq), D))
+    for C in (0.01, 1.0):
+        W, b = fit_logistic(X, y, C, max_iter=1000, tol=1e-8)
+        ref = LogisticRegression(C=C, max_iter=1000, tol=1e-10).fit(X, y)
+        np.testing.assert_allclose(W, ref.coef_, atol=2e-4 * np.abs(ref.coef_).max())
+        np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
+        ours = np.mean((Xq @ W.T + b).argmax(1) == yq)
+        assert ours >= ref.score(Xq, yq) - 0.01 and ours > 0.6  # real signal, learned
+        W30, b30 = fit_logistic(X, y, C, max_iter=30)  # the default budget: as accurate on held-out data
+        assert np.mean((Xq @ W30.T + b30).argmax(1) == yq) >= ref.score(Xq, yq) - 0.02
+    W2, b2 = fit_logistic(X, y, 1.0, max_iter=1000, tol=1e-8, W0=W, b0=b)  # warm start: same optimum
+    np.testing.assert_allclose(W2, W, atol=1e-3 * np.abs(W).max())
+
+
+def test_head_absent_classes_are_never_predicted():
+    X, y, groups, clip, means = synthetic(4, True, True)
+    keep = y != DOMAIN[3]
+    st = SpecialistStage(C=1.0, weight=1.0).fit(X[keep], y[keep], groups=groups[keep])
+    assert DOMAIN[3] not in st.classes_ and st.predict_proba(X).shape == (len(X), len(DOMAIN) - 1)
+    y2 = np.where(np.isin(y, DOMAIN[:2]), y, DOMAIN[0])  # two classes only
+    two = SpecialistStage(C=1.0, weight=1.0).fit(X, y2, groups=groups)
+    assert np.mean(two.predict(X) == y2) > 0.7
+
+
+# ---------------------------------------------------------------------------------------- image decoding
+class _MeanEncoder:
+    """Stands in for the backbone: per-channel means and stds of each view."""
+
+    def encode_image(self, x):
+        return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3))], axis=1)
+
+
+def test_support_views_decode_files_robustly(tmp_path):
+    from cascade.data import ImageError
+    from cascade.stages.specialist import support_view_features
+
+    rgb = _image(120, 80, seed=1)
+    rgb.save(tmp_path / "a.png")
+    rgb.convert("CMYK").save(tmp_path / "b.jpg")           # CMYK JPEG
+    (rgb.convert("I;16")).save(tmp_path / "c.png")          # 16-bit grayscale
+    paths = [tmp_path / n for n in ("a.png", "b.jpg", "c.png")]
+    X, groups = support_view_features(_MeanEncoder(), paths, 2, _tiny_preset(), progress=False)
+    assert X.shape == (6, 6) and np.isfinite(X).all()
+    np.testing.assert_array_equal(groups, [0, 0, 1, 1, 2, 2])
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageError, match="bad.jpg"):
+        support_view_features(_MeanEncoder(), [paths[0], tmp_path / "bad.jpg"], 2, _tiny_preset(), progress=False)

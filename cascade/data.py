@@ -50,7 +50,8 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
-def _raise_many(problems: list[str], header: str) -> None:
+def raise_many(problems: list[str], header: str, error: type[Exception] = DataError) -> None:
+    """Raise ``error`` listing every problem (the first MAX_LISTED of them) under ``header``; no-op if none."""
     if not problems:
         return
     shown = problems[:MAX_LISTED]
@@ -58,24 +59,26 @@ def _raise_many(problems: list[str], header: str) -> None:
     text = header + "\n  " + "\n  ".join(shown)
     if more:
         text += f"\n  ... and {more} more"
-    raise DataError(text)
+    raise error(text)
 
 
-def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
-    """Non-blank lines (1-based line number, stripped text); BOM and CRLF tolerated."""
+def read_lines(path, what: str, error: type[Exception] = DataError,
+               comments: bool = True) -> list[tuple[int, str]]:
+    """Non-blank lines (1-based line number, stripped text) of a UTF-8 text file; BOM and CRLF tolerated, lines
+    starting with ``#`` skipped when ``comments``. Problems raise ``error`` naming the file and ``what`` it is."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: {what} not found")
+        raise error(f"{path}: {what} not found")
     if path.is_dir():
-        raise DataError(f"{path}: {what} is a directory, expected a text file")
+        raise error(f"{path}: {what} is a directory, expected a text file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
-    return [(i, s) for i, s in lines if s and not s.startswith("#")]
+    return [(i, t) for i, t in lines if t and not (comments and t.startswith("#"))]
 
 
 # ------------------------------------------------------------------------------------------------ classes
@@ -93,7 +96,7 @@ def read_class_file(path) -> list[str]:
     """Read ``<name> <index>`` lines; return the names in index order. Indices must be exactly 0..C-1, each
     once; names must be unique."""
     path = Path(path)
-    entries = _read_lines(path, "class list")
+    entries = read_lines(path, "class list")
     if not entries:
         raise DataError(f"{path}: class list is empty")
     problems: list[str] = []
@@ -122,7 +125,7 @@ def read_class_file(path) -> list[str]:
             continue
         by_name[name] = line_no
         by_index[idx] = (name, line_no)
-    _raise_many(problems, f"{path}: invalid class list:")
+    raise_many(problems, f"{path}: invalid class list:")
     n = len(by_index)
     missing = [i for i in range(n) if i not in by_index]
     if missing:
@@ -185,7 +188,7 @@ def load_classes(classes_path, all_classes_path=None) -> ClassList:
                         f"of {classes_path}; it must list them all first, then the unseen ones")
     mismatch = [f"index {i}: {every[i]!r} here but {seen[i]!r} in {classes_path}"
                 for i in range(len(seen)) if every[i] != seen[i]]
-    _raise_many(mismatch, f"{all_classes_path}: the first {len(seen)} classes must be those of {classes_path}, "
+    raise_many(mismatch, f"{all_classes_path}: the first {len(seen)} classes must be those of {classes_path}, "
                           "at the same indices:")
     return ClassList(every, len(seen), str(all_classes_path))
 
@@ -204,7 +207,7 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class. All problems are reported
     in one error naming the file and lines."""
     path, root = Path(path), Path(root)
-    entries = _read_lines(path, "image list")
+    entries = read_lines(path, "image list")
     if not entries:
         raise DataError(f"{path}: image list is empty")
     problems: list[str] = []
@@ -243,8 +246,8 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
             missing.append(f"line {line_no}: {rel} ({'a directory' if (root / rel).is_dir() else 'no such file'})")
             continue
         out.append(Example(rel, idx, line_no))
-    _raise_many(problems, f"{path}: invalid lines:")
-    _raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:")
+    raise_many(problems, f"{path}: invalid lines:")
+    raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:")
     return out
 
 
@@ -301,7 +304,7 @@ class Split:
         short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {self.shots[c]} needed"
                  for c in sorted(self.order) if counts[c] < self.shots[c]]
         if short:
-            _raise_many(short, "not enough readable training images:")
+            raise_many(short, "not enough readable training images:")
 
 
 def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
@@ -314,11 +317,11 @@ def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
 def _check_counts(by_class: dict[int, list[Example]], classes: ClassList, shots: int, allow_fewer: bool,
                   source: str) -> dict[int, int]:
     none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not by_class.get(c)]
-    _raise_many(none, f"{source}: {len(none)} class(es) have no training images:")
+    raise_many(none, f"{source}: {len(none)} class(es) have no training images:")
     few = [f"{classes.names[c]} ({c}): {len(by_class[c])} image(s)" for c in range(classes.n_seen)
            if len(by_class[c]) < shots]
     if few and not allow_fewer:
-        _raise_many(few, f"{source}: {len(few)} class(es) have fewer than {shots} images (sampling.shots); use "
+        raise_many(few, f"{source}: {len(few)} class(es) have fewer than {shots} images (sampling.shots); use "
                          "`--set sampling.allow_fewer=true` to train them on what they have:")
     if few:
         warnings.warn(f"{len(few)} class(es) have fewer than {shots} training images and use what they have: "
@@ -348,7 +351,7 @@ def split_from_list(selection: Sequence[Example], pool: Sequence[Example], class
     """Support = a given selection (like train_label.txt); validation from the rest of ``pool``."""
     chosen = _group(selection)
     none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not chosen.get(c)]
-    _raise_many(none, f"{source}: {len(none)} class(es) have no selected training image:")
+    raise_many(none, f"{source}: {len(none)} class(es) have no selected training image:")
     picked = {e.path for e in selection}
     by_class = _group(pool)
     order = {}

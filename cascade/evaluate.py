@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .data import raise_many, read_lines
+
 __all__ = ["topk_table", "worst_classes", "read_labels", "evaluate_files", "add_parser", "LabelError"]
 
 
@@ -65,19 +67,9 @@ def worst_classes(top1: np.ndarray, labels: np.ndarray, class_names: Sequence[st
 
 def read_labels(path) -> dict[str, int]:
     """``<file name or path> <index>`` lines -> {name: index}; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelError(f"{path}: labels file not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise LabelError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     out: dict[str, int] = {}
     problems = []
-    for line_no, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
+    for line_no, line in read_lines(path, "labels file", LabelError, comments=False):
         parts = line.rsplit(None, 1)
         if len(parts) != 2:
             problems.append(f"line {line_no}: expected '<file name> <index>', got {line!r}")
@@ -94,9 +86,7 @@ def read_labels(path) -> dict[str, int]:
             problems.append(f"line {line_no}: {parts[0]} appears twice")
             continue
         out[parts[0]] = idx
-    if problems:
-        raise LabelError(f"{path}: malformed labels file:\n  " + "\n  ".join(problems[:20])
-                         + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    raise_many(problems, f"{path}: malformed labels file:", LabelError)
     if not out:
         raise LabelError(f"{path}: labels file has no lines")
     return out

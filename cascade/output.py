@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .data import raise_many, read_lines
+
 __all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "ResultError",
            "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
 
@@ -105,19 +107,9 @@ def read_result(path, k: int = 5, n_classes: int | None = None) -> dict[str, lis
     """Parse a result file into {file name: [k class indices]}. Every malformed line is an error naming the
     file and line (wrong number of fields, non-integers, negative or out-of-range indices, repeated indices,
     duplicate names)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultError(f"{path}: result file not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ResultError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     out: dict[str, list[int]] = {}
     problems = []
-    for line_no, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
+    for line_no, line in read_lines(path, "result file", ResultError, comments=False):
         parts = line.rsplit(None, k)
         if len(parts) != k + 1:
             problems.append(f"line {line_no}: expected '<file name> {' '.join(f'<top{i + 1}>' for i in range(k))}', "
@@ -141,10 +133,7 @@ def read_result(path, k: int = 5, n_classes: int | None = None) -> dict[str, lis
             problems.append(f"line {line_no}: {name} appears twice")
             continue
         out[name] = idx
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ResultError(f"{path}: malformed result file:\n  {shown}{more}")
+    raise_many(problems, f"{path}: malformed result file:", ResultError)
     if not out:
         raise ResultError(f"{path}: result file has no lines")
     return out

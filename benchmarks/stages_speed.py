@@ -7,6 +7,11 @@ Features are synthetic (seeded): per backbone, class centres on the unit sphere,
 normalise(centre + noise), text = normalise(centre + noise). Prints seconds per stage and for the whole
 default Cascade (fit on support, predict on the queries: InMaP over all classes on the joint features +
 LP++ per backbone). ``--full-inmap`` also times the authors' 2000-step InMaP without early stopping.
+
+Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters: an
+environment that forces an older OpenBLAS kernel (e.g. ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU) makes
+every product ~1.6x slower. To measure what a stock numpy does on the machine, run it with those variables
+removed for that one command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/stages_speed.py``.
 """
 from __future__ import annotations
 
@@ -41,6 +46,22 @@ def make_task(n_query, n_classes, shots, dim, n_backbones, seed=0):
     return support, ys, query, yq, text
 
 
+def blas_info() -> str:
+    """numpy's BLAS library, the kernel it runs and its threads (threadpoolctl), plus any OPENBLAS_* overrides:
+    every figure here is matrix products, so this line says what they ran on."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [f"{i.get('internal_api')} {i.get('version')} kernel={i.get('architecture')} threads={i.get('num_threads')}"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+    except Exception as exc:  # noqa: BLE001  (diagnostics only)
+        libs = [f"unknown ({exc})"]
+    env = {k: v for k, v in os.environ.items() if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                         "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    over = f"; environment overrides {env}" if env else ""
+    return "; ".join(libs) + over
+
+
 def timed(label, fn, rows):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -63,6 +84,7 @@ def main(argv=None):
     k0 = next(iter(support))
     print(f"{a.queries} queries x {a.classes} classes x {a.backbones} backbones (D={a.dim}), "
           f"{ys.size} support rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+    print(f"  BLAS: {blas_info()}")
     print("  (wall seconds; cpu = this process's CPU seconds over all threads: on an otherwise idle machine "
           "wall is about cpu / threads)")
     rows = []

@@ -74,10 +74,6 @@ def _specialist_setup(cfg, classes):
     from .features import convnext_encoder
 
     stage = _new_specialist(cfg)
-    if getattr(stage, "finetune", "none") != "none":
-        raise PipelineError(f"specialist.params.finetune={stage.finetune!r}: train/test support only 'none' (a "
-                            "frozen backbone whose features are cached); the fine-tuned backbone is not saved "
-                            "with the model")
     return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage)), present
 
 
@@ -155,32 +151,107 @@ def _make_cascade(cfg):
 
 
 def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_feats, oof, progress):
-    """One fitted specialist per domain: on the domain's support images (several augmented views through the
-    specialist's own backbone when n_views > 1, else the cached features), choosing its blending weight with
-    the cascade's out-of-fold probabilities of the support rows."""
+    """One fitted specialist per domain, on the domain's support images, choosing its blending weight with
+    the cascade's out-of-fold probabilities of the support rows. Frozen backbone: several augmented views per
+    image through the specialist's backbone when n_views > 1 (cached in the feature cache), else the cached
+    test-view features. finetune="last_stage"/"all": the backbone is fine-tuned per domain; its weights are
+    kept on the stage (``backbone_state_``) to be saved with the model, and the shared encoder is released so
+    the next domain starts again from the original weights."""
     out = []
     key = cfg.specialist.feature_key
     for d in domains:
         stage = _new_specialist(cfg)
         rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
-        _log(f"fitting the {d} specialist on {rows.size} support images")
-        if int(getattr(stage, "n_views", 1)) > 1:
-            stage.fit_images([str(cfg.data_dir / support[r].path) for r in rows], y_sup[rows], encoder.model,
-                             clip_probs=oof[rows], progress=progress)
+        paths = [str(cfg.data_dir / support[r].path) for r in rows]
+        if stage.finetune != "none":
+            _log(f"fine-tuning the specialist backbone ({stage.finetune}) for {d} on {rows.size} support images")
+            stage.fit_images(paths, y_sup[rows], encoder, clip_probs=oof[rows], progress=progress)
+            stage.backbone_state_ = {k: np.asarray(v.numpy(), dtype=np.float32)
+                                     for k, v in stage.encoder_.state_dict().items()}
+            del stage.encoder_
+            encoder.release()
+        elif int(getattr(stage, "n_views", 1)) > 1:
+            _log(f"fitting the {d} specialist on {rows.size} support images")
+            stage.fit_images(paths, y_sup[rows], encoder, clip_probs=oof[rows], progress=progress,
+                             cache_dir=cfg.cache_dir)
         else:
+            _log(f"fitting the {d} specialist on {rows.size} support images")
             stage.fit(support_feats[key][rows], y_sup[rows], clip_probs=oof[rows])
         stage.name = d
         out.append(stage)
     return out
 
 
-def _save_specialists(folder: Path, specialists) -> list:
+def _finetuned_encoder(stage, preprocess):
+    """An encoder over a specialist's fine-tuned backbone held in memory (``backbone_state_``); its identity is
+    the one its saved weights file will report, so train and test share cached features."""
+    from .features import ModelEncoder
+    from .models.weights import state_sha256
+
+    state = stage.backbone_state_
+
+    def loader():
+        from .models.convnextv2 import model_from_state
+
+        return model_from_state(state)
+
+    return ModelEncoder(stage.query_key, loader, f"sha256:{state_sha256(state)}", preprocess)
+
+
+def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what, model_dir=None):
+    """{query key: rows -> features}: each specialist's backbone encodes only the images routed to it (rows of
+    ``paths``), through the feature cache. Fine-tuned backbones come from memory (train) or from their saved
+    weights in ``model_dir`` (test)."""
+    from .features import convnext_encoder
+
+    out, encoders = {}, []
+    for sp in specialists:
+        key = sp.query_key
+        if key in out:
+            continue
+        if sp.finetune == "none":
+            enc = base_encoder
+        elif hasattr(sp, "backbone_state_"):
+            enc = _finetuned_encoder(sp, base_encoder.preprocess)
+        else:
+            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess)
+        encoders.append(enc)
+        out[key] = _on_demand(enc, paths, cfg, progress, what)
+    return out, encoders
+
+
+def _on_demand(encoder, paths, cfg, progress, what):
+    from .data import DataError
+    from .features import extract_features
+
+    def features(rows):
+        res = extract_features(encoder, [paths[r] for r in rows], cfg.cache_dir, batch_size=cfg.features.batch_size,
+                               workers=cfg.features.workers, chunk=cfg.features.chunk, progress=progress,
+                               desc=f"{encoder.name} {what} (routed)")
+        if res.failures:
+            _report_failures({f.index: (f.path, f.reason) for f in res.failures}, what)
+            raise DataError(f"{what} images became unreadable during the run; rerun")
+        return res.features
+
+    return features
+
+
+def _save_specialists(folder: Path, specialists, base_identity=None) -> list:
     from .stages.base import save_npz_json
 
     names = []
     for i, sp in enumerate(specialists):
         arrays, meta = sp.to_arrays()
-        save_npz_json(folder / f"specialist-{i}.npz", arrays, dict(meta, name=sp.name))
+        meta = dict(meta, name=sp.name)
+        if hasattr(sp, "backbone_state_"):
+            from .models.convnextv2 import config_from_state
+            from .models.weights import save_weights
+
+            meta["backbone_file"] = f"specialist-{i}-backbone.npz"
+            save_weights(folder / meta["backbone_file"], sp.backbone_state_, {
+                "arch": "convnextv2", "config": config_from_state(sp.backbone_state_),
+                "fine_tuned_from": base_identity, "fine_tune": sp.finetune, "domain": sp.name})
+        save_npz_json(folder / f"specialist-{i}.npz", arrays, meta)
         names.append(sp.name)
     return names
 
@@ -191,9 +262,15 @@ def _load_specialists(folder: Path, names) -> list:
 
     out = []
     for i, name in enumerate(names):
-        arrays, meta = load_npz_json(folder / f"specialist-{i}.npz")
+        path = folder / f"specialist-{i}.npz"
+        arrays, meta = load_npz_json(path)
         sp = SpecialistStage.from_arrays(arrays, meta)
         sp.name = name
+        if sp.finetune != "none":
+            sp.backbone_file = meta.get("backbone_file")
+            if not sp.backbone_file or not (folder / sp.backbone_file).is_file():
+                raise PipelineError(f"{path}: the fine-tuned backbone {sp.backbone_file or '(not recorded)'} is "
+                                    f"missing from {folder}; retrain")
         out.append(sp)
     return out
 
@@ -275,23 +352,25 @@ def train(cfg, progress: bool = True) -> dict:
     _log(f"fitting the cascade on {n_sup} support images")
     cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
 
+    sp_encoders = []
     if sp_encoder is not None:
-        # the specialist's backbone sees the validation images (queries) and, with one view per image, the
-        # support images; with several views it encodes augmented support views itself
+        # the specialist's backbone encodes the support images (one view each, or its own augmented views), then
+        # only the validation images the cascade routes to its domain (on demand, below)
         key = cfg.specialist.feature_key
-        one_view = int(getattr(_new_specialist(cfg), "n_views", 1)) <= 1
-        sp_paths = paths if one_view else paths[n_sup:]
-        if sp_paths:
-            sp_feats, sp_fail = _extract({key: sp_encoder}, sp_paths, cfg, progress, "train")
+        proto = _new_specialist(cfg)
+        if proto.finetune == "none" and int(proto.n_views) <= 1:
+            sp_feats, sp_fail = _extract({key: sp_encoder}, paths[:n_sup], cfg, progress, "train")
             if sp_fail:
                 _report_failures(sp_fail, "training")
                 raise DataError("training images became unreadable during the run; rerun train")
-            if one_view:
-                support_feats[key] = sp_feats[key][:n_sup]
-            val_feats[key] = sp_feats[key][-len(y_val):] if len(y_val) else sp_feats[key][:0]
+            support_feats[key] = sp_feats[key]
         oof = cascade.support_oof_proba()
         cascade.specialists = _fit_specialists(cfg, classes, sp_domains, sp_encoder, support, y_sup, support_feats,
                                                oof, progress)
+        if len(y_val):
+            lazy, sp_encoders = _specialist_query_features(cascade.specialists, sp_encoder, paths[n_sup:], cfg,
+                                                           progress, "validation")
+            val_feats.update(lazy)
 
     # save atomically: a complete folder replaces the old one
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +382,7 @@ def train(cfg, progress: bool = True) -> dict:
     tmp.mkdir(parents=True)
     try:
         cascade.save(tmp)
-        sp_names = _save_specialists(tmp, cascade.specialists)
+        sp_names = _save_specialists(tmp, cascade.specialists, sp_encoder.identity if sp_encoder else None)
         (tmp / "classes.txt").write_text(classes.to_lines(), encoding="utf-8")
         atomic_write_json(tmp / "pipeline.json", {
             "n_seen": classes.n_seen, "backbones": list(encoders), "clip_weights": {
@@ -324,6 +403,8 @@ def train(cfg, progress: bool = True) -> dict:
                "seconds": None}
     if len(y_val):
         pred = cascade.predict(val_feats)
+        for enc in sp_encoders:
+            enc.release()
         top5 = np.asarray(pred.top5)
         rows = topk_table(top5, y_val, classes.domains)
         worst = worst_classes(top5[:, 0], y_val, classes.names, n=10)
@@ -387,13 +468,14 @@ def test(cfg, progress: bool = True) -> dict:
         raise PipelineError(f"the weights of {', '.join(changed)} differ from those the model was trained with; "
                             "retrain")
     sp = info.get("specialist") or {}
+    sp_encoder = None
     if sp.get("domains"):
         sp_encoder, _ = _specialist_setup(cfg, classes)
         if sp_encoder is None or sp_encoder.identity != sp.get("identity") or \
                 sp_encoder.preprocess.cache_key != sp.get("preprocess"):
             raise PipelineError("the specialist's configuration or weights differ from those the model was trained "
                                 "with; retrain")
-        encoders[sp["feature_key"]] = sp_encoder
+    specialists = _load_specialists(model_dir, sp.get("saved") or [])
 
     paths = [test_dir / n for n in names]
     feats, failures = _extract(encoders, paths, cfg, progress, "test")
@@ -401,12 +483,21 @@ def test(cfg, progress: bool = True) -> dict:
     ok = np.ones(len(names), dtype=bool)
     ok[list(failures)] = False
 
-    cascade = Cascade.load(model_dir, specialists=_load_specialists(model_dir, sp.get("saved") or []))
+    cascade = Cascade.load(model_dir, specialists=specialists)
     n_classes = len(classes)
     scores = np.zeros((len(names), n_classes), dtype=np.float64)
     routes = ["unreadable"] * len(names)
     if ok.any():
-        pred = cascade.predict({k: v[ok] for k, v in feats.items()})
+        query = {k: v[ok] for k, v in feats.items()}
+        sp_encoders = []
+        if specialists:  # each specialist's backbone encodes only the test images routed to its domain
+            ok_paths = [p for p, good in zip(paths, ok) if good]
+            lazy, sp_encoders = _specialist_query_features(specialists, sp_encoder, ok_paths, cfg, progress, "test",
+                                                           model_dir)
+            query.update(lazy)
+        pred = cascade.predict(query)
+        for enc in sp_encoders:
+            enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)
         if s.shape != (int(ok.sum()), n_classes):
             raise PipelineError(f"the cascade returned scores of shape {s.shape}, expected "

@@ -81,7 +81,10 @@ class Cascade:
         never sees their labels). Without validation rows the inductive stages keep temperature 1. With
         validation rows, ``predict`` also chooses the inductive experts' weight ``beta`` on them.
     specialists : sequence
-        Objects with ``classes_``, ``feature_key``, ``name`` (optional) and ``rerank(probs, X)``.
+        Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
+        (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
+        [N, D] or a callable ``rows -> [len(rows), D]`` that computes features for the queries routed to the
+        specialist only (so an expensive backbone runs on those images alone).
     """
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, backbone_weights=None,
@@ -288,11 +291,18 @@ class Cascade:
             rows = np.flatnonzero(np.isin(top1, classes) & np.array([r == ROUTE_SEEN for r in route]))
             if rows.size == 0:
                 continue
-            key = spec.feature_key
+            key = getattr(spec, "query_key", spec.feature_key)
             if key not in query:
                 raise ValueError(f"specialist {name!r} needs query features {key!r} (have {sorted(query)})")
-            X = check_features(query[key], f"query[{key!r}]", normalised=False)
-            new = np.asarray(spec.rerank(scores[rows].copy(), X[rows]), dtype=np.float64)
+            X = query[key]
+            if callable(X):  # features computed on demand, for the routed rows only
+                X = X(rows)
+                if len(X) != rows.size:
+                    raise ValueError(f"query[{key!r}] returned {len(X)} rows for {rows.size} requested")
+            else:
+                X = np.asarray(X)[rows]
+            X = check_features(X, f"query[{key!r}]", normalised=False)
+            new = np.asarray(spec.rerank(scores[rows].copy(), X), dtype=np.float64)
             if new.shape != (rows.size, scores.shape[1]):
                 raise ValueError(f"specialist {name!r} returned shape {new.shape}, expected "
                                  f"{(rows.size, scores.shape[1])}")

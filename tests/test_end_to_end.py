@@ -223,3 +223,74 @@ def test_interrupted_train_resumes_from_the_cache(workspace, trained):
     assert r.returncode == 0, r.stderr
     assert set(first) <= set((out / "cache").rglob("*.keys.npy"))               # earlier work kept and reused
     assert (out / "model/cascade.npz").is_file()
+
+
+def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(workspace, tested):
+    """specialist.params.finetune=last_stage: train fine-tunes the ConvNeXt's last stage for Thu-dog and saves
+    the fine-tuned backbone with the model (converted-weights format, provenance in its meta); test reloads it
+    and encodes with it only the test images routed to Thu-dog. The CLIP features come from the first run's
+    cache (features.cache points at it)."""
+    import json
+    import shutil
+
+    from cascade.models.weights import load_weights
+
+    root = workspace["root"]
+    out = root / "out_ft"
+    (out / "weights").mkdir(parents=True)
+    for f in (root / "out/weights").iterdir():
+        shutil.copy(f, out / "weights" / f.name)
+    ft = ["--out", str(out), "--quiet", "--set", f"features.cache={root / 'out' / 'cache'}",
+          "--set", "sampling.val_per_class=1", "--set", "specialist.params.finetune=last_stage",
+          "--set", "specialist.params.finetune_epochs=1", "--set", "specialist.params.weight=0.5"]
+    r = _run([sys.executable, "-m", "cascade", "train", "--all-classes", "classes_b.txt"] + ft, root)
+    assert r.returncode == 0, r.stderr
+    model = out / "model"
+    meta = json.loads((model / "pipeline.json").read_text())
+    assert meta["specialist"]["saved"] == ["Thu-dog"]
+    tuned, tmeta = load_weights(model / "specialist-0-backbone.npz")
+    base, _ = load_weights(out / "weights/convnextv2_base.npz")
+    assert tmeta["fine_tune"] == "last_stage" and tmeta["domain"] == "Thu-dog"
+    assert tmeta["fine_tuned_from"] == meta["specialist"]["identity"]
+    last = str(len([k for k in base if k.startswith("downsample_layers.") and k.endswith(".0.weight")]) - 1)
+    changed = {k for k in base if not np.array_equal(base[k], tuned[k])}
+    assert changed and all(k.startswith((f"stages.{last}.", f"downsample_layers.{last}.", "norm.")) for k in changed)
+
+    r = _run([sys.executable, "-m", "cascade", "test"] + ft, root)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((out / "result_routes.csv").open(encoding="utf-8")))
+    routed = [row["image"] for row in rows if row["route"] == "specialist:Thu-dog"]
+    assert routed, "no test image reached the specialist"
+    lines = (out / "result.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.rsplit(" ", 5)[0] for line in lines] == workspace["expected"]
+    # the fine-tuned backbone's cache holds the routed validation and test images, not the whole test set
+    ft_caches = [d for d in (root / "out/cache").iterdir()
+                 if (d / "key.json").is_file() and "@ft-" in json.loads((d / "key.json").read_text())["key"]]
+    assert len(ft_caches) == 1
+    n_rows = sum(len(np.load(f)) for f in ft_caches[0].glob("*.keys.npy"))
+    val_routed = json.loads((out / "report/val_metrics.json").read_text())["routes"].get("specialist:Thu-dog", 0)
+    n_test = sum(1 for row in rows if row["status"] == "ok")
+    assert n_rows == len(routed) + val_routed and len(routed) < n_test
+
+
+def test_specialist_views_are_cached_so_a_second_train_encodes_nothing(workspace, tested):
+    """With augmented views (n_views=2), the first train encodes them into the feature cache; retraining the
+    same split finds every view there and writes no new cache shard."""
+    import shutil
+
+    root = workspace["root"]
+    out = root / "out_views"
+    (out / "weights").mkdir(parents=True)
+    for f in (root / "out/weights").iterdir():
+        shutil.copy(f, out / "weights" / f.name)
+    args = [sys.executable, "-m", "cascade", "train", "--all-classes", "classes_b.txt", "--out", str(out), "--quiet",
+            "--set", f"features.cache={root / 'out' / 'cache'}", "--set", "sampling.val_per_class=0",
+            "--set", "specialist.params.n_views=2", "--set", "specialist.params.C=0.1"]
+    r = _run(args, root)
+    assert r.returncode == 0, r.stderr
+    shards = sorted((root / "out/cache").rglob("*.keys.npy"))
+    first = (out / "model/specialist-0.npz").read_bytes()
+    r = _run(args, root)
+    assert r.returncode == 0, r.stderr
+    assert sorted((root / "out/cache").rglob("*.keys.npy")) == shards
+    assert (out / "model/specialist-0.npz").read_bytes() == first          # same views, same specialist

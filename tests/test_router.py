@@ -122,6 +122,32 @@ def test_specialist_hook_only_touches_its_classes_and_routes():
             support, ys, text, S).predict(q)
 
 
+def test_specialist_features_on_demand_are_computed_for_the_routed_rows_only():
+    """A callable in the query dict is asked for the rows routed to the specialist, once, and gives the same
+    result as the full feature array."""
+    support, ys, query, yq, text, S = task(seed=4)
+    feats = np.random.default_rng(0).standard_normal((80, 5)).astype(np.float32)
+    asked = []
+
+    def lazy(rows):
+        asked.append(np.asarray(rows))
+        return feats[rows]
+
+    def run(special, spec):
+        return Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")],
+                       specialists=[spec]).fit(support, ys, text, S).predict(dict(query, special=special))
+
+    eager = run(feats, DogSpecialist([0, 1]))
+    spec = DogSpecialist([0, 1])
+    spec.query_key, spec.feature_key = "special", "unused"      # query_key wins over feature_key
+    res = run(lazy, spec)
+    hit = np.flatnonzero([r == "specialist:dogs" for r in res.route])
+    assert len(asked) == 1 and asked[0].tolist() == hit.tolist() and 0 < hit.size < 80
+    np.testing.assert_allclose(res.scores, eager.scores)
+    with pytest.raises(ValueError, match="returned 1 rows"):
+        run(lambda rows: feats[:1], DogSpecialist([0, 1]))
+
+
 def test_support_oof_proba():
     support, ys, query, yq, text, S = task(seed=5)
     m = small().fit(support, ys, text, S)

@@ -306,3 +306,42 @@ def test_support_views_decode_files_robustly(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ImageError, match="bad.jpg"):
         support_view_features(_MeanEncoder(), [paths[0], tmp_path / "bad.jpg"], 2, _tiny_preset(), progress=False)
+
+
+class _CountingEncoder(_MeanEncoder):
+    cache_key = "mean-encoder|v1"
+
+    def __init__(self):
+        self.rows = 0
+
+    def encode_image(self, x):
+        self.rows += len(x)
+        return super().encode_image(x)
+
+
+def test_support_views_are_cached_per_file_and_independent_of_order(tmp_path):
+    """Each image's random views depend on the seed and its file only, so they are cached: a second run (in
+    another order, with one new image) encodes only the new image's views and returns the same rows."""
+    from cascade.stages.specialist import support_view_features
+
+    paths = []
+    for i in range(4):
+        _image(90, 70, seed=10 + i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    cache = tmp_path / "cache"
+    enc = _CountingEncoder()
+    X1, g1 = support_view_features(enc, paths[:3], 3, _tiny_preset(), seed=5, progress=False, cache_dir=cache)
+    assert enc.rows == 9
+    assert not np.allclose(X1[1], X1[2])                      # random views differ from each other
+    enc2 = _CountingEncoder()
+    order = [paths[2], paths[3], paths[0], paths[1]]
+    X2, g2 = support_view_features(enc2, order, 3, _tiny_preset(), seed=5, progress=False, cache_dir=cache)
+    assert enc2.rows == 3                                     # only the new image was encoded
+    np.testing.assert_array_equal(g2, np.repeat(np.arange(4), 3))
+    for new_pos, old_pos in ((0, 2), (2, 0), (3, 1)):
+        np.testing.assert_allclose(X2[3 * new_pos:3 * new_pos + 3], X1[3 * old_pos:3 * old_pos + 3], rtol=1e-6)
+    X3, _ = support_view_features(_MeanEncoder(), order, 3, _tiny_preset(), seed=5, progress=False)
+    np.testing.assert_allclose(X3, X2, rtol=1e-5, atol=1e-6)  # uncached: the same views
+    X4, _ = support_view_features(_MeanEncoder(), order, 3, _tiny_preset(), seed=6, progress=False)
+    assert not np.allclose(X4[1:3], X2[1:3])                 # another seed, other views (view 0 is the test view)
+    np.testing.assert_allclose(X4[0], X2[0], rtol=1e-5)

@@ -150,21 +150,52 @@ def make_views(img, rng: np.random.Generator, n_views: int, preset=DEFAULT_PRESE
     return views
 
 
+def _image_seed(seed: int, image, index: int) -> list:
+    """Seed of one support image's random views: the stage's seed and the image's file name when it has one
+    (so a cached view stays valid whatever the image's position in the list), else its position."""
+    import hashlib
+    import os
+
+    if isinstance(image, (str, os.PathLike)):
+        digest = hashlib.sha1(os.path.abspath(os.fspath(image)).encode("utf-8", "surrogatepass")).hexdigest()
+        return [int(seed), int(digest[:15], 16)]
+    return [int(seed), int(index)]
+
+
 def support_view_features(encoder, images, n_views: int, preset=DEFAULT_PRESET, seed: int = 0,
-                          batch_size: int = 16, progress: bool = True):
+                          batch_size: int = 16, progress: bool = True, cache_dir=None):
     """Encode ``n_views`` views of each support image (PIL images or paths, decoded by
     :func:`cascade.data.load_image`) with ``encoder.encode_image``.
-    Returns (X [n*n_views, D] float32, groups [n*n_views] = index of the source image). Views are drawn from
-    one seeded numpy Generator in image order, so the result is reproducible."""
+
+    Returns (X [n*n_views, D] float32, groups [n*n_views] = index of the source image). Each image's views come
+    from its own generator (:func:`_image_seed`: the seed and the file's path), so the result is reproducible
+    and does not depend on the other images. With ``cache_dir`` (and an encoder with a ``cache_key``, e.g.
+    :class:`cascade.features.ModelEncoder`), the views of image files are cached like query features, keyed by
+    the weights, the preset, the seed, the view index and the file (path, size, mtime): a second run with the
+    same support images encodes nothing."""
     from tqdm import tqdm
 
     from cascade.data import load_image
 
     p = _preset(preset)
-    rng = np.random.default_rng(seed)
-    pending: list[tuple[int, np.ndarray]] = []
-    feats: dict[int, np.ndarray] = {}
+    cache = None
+    if cache_dir is not None and getattr(encoder, "cache_key", None):
+        import json
+
+        from cascade.features import FeatureCache
+
+        cache = FeatureCache(cache_dir, f"{encoder.cache_key}|views|{json.dumps(p.as_dict(), sort_keys=True)}")
+    keys: list[str | None] = []
     groups: list[int] = []
+    for g, im in enumerate(images):
+        vk = _view_keys(im, n_views, seed) if cache is not None else None
+        keys += vk if vk is not None else [None] * n_views
+        groups += [g] * n_views
+    hit = np.array([k is not None for k in keys], dtype=bool)
+    if cache is not None:
+        hit &= cache.lookup([k or "" for k in keys])
+    feats: dict[int, np.ndarray] = {}
+    pending: list[tuple[int, np.ndarray]] = []
 
     def flush():
         for shape in {a.shape for _, a in pending}:  # test and train views may differ in size
@@ -172,19 +203,51 @@ def support_view_features(encoder, images, n_views: int, preset=DEFAULT_PRESET, 
             out = encoder.encode_image(np.stack([a for _, a in part]))
             out = np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
             feats.update({i: f for (i, _), f in zip(part, out)})
+            if cache is not None:
+                rows = [j for j, (i, _) in enumerate(part) if keys[i] is not None]
+                cache.add([keys[part[j][0]] for j in rows], out[rows])
         pending.clear()
+        if cache is not None and cache.pending:
+            cache.flush()
 
-    for g, im in enumerate(tqdm(images, desc="specialist views", unit="img", disable=not progress)):
+    todo = [g for g in range(len(images)) if not hit[g * n_views:(g + 1) * n_views].all()]
+    for g in tqdm(todo, desc="specialist views", unit="img", disable=not progress or not todo):
+        im = images[g]
         if not hasattr(im, "convert"):
             im = load_image(im)  # EXIF orientation, CMYK/16-bit/palette to RGB; ImageError names a bad file
-        for v in make_views(im, rng, n_views, p):
-            pending.append((len(groups), to_array(v, p)))
-            groups.append(g)
+        rng = np.random.default_rng(_image_seed(seed, images[g], g))
+        for v, view in enumerate(make_views(im, rng, n_views, p)):
+            pending.append((g * n_views + v, to_array(view, p)))
         if len(pending) >= batch_size:
             flush()
     flush()
-    X = np.stack([feats[i] for i in range(len(groups))]).astype(np.float32)
+    n = len(groups)
+    if cache is not None and hit.any():
+        rows = [i for i in range(n) if i not in feats]
+        dim = next(iter(feats.values())).shape[0] if feats else cache.dim
+        cached = np.empty((len(rows), dim), dtype=np.float32)
+        cache.gather([keys[i] for i in rows], cached, range(len(rows)))
+        feats.update(zip(rows, cached))
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    X = np.stack([feats[i] for i in range(n)]).astype(np.float32)
     return X, np.asarray(groups, dtype=np.int64)
+
+
+def _view_keys(image, n_views: int, seed: int):
+    """Cache keys of an image file's views (None for an in-memory image, which is not cached)."""
+    import hashlib
+    import os
+
+    if not isinstance(image, (str, os.PathLike)):
+        return None
+    from cascade.features import file_key
+
+    try:
+        fk = file_key(image)
+    except OSError:
+        return None  # unreadable: load_image reports it
+    return [hashlib.sha1(f"{fk}|seed{int(seed)}|view{v}".encode()).hexdigest() for v in range(n_views)]
 
 
 # ------------------------------------------------------------------------------------------------ CV folds
@@ -501,7 +564,14 @@ class SpecialistStage:
         self.weight_ = w_best
         self.mean_, self.scale_, self.coef_, self.intercept_ = self._fit_head(X, y_local, C_best, K)
         self.n_features_in_ = X.shape[1]
+        self.feature_key_ = self.feature_key
         return self
+
+    @property
+    def query_key(self) -> str:
+        """Key of the query features :meth:`rerank` expects: ``feature_key`` for a frozen backbone, the
+        fine-tuned backbone's own key (``feature_key_``, with its weights' hash) after fine-tuning."""
+        return getattr(self, "feature_key_", self.feature_key)
 
     # ------------------------------------------------------------------------------------------ predict
     def predict_proba(self, X) -> np.ndarray:
@@ -547,6 +617,7 @@ class SpecialistStage:
                   "intercept": self.intercept_}
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
         meta = {"params": params, "C_": self.C_, "weight_": self.weight_, "n_features_in_": self.n_features_in_,
+                "feature_key_": self.query_key,
                 "cv_accuracy_": self.cv_accuracy_, "cv_specialist_accuracy_": self.cv_specialist_accuracy_,
                 "cv_clip_accuracy_": self.cv_clip_accuracy_, "cv_scores_": self.cv_scores_}
         return arrays, meta
@@ -561,13 +632,17 @@ class SpecialistStage:
         for k in ("C_", "weight_", "n_features_in_", "cv_accuracy_", "cv_specialist_accuracy_", "cv_clip_accuracy_",
                   "cv_scores_"):
             setattr(self, k, meta[k])
+        self.feature_key_ = meta.get("feature_key_", self.feature_key)
         return self
 
     # ---------------------------------------------------------------------------------- from images
-    def fit_images(self, images, y, backbone, clip_probs=None, progress: bool = True):
+    def fit_images(self, images, y, backbone, clip_probs=None, progress: bool = True, cache_dir=None):
         """Fit from support images (PIL images or paths; one label each, global class indices).
 
-        finetune="none": encode ``n_views`` views per image with the frozen ``backbone`` and call :meth:`fit`.
+        ``backbone``: a ConvNeXt-V2 model, or an encoder wrapping one (:class:`cascade.features.ModelEncoder`,
+        whose ``cache_key`` lets ``cache_dir`` cache the support views).
+        finetune="none": encode ``n_views`` views per image with the frozen ``backbone`` (cached in ``cache_dir``
+        when given, see :func:`support_view_features`) and call :meth:`fit`.
         finetune="last_stage"/"all": for each CV fold, fine-tune the backbone (reset to its original weights
         each time) on the other folds' images and score the held-out images (their test views) with its
         head, so the weight w is chosen on images the network never saw; then fine-tune on all images.
@@ -578,8 +653,10 @@ class SpecialistStage:
         y = np.asarray(y)
         if self.finetune == "none":
             X, groups = support_view_features(backbone, images, self.n_views, self.preset, self.random_state,
-                                              progress=progress)
+                                              progress=progress, cache_dir=cache_dir)
             return self.fit(X, y[groups], None if clip_probs is None else np.asarray(clip_probs)[groups], groups)
+        if getattr(backbone, "cache_key", None) is not None and hasattr(backbone, "model"):
+            backbone = backbone.model  # an encoder: fine-tune the model it holds
         self.classes_ = np.unique(y).astype(np.int64)
         K = len(self.classes_)
         y_local = np.searchsorted(self.classes_, y)

@@ -43,14 +43,10 @@ def add_parser(subparsers) -> None:
 
 def load_task(path) -> dict:
     """Read and check a task file; returns a dict of arrays (query_y included, for scoring only)."""
+    from .stages.base import read_npz
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such task file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            task = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npz task file ({exc})") from exc
+    task = read_npz(path, ".npz task file")
     need = ("support_x", "support_y", "query_x", "query_y", "text_x")
     missing = [k for k in need if k not in task]
     if missing:

@@ -92,6 +92,22 @@ def split_class_name(full: str) -> tuple[str, str]:
     return "", full.replace("_", " ").strip()
 
 
+def parse_indexed(text: str, form: str = "<name> <index>", spaces: bool = True) -> tuple[str, int]:
+    """Split a ``<text> <index>`` line into (text, non-negative int index). ``spaces``: the text may contain
+    spaces (the index is the last field); otherwise the line must have exactly two fields. Raises ValueError
+    with a message for the caller to prefix with the file and line."""
+    parts = text.rsplit(None, 1) if spaces else text.split()
+    if len(parts) != 2:
+        raise ValueError(f"expected '{form}', got {text!r}")
+    try:
+        idx = int(parts[1])
+    except ValueError:
+        raise ValueError(f"index {parts[1]!r} is not an integer") from None
+    if idx < 0:
+        raise ValueError(f"index {idx} is negative")
+    return parts[0], idx
+
+
 def read_class_file(path) -> list[str]:
     """Read ``<name> <index>`` lines; return the names in index order. Indices must be exactly 0..C-1, each
     once; names must be unique."""
@@ -103,18 +119,10 @@ def read_class_file(path) -> list[str]:
     by_index: dict[int, tuple[str, int]] = {}
     by_name: dict[str, int] = {}
     for line_no, text in entries:
-        parts = text.split()
-        if len(parts) != 2:
-            problems.append(f"line {line_no}: expected '<Domain>_<Class> <index>', got {text!r}")
-            continue
-        name, idx_text = parts
         try:
-            idx = int(idx_text)
-        except ValueError:
-            problems.append(f"line {line_no}: index {idx_text!r} is not an integer")
-            continue
-        if idx < 0:
-            problems.append(f"line {line_no}: index {idx} is negative")
+            name, idx = parse_indexed(text, "<Domain>_<Class> <index>", spaces=False)
+        except ValueError as exc:
+            problems.append(f"line {line_no}: {exc}")
             continue
         if name in by_name:
             problems.append(f"line {line_no}: duplicate class name {name!r} (also on line {by_name[name]})")
@@ -216,17 +224,12 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     out: list[Example] = []
     n = classes.n_seen
     for line_no, text in entries:
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            problems.append(f"line {line_no}: expected '<path> <index>', got {text!r}")
-            continue
-        rel, idx_text = parts
         try:
-            idx = int(idx_text)
-        except ValueError:
-            problems.append(f"line {line_no}: index {idx_text!r} is not an integer ({text!r})")
+            rel, idx = parse_indexed(text, "<path> <index>")
+        except ValueError as exc:
+            problems.append(f"line {line_no}: {exc}")
             continue
-        if not 0 <= idx < n:
+        if not idx < n:
             problems.append(f"line {line_no}: index {idx} is out of range: {classes.source or 'the class list'} "
                             f"has {n} classes with training images (0..{n - 1})")
             continue

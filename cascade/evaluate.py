@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import raise_many, read_lines
+from .data import parse_indexed, raise_many, read_lines
 
 __all__ = ["topk_table", "worst_classes", "read_labels", "evaluate_files", "add_parser", "LabelError"]
 
@@ -70,22 +70,15 @@ def read_labels(path) -> dict[str, int]:
     out: dict[str, int] = {}
     problems = []
     for line_no, line in read_lines(path, "labels file", LabelError, comments=False):
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2:
-            problems.append(f"line {line_no}: expected '<file name> <index>', got {line!r}")
-            continue
         try:
-            idx = int(parts[1])
-        except ValueError:
-            problems.append(f"line {line_no}: index {parts[1]!r} is not an integer")
+            name, idx = parse_indexed(line, "<file name> <index>")
+        except ValueError as exc:
+            problems.append(f"line {line_no}: {exc}")
             continue
-        if idx < 0:
-            problems.append(f"line {line_no}: negative index {idx}")
+        if name in out:
+            problems.append(f"line {line_no}: {name} appears twice")
             continue
-        if parts[0] in out:
-            problems.append(f"line {line_no}: {parts[0]} appears twice")
-            continue
-        out[parts[0]] = idx
+        out[name] = idx
     raise_many(problems, f"{path}: malformed labels file:", LabelError)
     if not out:
         raise LabelError(f"{path}: labels file has no lines")

@@ -213,15 +213,22 @@ def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     return path
 
 
-def load_npz_json(path) -> tuple[dict[str, np.ndarray], dict]:
+def read_npz(path, what: str = "file") -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, read without pickle; errors name the file and say it is not a readable
+    ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such {what}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # zipfile / format errors
-        raise ValueError(f"{path}: not a readable stage file ({exc})") from exc
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile / format errors, object arrays
+        raise ValueError(f"{path}: not a readable {what} ({exc})") from exc
+
+
+def load_npz_json(path) -> tuple[dict[str, np.ndarray], dict]:
+    path = Path(path)
+    arrays = read_npz(path, "stage file")
     if "__meta__" not in arrays:
         raise ValueError(f"{path}: missing the '__meta__' entry; not a file written by cascade")
     try:

@@ -5,6 +5,8 @@ convnextv2_base) in one run, and the wall time to train the default specialist o
     .venv/bin/python benchmarks/convnext_speed.py --skip-train    # throughput only
     .venv/bin/python benchmarks/convnext_speed.py --skip-speed --features out/bench_views.npz
         # specialist only; encodes the views once and saves them; rerun it to time only the head fitting
+    .venv/bin/python benchmarks/convnext_speed.py --skip-speed --skip-train --finetune last_stage,all
+        # seconds per fine-tuning step (finetune="last_stage" / "all") and what the default recipe would take
 
 Both models get the same random weights (timm's init, converted with cascade's timm mapping) and the same
 inputs; the first call of each is a warm-up (Jittor compiles its kernels then) and is not timed; timed
@@ -139,6 +141,37 @@ def train_time(args) -> None:
           f"  total {t_enc + t_fit:.1f} s", flush=True)
 
 
+def finetune_speed(args) -> None:
+    """Seconds per fine-tuning step of a real-size ConvNeXt-V2-Base (random weights) in each mode, from which the
+    time of a full fine-tune follows (steps = epochs x ceil(images / batch), x (folds + 1) with the CV of w)."""
+    from cascade.models.convnextv2 import ConvNeXtV2
+    from cascade.stages.specialist import SpecialistStage, finetune_backbone
+
+    images, labels, _ = _support_set(args)
+    bs = SpecialistStage().finetune_batch_size if not args.ft_batch_size else args.ft_batch_size
+    sub = images[: bs * (args.ft_steps + 1)]
+    y = (labels[: len(sub)] - labels.min()) % args.classes
+    defaults = SpecialistStage()
+    n_img = args.classes * args.shots
+    per_run = defaults.finetune_epochs * -(-n_img // bs)
+    cv_steps = defaults.finetune_epochs * -(-(n_img - n_img // defaults.n_folds) // bs) * defaults.n_folds
+    print(f"fine-tuning ConvNeXt-V2-Base (real size, random weights), batch {bs} at 224 px, {os.cpu_count()} CPU "
+          f"cores, device {'cuda' if jt.flags.use_cuda else 'cpu'}:")
+    for mode in args.finetune.split(","):
+        jt.set_global_seed(0)
+        model = ConvNeXtV2()  # base
+        # one warm-up step (Jittor compiles its kernels), then args.ft_steps timed steps
+        finetune_backbone(model, sub[:bs], y[:bs], args.classes, mode=mode, epochs=1, batch_size=bs, progress=False)
+        t0 = time.perf_counter()
+        finetune_backbone(model, sub[bs:], y[bs:], args.classes, mode=mode, epochs=1, batch_size=bs, progress=False)
+        step = (time.perf_counter() - t0) / args.ft_steps
+        print(f"  {mode:<10} {step:6.2f} s/step ({bs / step:5.2f} img/s); the default recipe ({defaults.finetune_epochs} "
+              f"epochs on {n_img} images, {per_run} steps; {cv_steps} more for the {defaults.n_folds}-fold CV of w) "
+              f"would take {per_run * step / 3600:.1f} h + {cv_steps * step / 3600:.1f} h here", flush=True)
+        del model
+        jt.gc()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -154,11 +187,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-iter", type=int, default=0,
                    help="L-BFGS iterations of the specialist's head (default: SpecialistStage's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--finetune", default="", metavar="MODES",
+                   help="also time fine-tuning steps, e.g. 'last_stage,all' (alone with --skip-speed --skip-train)")
+    p.add_argument("--ft-steps", type=int, default=3, help="timed fine-tuning steps per mode (default 3)")
+    p.add_argument("--ft-batch-size", type=int, default=0, help="fine-tuning batch (default: the stage's, 32)")
     args = p.parse_args(argv)
     if not args.skip_speed:
         throughput(args)
     if not args.skip_train:
         train_time(args)
+    if args.finetune:
+        finetune_speed(args)
     return 0
 
 

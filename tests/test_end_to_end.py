@@ -271,6 +271,12 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
     val_routed = json.loads((out / "report/val_metrics.json").read_text())["routes"].get("specialist:Thu-dog", 0)
     n_test = sum(1 for row in rows if row["status"] == "ok")
     assert n_rows == len(routed) + val_routed and len(routed) < n_test
+    # a model folder that lost its fine-tuned backbone is refused with the file's name, and nothing is written
+    before = (out / "result.txt").read_bytes()
+    (model / "specialist-0-backbone.npz").rename(root / "moved-backbone.npz")
+    r = _run([sys.executable, "-m", "cascade", "test"] + ft, root)
+    assert r.returncode == 2 and "specialist-0-backbone.npz" in r.stderr and "retrain" in r.stderr
+    assert (out / "result.txt").read_bytes() == before
 
 
 def test_specialist_views_are_cached_so_a_second_train_encodes_nothing(workspace, tested):

@@ -164,7 +164,13 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
         rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
         paths = [str(cfg.data_dir / support[r].path) for r in rows]
         if stage.finetune != "none":
-            _log(f"fine-tuning the specialist backbone ({stage.finetune}) for {d} on {rows.size} support images")
+            from .runtime import jittor, status
+
+            jittor()
+            where = status.get("device", "cpu")
+            _log(f"fine-tuning the specialist backbone ({stage.finetune}) for {d} on {rows.size} support images on "
+                 f"the {where}" + (" (slow: about 1 h for last_stage, 4 h for all at Base size on 2 cores; see "
+                                   "docs/specialist.md)" if where == "cpu" else ""))
             stage.fit_images(paths, y_sup[rows], encoder, clip_probs=oof[rows], progress=progress)
             stage.backbone_state_ = {k: np.asarray(v.numpy(), dtype=np.float32)
                                      for k, v in stage.encoder_.state_dict().items()}

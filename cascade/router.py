@@ -9,8 +9,9 @@
 
 Routing: a query whose best class under stage 1 is unseen keeps stage 1's ranking (route ``"unseen"``).
 Every other query (route ``"seen"``) gets, for the seen classes,
-``P1(seen | x) * softmax(log p1(c|x) + beta * sum_s log p_s(c|x))`` (a product of experts whose
-probabilities use temperatures calibrated on held-out labelled rows; ``beta`` in [0, 1], the weight of the
+``P1(seen | x) * softmax(t * (log p1(c|x) + beta * sum_s log p_s(c|x)))`` (a product of experts whose
+probabilities use temperatures calibrated on held-out labelled rows; the product's own temperature ``t`` is
+fitted on the validation rows too, else 1; ``beta`` in [0, 1], the weight of the
 inductive experts, maximises the log-likelihood of the validation rows when ``fit`` was given some, else
 1; see docs/stages.md) and keeps stage 1's probabilities
 for the unseen classes, so each row is a distribution over all classes and top-5 lists may include unseen
@@ -234,11 +235,16 @@ class Cascade:
         p1 = np.exp(lp1)
         route_unseen = np.argmax(lp1, axis=1) >= S if S < C else np.zeros(n, bool)
 
-        beta = 1.0
+        beta, t_prod = 1.0, 1.0
         if self.combine == "product" and getattr(self, "val_", None) is not None:
             lp1v = log_softmax(a1 * stage.decision_function(self._joint(self.val_)).astype(np.float64))
-            beta = self._fit_expert_weight(lp1v, self._seen_log_proba(self.val_, None), self.val_y_)
-        seen_lp = self._seen_log_proba(feats, lp1, beta)
+            lp2v = self._seen_log_proba(self.val_, None)
+            beta = self._fit_expert_weight(lp1v, lp2v, self.val_y_)
+            # the product of two calibrated experts that share the text prior is over-confident: its own
+            # temperature, fitted on the same held-out rows, keeps the seen block calibrated against the
+            # unseen classes' stage-1 probabilities (it never changes the order inside the seen block)
+            t_prod = fit_temperature(lp1v[:, :S] + beta * lp2v, self.val_y_)
+        seen_lp = self._seen_log_proba(feats, lp1, beta, t_prod)
         scores = p1.copy()
         seen_rows = ~route_unseen
         if seen_rows.any():
@@ -248,7 +254,8 @@ class Cascade:
         scores = self._apply_specialists(scores, query, route)
         scores /= scores.sum(axis=1, keepdims=True)
         top5 = _topk(scores, min(5, C))
-        details = {"transductive_temperature": a1, "expert_weight": beta, "seen_temperatures": list(self.seen_temperatures_),
+        details = {"transductive_temperature": a1, "expert_weight": beta, "product_temperature": t_prod,
+                   "seen_temperatures": list(self.seen_temperatures_),
                    "n_unseen_routed": int(route_unseen.sum())}
         for name in ("prior_", "n_iter_"):
             if hasattr(stage, name):
@@ -270,16 +277,18 @@ class Cascade:
                 best, best_ll = float(beta), ll
         return best
 
-    def _seen_log_proba(self, feats: dict, lp1: np.ndarray | None, beta: float = 1.0) -> np.ndarray:
+    def _seen_log_proba(self, feats: dict, lp1: np.ndarray | None, beta: float = 1.0,
+                        temperature: float = 1.0) -> np.ndarray:
         """Combined log-probabilities over the seen classes (rows normalised): the seen stages' calibrated
-        log-probabilities weighted by ``beta``, plus stage 1's when ``combine="product"``."""
+        log-probabilities weighted by ``beta``, plus stage 1's when ``combine="product"``, the sum scaled by
+        ``temperature``."""
         S = self.n_seen_
         total = 0.0
         for per_backbone, a in zip(self.seen_fitted_, self.seen_temperatures_):
             total = total + log_softmax(a * self._combined_logits(per_backbone, feats, self.weights_))
         if self.combine == "product" and lp1 is not None:
             total = beta * total + lp1[:, :S]
-        return log_softmax(total)
+        return log_softmax(temperature * total)
 
     def _apply_specialists(self, scores: np.ndarray, query: dict, route: list) -> np.ndarray:
         if not self.specialists:

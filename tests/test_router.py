@@ -217,3 +217,48 @@ def test_val_rows_set_the_expert_weight_and_are_saved(tmp_path):
     assert small().fit(support, ys, text, S).predict(query).details["expert_weight"] == 1.0   # no val rows
     back = Cascade.load(m.save(tmp_path / "m").parent)
     assert back.predict(query).details["expert_weight"] == res.details["expert_weight"]
+
+
+def test_product_temperature_is_fitted_on_val_and_keeps_the_seen_order(monkeypatch):
+    """With validation rows the seen block is softmax(t * (log p1 + beta log p2)) with t the maximum-likelihood
+    temperature on those rows: it maximises their log-likelihood, never reorders the seen classes of a query,
+    and only moves seen classes relative to the unseen ones (which keep stage 1's probabilities)."""
+    import cascade.router as router
+    from cascade.stages.base import log_softmax
+
+    support, ys, query, yq, text, S = task(seed=7, n_query=120, spread=0.5)
+    rng = np.random.default_rng(1)
+    vy = np.arange(60) % S
+    val = {}
+    for k in support:   # val rows: more support-like rows of the seen classes
+        centres = np.stack([support[k][ys == c].mean(0) for c in range(S)])
+        val[k] = unit(centres[vy] + 0.5 * rng.standard_normal((60, support[k].shape[1])))
+    m = small().fit(support, ys, text, S, val=(val, vy))
+    res = m.predict(query)
+    t = res.details["product_temperature"]
+    assert np.isfinite(t) and t > 0 and t != 1.0
+
+    real = router.fit_temperature
+    calls = []
+
+    def no_product_temperature(z, y, *a, **kw):     # the 1st call fits stage 1's, the 2nd the product's
+        calls.append(1)
+        return 1.0 if len(calls) == 2 else real(z, y, *a, **kw)
+    monkeypatch.setattr(router, "fit_temperature", no_product_temperature)
+    plain = m.predict(query)
+    assert plain.details["product_temperature"] == 1.0
+    seen = np.array([r == "seen" for r in res.route])
+    assert seen.any()
+    np.testing.assert_array_equal(np.argsort(-res.scores[seen, :S], 1), np.argsort(-plain.scores[seen, :S], 1))
+    np.testing.assert_allclose(res.scores[~seen], plain.scores[~seen])
+    np.testing.assert_allclose(res.scores[seen, :S].sum(1), plain.scores[seen, :S].sum(1))   # same seen mass
+    # t maximises the val log-likelihood of the seen-block combination
+    monkeypatch.setattr(router, "fit_temperature", real)
+    from cascade.router import _clone
+    st = _clone(m.transductive).fit(m._joint(query), text=m._joint(m.text_), support_x=m._joint(m.support_),
+                                    support_y=ys)
+    a1 = real(st.decision_function(m._joint(m.support_)).astype(np.float64), ys)
+    lp1v = log_softmax(a1 * st.decision_function(m._joint(val)).astype(np.float64))
+    z = lp1v[:, :S] + res.details["expert_weight"] * m._seen_log_proba(val, None)
+    ll = [log_softmax(s * z)[np.arange(60), vy].mean() for s in (0.8 * t, t, 1.25 * t)]
+    assert ll[1] >= max(ll[0], ll[2])

@@ -25,9 +25,18 @@ __all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir
            "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
-    """``with atomic_open(p) as f: f.write(...)``: the file appears at ``p`` only if the block succeeds."""
+    """``with atomic_open(p) as f: f.write(...)``: the file appears at ``p`` only if the block succeeds (written
+    to a temporary file in the same folder, synced, then renamed over ``p``), with the permissions a plain
+    ``open`` would give it (0666 minus the umask). The one atomic writer of the project: result files, reports,
+    feature-cache shards, fitted stages and converted weights all go through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,6 +46,7 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

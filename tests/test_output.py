@@ -73,3 +73,28 @@ def test_json_and_table(tmp_path):
     assert (tmp_path / "m.json").read_text().replace(" ", "").replace("\n", "") == '{"x":1.5,"y":[0,1]}'
     t = format_table([{"domain": "Animal", "n": 3, "top1": 66.6667}], ["domain", "n", "top1"])
     assert t.splitlines()[0].split() == ["domain", "n", "top1"] and "66.67" in t
+
+
+def test_every_atomic_writer_gives_plain_open_permissions_and_leaves_nothing_on_failure(tmp_path):
+    """Result files, fitted stages and converted weights share one atomic writer: their files get 0666 minus
+    the umask, like a plain open() (not mkstemp's private 0600), and a failed write leaves no file behind."""
+    import os
+
+    from cascade.models.weights import save_weights
+    from cascade.output import atomic_open
+    from cascade.stages.base import save_npz_json
+
+    old = os.umask(0o022)
+    try:
+        write_result(tmp_path / "result.txt", ["a.jpg"], np.array([[0, 1, 2, 3, 4]]))
+        save_npz_json(tmp_path / "stage.npz", {"w": np.ones(3)}, {"k": 1})
+        save_weights(tmp_path / "weights.npz", {"w": np.ones(3, np.float32)}, {"arch": "test"})
+        for name in ("result.txt", "stage.npz", "weights.npz"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+        with pytest.raises(RuntimeError):
+            with atomic_open(tmp_path / "broken.txt") as f:
+                f.write("half")
+                raise RuntimeError("interrupted")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.txt", "stage.npz", "weights.npz"]

@@ -29,7 +29,6 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -477,22 +476,12 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"destination folder {parent} does not exist", p)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-                z.writestr(META_MEMBER, meta_bytes)
-                for key, arr in arrays.items():
-                    with z.open(key + ".npy", "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, arr, allow_pickle=False)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from cascade.output import atomic_open
+
+    with atomic_open(p, "wb") as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            z.writestr(META_MEMBER, meta_bytes)
+            for key, arr in arrays.items():
+                with z.open(key + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, arr, allow_pickle=False)
     return full_meta

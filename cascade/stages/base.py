@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -201,15 +199,10 @@ def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
         if v.dtype == object:
             raise ValueError(f"{path}: array {k!r} has dtype object, which cannot be saved without pickle")
     payload["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..output import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **payload)
     return path
 
 

@@ -81,9 +81,11 @@ def _new_specialist(cfg):
     from .stages.specialist import SpecialistStage
 
     try:
-        return SpecialistStage(feature_key=cfg.specialist.feature_key, **cfg.specialist.params)
-    except TypeError as exc:
+        stage = SpecialistStage(feature_key=cfg.specialist.feature_key, **cfg.specialist.params)
+        stage._validate()  # bad values fail here, before any long work
+    except (TypeError, ValueError) as exc:
         raise PipelineError(f"specialist.params: {exc}") from None
+    return stage
 
 
 def _specialist_preprocess(stage):

@@ -184,6 +184,12 @@ def test_failure_leaves_previous_outputs_untouched(workspace, tested):
     assert r.stderr.strip().splitlines()[-1].startswith("cascade test: error: ") and "none.npz" in r.stderr
     assert (root / "out/result.txt").read_bytes() == before
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".")]     # no temporary files left
+    # a bad specialist setting fails at once, naming the setting, and leaves the trained model as it was
+    model = (root / "out/model/cascade.npz").read_bytes()
+    r = _run([sys.executable, "-m", "cascade", "train", "--quiet", "--set", "specialist.params.finetune=everything"],
+             root)
+    assert r.returncode == 2 and "specialist.params" in r.stderr and "everything" in r.stderr, r.stderr
+    assert (root / "out/model/cascade.npz").read_bytes() == model
 
 
 def test_wrappers_explain_themselves():

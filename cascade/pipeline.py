@@ -191,10 +191,10 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
 
 
 def _finetuned_encoder(stage, preprocess):
-    """An encoder over a specialist's fine-tuned backbone held in memory (``backbone_state_``); its identity is
-    the one its saved weights file will report, so train and test share cached features."""
+    """An encoder over a specialist's fine-tuned backbone held in memory (``backbone_state_``); its identity
+    (the weights' hash, computed once by the stage) is the one its saved weights file will report, so train
+    and test share cached features."""
     from .features import ModelEncoder
-    from .models.weights import state_sha256
 
     state = stage.backbone_state_
 
@@ -203,7 +203,7 @@ def _finetuned_encoder(stage, preprocess):
 
         return model_from_state(state)
 
-    return ModelEncoder(stage.query_key, loader, f"sha256:{state_sha256(state)}", preprocess)
+    return ModelEncoder(stage.query_key, loader, f"sha256:{stage.backbone_sha256_}", preprocess)
 
 
 def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what, model_dir=None):

@@ -695,7 +695,8 @@ class SpecialistStage:
         self.encoder_ = backbone
         from cascade.models.weights import state_sha256
 
-        self.feature_key_ = f"{self.feature_key}@ft-{state_sha256({k: v.numpy() for k, v in backbone.state_dict().items()})[:12]}"
+        self.backbone_sha256_ = state_sha256({k: v.numpy() for k, v in backbone.state_dict().items()})
+        self.feature_key_ = f"{self.feature_key}@ft-{self.backbone_sha256_[:12]}"
         return self
 
     def _ft_kwargs(self, progress):

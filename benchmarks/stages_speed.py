@@ -32,18 +32,20 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_task(n_query, n_classes, shots, dim, n_backbones, seed=0):
+def make_task(n_query, n_classes, shots, dim, n_backbones, seed=0, val_per_class=0):
     rng = np.random.default_rng(seed)
     yq = rng.integers(0, n_classes, n_query)
     ys = np.repeat(np.arange(n_classes), shots)
-    support, query, text = {}, {}, {}
+    yv = np.repeat(np.arange(n_classes), val_per_class)
+    support, query, text, val = {}, {}, {}, {}
     for b in range(n_backbones):
         centres = _unit(rng.standard_normal((n_classes, dim)))
         noise = 1.0 / np.sqrt(dim)
         text[f"bb{b}"] = _unit(centres + 1.2 * noise * rng.standard_normal((n_classes, dim)) * np.sqrt(dim) / 3)
         support[f"bb{b}"] = _unit(centres[ys] + 1.5 * rng.standard_normal((ys.size, dim)) / np.sqrt(dim))
         query[f"bb{b}"] = _unit(centres[yq] + 1.5 * rng.standard_normal((n_query, dim)) / np.sqrt(dim))
-    return support, ys, query, yq, text
+        val[f"bb{b}"] = _unit(centres[yv] + 1.5 * rng.standard_normal((yv.size, dim)) / np.sqrt(dim))
+    return support, ys, query, yq, text, (val, yv)
 
 
 def blas_info() -> str:
@@ -78,12 +80,15 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--backbones", type=int, default=2)
+    p.add_argument("--val-per-class", type=int, default=10,
+                   help="labelled validation rows per class (train.sh's default split keeps 10)")
     p.add_argument("--full-inmap", action="store_true", help="also time InMaP with all 2000 steps")
     a = p.parse_args(argv)
-    support, ys, query, yq, text = make_task(a.queries, a.classes, a.shots, a.dim, a.backbones)
+    support, ys, query, yq, text, val = make_task(a.queries, a.classes, a.shots, a.dim, a.backbones,
+                                                  val_per_class=a.val_per_class)
     k0 = next(iter(support))
     print(f"{a.queries} queries x {a.classes} classes x {a.backbones} backbones (D={a.dim}), "
-          f"{ys.size} support rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+          f"{ys.size} support rows, {val[1].size} validation rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     print(f"  BLAS: {blas_info()}")
     print("  (wall seconds; cpu = this process's CPU seconds over all threads: on an otherwise idle machine "
           "wall is about cpu / threads)")
@@ -101,8 +106,9 @@ def main(argv=None):
         timed("InMaP authors' 2000 steps fit+score (one backbone)",
               lambda: InMaP().fit(query[k0], text=text[k0]).decision_function(query[k0]), rows)
     casc = Cascade()
-    timed("Cascade.fit (LP++ x backbones)", lambda: casc.fit(support, ys, text, a.classes), rows)
-    res = timed("Cascade.predict (InMaP joint + routing)", lambda: casc.predict(query), rows)
+    timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
+          lambda: casc.fit(support, ys, text, a.classes, val=val if val[1].size else None), rows)
+    res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)", lambda: casc.predict(query), rows)
     total, cpu = rows[-1][1] + rows[-2][1], rows[-1][2] + rows[-2][2]
     print(f"  {'TOTAL default cascade (fit + predict, all stages)':<52}{total:8.2f} s  (cpu {cpu:6.2f} s)")
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "

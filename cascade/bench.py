@@ -82,7 +82,8 @@ def evaluate_task(task: dict, methods=ROWS) -> dict[str, np.ndarray]:
             out[name] = z
         elif name in ("seed-cascade", "cascade"):
             if name == "seed-cascade":
-                model = Cascade(InMaP(), [LinearProbePP()], combine="replace", calibrate=False)
+                model = Cascade(InMaP(), [LinearProbePP()], refine=None, prior="stage", routing="stage1",
+                                combine="replace", calibrate=False)
             else:
                 model = Cascade()
             v = ({BACKBONE: val[0]}, val[1]) if val is not None else None

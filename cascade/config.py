@@ -78,6 +78,7 @@ class StagesConfig:
     zeroshot: dict[str, Any] = field(default_factory=dict)
     inmap: dict[str, Any] = field(default_factory=dict)
     lpp: dict[str, Any] = field(default_factory=dict)
+    gda: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -119,7 +119,7 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
     return feats, failures
 
 
-STAGE_NAMES = {"zeroshot": "zero-shot", "inmap": "inmap", "lpp": "lpp"}  # config table -> cascade.stages.STAGES
+STAGE_NAMES = {"zeroshot": "zero-shot", "inmap": "inmap", "lpp": "lpp", "gda": "gda"}  # config table -> STAGES
 
 
 def _build_stage(cfg, name: str, where: str):
@@ -144,10 +144,12 @@ def _make_cascade(cfg):
     seen = kwargs.pop("seen", ["lpp"])
     if isinstance(seen, str):
         seen = [seen]
+    refine = kwargs.pop("refine", "gda")
     transductive = _build_stage(cfg, trans, "stages.cascade.transductive")
     seen_stages = [_build_stage(cfg, n, "stages.cascade.seen") for n in seen]
+    refine = _build_stage(cfg, refine, "stages.cascade.refine") if refine else None
     try:
-        return Cascade(transductive=transductive, seen_stages=seen_stages, **kwargs)
+        return Cascade(transductive=transductive, seen_stages=seen_stages, refine=refine, **kwargs)
     except TypeError as exc:
         raise PipelineError(f"stages.cascade: {exc}") from None
 

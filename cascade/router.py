@@ -1,26 +1,30 @@
 """The cascade: which stage sees which query, and how their scores combine.
 
-``Cascade`` chains
-1. a transductive stage over ALL classes (default: InMaP with an estimated class marginal) fitted on the
-   query set itself at ``predict`` time;
-2. inductive stages over the SEEN classes (default: LP++), fitted on the support rows per backbone at
-   ``fit`` time, their logits combined across backbones with ``backbone_weights``;
-3. optional specialists that re-rank the queries routed to their domain.
+``Cascade`` chains, for a query set (all backbones' features of the same images):
 
-Routing: a query whose best class under stage 1 is unseen keeps stage 1's ranking (route ``"unseen"``).
-Every other query (route ``"seen"``) gets, for the seen classes,
-``P1(seen | x) * softmax(t * (log p1(c|x) + beta * sum_s log p_s(c|x)))`` (a product of experts whose
-probabilities use temperatures calibrated on held-out labelled rows; the product's own temperature ``t`` is
-fitted on the validation rows too, else 1; ``beta`` in [0, 1], the weight of the
-inductive experts, maximises the log-likelihood of the validation rows when ``fit`` was given some, else
-1; see docs/stages.md) and keeps stage 1's probabilities
-for the unseen classes, so each row is a distribution over all classes and top-5 lists may include unseen
-classes. With ``combine="replace"`` the seen block is stage-2 alone (the seeds' cascade).
+1. **inductive experts**, fitted on the support rows at ``fit`` time: zero-shot CLIP over ALL classes
+   (temperature fitted on the support rows) and the seen stages (default LP++) over the SEEN classes, per
+   backbone, their logits summed with ``backbone_weights`` (temperature fitted on the validation rows);
+2. **the class marginal of the query set** (``prior="estimate"``): the inductive experts' pooled posterior is
+   refined transductively (step 4's refinement), its mean is the estimate, kept only when it beats the uniform
+   marginal by the BIC margin (``marginal_test``); it becomes the Sinkhorn marginal of the transductive stage;
+3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
+4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
+   ``softmax(w1 log p1 + w2 log p_seen)`` of the transductive stage and the seen stages (weights fitted on the
+   validation rows), scaled to stage 1's seen mass; the unseen classes keep stage 1's probabilities. The
+   ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance Gaussian classifier) is then
+   fitted on the queries with that distribution as soft labels plus the labelled support rows, and its
+   posterior (temperature fitted on the validation rows) is the final score over all classes;
+5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
+   leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
+   domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's
+   probabilities, the others keep stage 1's mass on the unseen classes.
 
-Several CLIP backbones: the transductive stage runs once on the concatenation of the backbones' features
-scaled by ``sqrt(w_b)`` (text likewise), so its logits are the weighted sum of per-backbone cosine
-similarities and the rows stay unit-norm; each inductive stage is fitted per backbone and its logits summed
-with the same weights.
+``combine="replace"`` (the seeds' cascade) gives the seen block to the seen stages alone. Several CLIP backbones:
+the transductive stage and the refinement run once on the concatenation of the backbones' features scaled by
+``sqrt(w_b)`` (text likewise), so cosine logits become the weighted sum of per-backbone cosines and rows stay
+unit-norm. Every weight and temperature is fitted on labelled rows the expert did not train on; query labels
+are never used. See docs/stages.md.
 """
 from __future__ import annotations
 
@@ -31,12 +35,21 @@ from pathlib import Path
 import numpy as np
 
 from .stages.base import (Stage, check_features, check_labels, load_npz_json, log_softmax,
-                          save_npz_json, softmax)
-from .stages.inmap import InMaP, fit_temperature
+                          save_npz_json)
+from .stages.calibration import fit_pool_weights, fit_temperature, marginal_test
+from .stages.gda import GDA
+from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
 
 ROUTE_UNSEEN = "unseen"
 ROUTE_SEEN = "seen"
+FORMAT = "cascade.router/2"
+ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
+# The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
+# the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed"; measured with
+# benchmarks/generalisation.py)
+DEFAULT_INMAP_STEPS = 50
+DEFAULT_LPP_EPOCHS = 100
 
 
 @dataclass
@@ -45,7 +58,7 @@ class CascadeResult:
     scores: np.ndarray                 # [N, C] probabilities (rows sum to 1)
     top5: np.ndarray                   # [N, k] class indices, best first (k = min(5, C)), distinct
     route: list                        # per query: "unseen", "seen" or "specialist:<name>"
-    details: dict = field(default_factory=dict)   # diagnostics (prior, temperatures, steps)
+    details: dict = field(default_factory=dict)   # diagnostics (prior, weights, temperatures, steps)
 
 
 def _clone(stage: Stage) -> Stage:
@@ -65,22 +78,29 @@ class Cascade:
     ----------
     transductive : Stage
         Stage over all classes fitted on the queries; ``fit(X, text=..., support_x=..., support_y=...)``.
-        Default ``InMaP(prior="auto", n_iter=200, tol=1e-5)``: at most 200 proxy steps (on the real
-        tasks the arg-max has settled by then while the authors' 2000 steps cost 10x more; see
-        docs/stages.md, "Speed").
+        Default ``InMaP(n_iter=50)``: 50 proxy steps instead of the authors' 2000 (with the refinement after
+        it, more steps change nothing measurable and cost 40x more; see docs/stages.md, "Speed").
     seen_stages : sequence of Stage
         Inductive stages over the seen classes; ``fit(X, y, text=..., val=...)``. Default
-        ``[LinearProbePP(select="last")]``.
+        ``[LinearProbePP(epochs=100, select="last")]`` (the authors run 300 epochs; see "Speed").
+    refine : Stage or None
+        Transductive refinement over all classes, ``fit(X, soft_labels, n_classes=C)`` (default
+        ``GDA(shrinkage=0.5)``); None: the pooled distribution is the final score.
+    prior : "estimate" | "stage"
+        "estimate": the router estimates the query set's class marginal (step 2) and sets it as the
+        transductive stage's ``prior`` (when it has one); "stage": the stage's own setting is used.
+    routing : "joint" | "stage1"
+        Which distribution decides that a query belongs to an unseen class (see the module docstring).
     backbone_weights : dict or None
         Weight per CLIP backbone (normalised to sum 1); None = equal weights over the backbones present
         in both ``support`` and ``text``.
-    combine : "product" | "replace"
-        How seen-routed queries are scored (see the module docstring).
+    combine : "pool" | "replace"
+        How the seen block is scored: the pool of stage 1 and the seen stages, or the seen stages alone.
     calibrate : bool
-        Fit each expert's temperature by maximum likelihood on held-out labelled rows: the validation rows
-        when given to ``fit`` (for the inductive stages), the support rows for the transductive stage (it
-        never sees their labels). Without validation rows the inductive stages keep temperature 1. With
-        validation rows, ``predict`` also chooses the inductive experts' weight ``beta`` on them.
+        Fit temperatures and pooling weights on held-out labelled rows (zero-shot and stage 1 on the support
+        rows, whose labels they never see; the seen stages, the pools and the refinement on the validation
+        rows). Without validation rows the pools get unit weights and the refinement's temperature is fitted
+        to its own soft labels. False: CLIP's fixed scale, unit weights, temperature 1 for everything.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -88,27 +108,40 @@ class Cascade:
         specialist only (so an expensive backbone runs on those images alone).
     """
 
-    def __init__(self, transductive: Stage | None = None, seen_stages=None, backbone_weights=None,
-                 combine: str = "product", calibrate: bool = True, specialists=()):
+    def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
+                 prior: str = "estimate", routing: str = "joint", backbone_weights=None,
+                 combine: str = "pool", calibrate: bool = True, specialists=()):
         if transductive is None:
-            transductive = InMaP(prior="auto", n_iter=200, tol=1e-5)
+            transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
-        self.seen_stages = list(seen_stages) if seen_stages is not None else [LinearProbePP(select="last")]
+        self.seen_stages = (list(seen_stages) if seen_stages is not None
+                            else [LinearProbePP(epochs=DEFAULT_LPP_EPOCHS, select="last")])
+        self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
+        self.prior = prior
+        self.routing = routing
         self.backbone_weights = backbone_weights
         self.combine = combine
         self.calibrate = calibrate
         self.specialists = list(specialists)
 
+    def _check_params(self):
+        for name, value, allowed in (("combine", self.combine, ("pool", "replace")),
+                                     ("prior", self.prior, ("estimate", "stage")),
+                                     ("routing", self.routing, ("joint", "stage1"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.refine is not None and not isinstance(self.refine, Stage):
+            raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
+
     # ------------------------------------------------------------------------------------------------
     def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
-        """Fit the inductive stages on the support rows.
+        """Fit the inductive experts on the support rows.
 
         support: {backbone: [Ns, D_b]}; support_y: [Ns] labels in 0..n_seen-1; text: {backbone: [C, D_b]}
         (seen classes first); val: optional ``({backbone: [Nv, D_b]}, labels)`` for model selection and
         calibration only.
         """
-        if self.combine not in ("product", "replace"):
-            raise ValueError(f"combine must be 'product' or 'replace', got {self.combine!r}")
+        self._check_params()
         support = _as_dict("support", support)
         text = _as_dict("text", text)
         keys = [k for k in text if k in support]
@@ -131,7 +164,6 @@ class Cascade:
             raise ValueError(f"n_seen must be an integer in 1..{n_classes}, got {n_seen!r}")
         n_seen = int(n_seen)
         y = check_labels(support_y, next(iter(n_rows.values())), n_seen, "support_y", require_all=True)
-        weights = self._weights(keys)
         val_sets = None
         if val is not None:
             vfeat, vy = val
@@ -143,6 +175,13 @@ class Cascade:
                 val_sets[k] = check_features(vfeat[k], f"val[{k!r}]", dim=texts[k].shape[1])
             vy = check_labels(vy, next(iter(val_sets.values())).shape[0], n_seen, "val_y", require_all=False)
 
+        self.backbones_ = keys
+        self.weights_ = self._weights(keys)
+        self.n_classes_ = int(n_classes)
+        self.n_seen_ = n_seen
+        self.text_ = texts
+        self.support_ = sups
+        self.support_y_ = y
         fitted = []
         for proto in self.seen_stages:
             per_backbone = {}
@@ -153,24 +192,33 @@ class Cascade:
                     kw["val"] = (val_sets[k], vy)
                 per_backbone[k] = st.fit(sups[k], y, text=texts[k][:n_seen], **kw)
             fitted.append(per_backbone)
-        temps = [1.0] * len(fitted)
-        if self.calibrate and val_sets is not None:
-            for i, per_backbone in enumerate(fitted):
-                z = self._combined_logits(per_backbone, val_sets, weights)
-                temps[i] = fit_temperature(z, vy)
-        self.backbones_ = keys
-        self.weights_ = weights
-        self.n_classes_ = int(n_classes)
-        self.n_seen_ = n_seen
-        self.text_ = texts
-        self.support_ = sups
-        self.support_y_ = y
-        # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
-        self.val_ = val_sets if (self.calibrate and val_sets is not None) else None
-        self.val_y_ = vy if self.val_ is not None else None
         self.seen_fitted_ = fitted
+        use_val = self.calibrate and val_sets is not None
+        temps = [1.0] * len(fitted)
+        if use_val:
+            for i, per_backbone in enumerate(fitted):
+                temps[i] = fit_temperature(self._combined_logits(per_backbone, val_sets, self.weights_), vy)
         self.seen_temperatures_ = temps
+        # zero-shot CLIP over all classes, its temperature fitted on the support rows (it never saw them)
+        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(sups), y) if self.calibrate
+                                       else ZERO_SHOT_SCALE)
+        # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
+        self.val_ = val_sets if use_val else None
+        self.val_y_ = vy if use_val else None
+        # the pool of zero-shot and the seen stages (the inductive posterior behind the prior estimate)
+        self.inductive_pool_ = None
+        if use_val and self.combine == "pool" and fitted:
+            lp0v, lp_seen_v = self._val_experts()
+            self.inductive_pool_ = fit_pool_weights([lp0v[:, :n_seen], lp_seen_v], vy).tolist()
         return self
+
+    def _val_experts(self):
+        """Zero-shot's and the seen stages' log-probabilities of the validation rows (computed once)."""
+        cache = getattr(self, "_val_cache", None)
+        if cache is None or cache[0] is not self.val_:
+            cache = (self.val_, self._zero_shot_log_proba(self.val_), self._seen_log_proba(self.val_))
+            self._val_cache = cache
+        return cache[1], cache[2]
 
     def _weights(self, keys) -> dict:
         if self.backbone_weights is None:
@@ -186,14 +234,68 @@ class Cascade:
     def _combined_logits(per_backbone: dict, feats: dict, weights: dict) -> np.ndarray:
         z = None
         for k, st in per_backbone.items():
+            if weights[k] == 0:
+                continue
             part = weights[k] * st.decision_function(feats[k]).astype(np.float64)
             z = part if z is None else z + part
         return z
 
     def _joint(self, feats: dict) -> np.ndarray:
-        """Concatenate backbones scaled by sqrt(weight): dot products become weighted sums."""
-        parts = [np.sqrt(self.weights_[k], dtype=np.float32) * feats[k] for k in self.backbones_]
+        """Concatenate backbones scaled by sqrt(weight): dot products become weighted sums (a backbone of weight
+        0 is left out)."""
+        parts = [np.sqrt(self.weights_[k], dtype=np.float32) * feats[k] for k in self.backbones_
+                 if self.weights_[k] > 0]
         return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+    def _zero_shot_logits(self, feats: dict) -> np.ndarray:
+        return self._joint(feats).astype(np.float64) @ self._joint(self.text_).T.astype(np.float64)
+
+    def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
+        return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
+
+    def _seen_log_proba(self, feats: dict):
+        """The seen stages' calibrated log-probabilities over the seen classes, summed over stages (rows
+        normalised); None without seen stages."""
+        total = None
+        for per_backbone, a in zip(self.seen_fitted_, self.seen_temperatures_):
+            lp = log_softmax(a * self._combined_logits(per_backbone, feats, self.weights_))
+            total = lp if total is None else total + lp
+        return None if total is None else log_softmax(total)
+
+    def _pool(self, lp_first: np.ndarray, lp_seen, others=(), weights=None) -> np.ndarray:
+        """Distribution over all classes: ``lp_first``'s (an expert over all classes), with its seen block
+        replaced, at the same total mass, by the log-linear pool ``softmax(w_0 lp_first + w_1 lp_seen +
+        sum_j w_j others_j)`` over the seen classes (``combine="pool"``; ``others``: more experts' log-probabilities
+        over the seen classes) or by ``softmax(lp_seen)`` (``combine="replace"``)."""
+        S = self.n_seen_
+        out = np.exp(lp_first)
+        if lp_seen is None:
+            return out
+        if self.combine == "pool":
+            experts = [lp_first[:, :S], lp_seen, *others]
+            w = np.ones(len(experts)) if weights is None else weights
+            block = sum(wj * lp for wj, lp in zip(w, experts))
+        else:
+            block = lp_seen
+        out[:, :S] = out[:, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
+        return out
+
+    def _refined(self, xq: np.ndarray, soft: np.ndarray, val_joint):
+        """Fit the refinement stage on the queries (soft labels ``soft``) and the labelled support rows; its
+        posterior over the queries and its temperature."""
+        C = self.n_classes_
+        sj = self._joint(self.support_)
+        onehot = np.zeros((len(self.support_y_), C))
+        onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
+        g = _clone(self.refine).fit(np.concatenate([xq, sj]), np.concatenate([soft, onehot]), n_classes=C)
+        z = g.decision_function(xq)
+        if not self.calibrate:
+            t = 1.0
+        elif val_joint is not None:
+            t = fit_temperature(g.decision_function(val_joint), self.val_y_)
+        else:
+            t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
+        return np.exp(log_softmax(t * z)), t
 
     def _check_fitted(self):
         if not hasattr(self, "seen_fitted_"):
@@ -213,83 +315,68 @@ class Cascade:
 
     # ------------------------------------------------------------------------------------------------
     def predict(self, query: dict) -> CascadeResult:
-        """Score the queries (transductively: the query set is used, without labels, to fit stage 1)."""
+        """Score the queries (transductively: the query set is used, without labels, by stage 1, the prior
+        estimate and the refinement)."""
         self._check_fitted()
+        self._check_params()
         feats = self._check_query(query)
         n = next(iter(feats.values())).shape[0]
         C, S = self.n_classes_, self.n_seen_
         xq = self._joint(feats)
         tj = self._joint(self.text_)
         sj = self._joint(self.support_)
-        stage = _clone(self.transductive)
-        kw = {}
-        if "support_x" in _fit_kwargs(stage):
-            kw = {"support_x": sj, "support_y": self.support_y_}
-        stage.fit(xq, text=tj, **kw)
-        z1 = stage.decision_function(xq).astype(np.float64)
-        a1 = 1.0
-        if self.calibrate:
-            z1s = stage.decision_function(sj).astype(np.float64)
-            a1 = fit_temperature(z1s, self.support_y_)
-        lp1 = log_softmax(a1 * z1)
-        p1 = np.exp(lp1)
-        route_unseen = np.argmax(lp1, axis=1) >= S if S < C else np.zeros(n, bool)
+        val = getattr(self, "val_", None)
+        val_joint = self._joint(val) if val is not None else None
+        lp_seen = self._seen_log_proba(feats)
+        lp0 = self._zero_shot_log_proba(feats)
+        details = {}
 
-        beta, t_prod = 1.0, 1.0
-        if self.combine == "product" and getattr(self, "val_", None) is not None:
-            lp1v = log_softmax(a1 * stage.decision_function(self._joint(self.val_)).astype(np.float64))
-            lp2v = self._seen_log_proba(self.val_, None)
-            beta = self._fit_expert_weight(lp1v, lp2v, self.val_y_)
-            # the product of two calibrated experts that share the text prior is over-confident: its own
-            # temperature, fitted on the same held-out rows, keeps the seen block calibrated against the
-            # unseen classes' stage-1 probabilities (it never changes the order inside the seen block)
-            t_prod = fit_temperature(lp1v[:, :S] + beta * lp2v, self.val_y_)
-        seen_lp = self._seen_log_proba(feats, lp1, beta, t_prod)
-        scores = p1.copy()
-        seen_rows = ~route_unseen
-        if seen_rows.any():
-            mass = p1[seen_rows, :S].sum(axis=1, keepdims=True)
-            scores[seen_rows, :S] = mass * np.exp(seen_lp[seen_rows])
-        route = [ROUTE_UNSEEN if u else ROUTE_SEEN for u in route_unseen]
+        stage = _clone(self.transductive)
+        if self.prior == "estimate" and "prior" in stage.get_params():
+            inductive = self._pool(lp0, lp_seen, weights=self.inductive_pool_)
+            if self.refine is not None:
+                inductive, _ = self._refined(xq, inductive, val_joint)
+            q, gain, kept = marginal_test(inductive)
+            stage.set_params(prior=q)
+            details.update(prior=q, prior_gain=gain, prior_estimated=kept)
+        kw = {"support_x": sj, "support_y": self.support_y_} if "support_x" in _fit_kwargs(stage) else {}
+        stage.fit(xq, text=tj, **kw)
+        a1 = (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)
+              if self.calibrate else 1.0)
+        lp1 = log_softmax(a1 * stage.decision_function(xq).astype(np.float64))
+
+        # the final pool: stage 1, the seen stages and zero-shot CLIP (the text prior, from which stage 1 drifts)
+        weights = None
+        if self.combine == "pool" and val is not None and lp_seen is not None:
+            lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
+            lp0v, lp_seen_v = self._val_experts()
+            weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
+        scores = self._pool(lp1, lp_seen, [lp0[:, :S]], weights)
+        t_ref = None
+        if self.refine is not None:
+            scores, t_ref = self._refined(xq, scores, val_joint)
+
+        if S == C:
+            unseen = np.zeros(n, bool)
+        elif self.routing == "joint":
+            unseen = scores.argmax(axis=1) >= S
+        else:   # the seeds' rule: stage 1 decides, and keeps its probabilities outside the seen block
+            p1 = np.exp(lp1)
+            unseen = p1.argmax(axis=1) >= S
+            seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
+            block = scores[:, :S] / scores[:, :S].sum(axis=1, keepdims=True)
+            scores = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
+            scores[unseen] = p1[unseen]
+        route = [ROUTE_UNSEEN if u else ROUTE_SEEN for u in unseen]
         scores = self._apply_specialists(scores, query, route)
         scores /= scores.sum(axis=1, keepdims=True)
         top5 = _topk(scores, min(5, C))
-        details = {"transductive_temperature": a1, "expert_weight": beta, "product_temperature": t_prod,
-                   "seen_temperatures": list(self.seen_temperatures_),
-                   "n_unseen_routed": int(route_unseen.sum())}
-        for name in ("prior_", "n_iter_"):
-            if hasattr(stage, name):
-                details[name.rstrip("_")] = getattr(stage, name)
+        details.update(transductive_temperature=a1, pool_weights=None if weights is None else list(weights),
+                       refine_temperature=t_ref, seen_temperatures=list(self.seen_temperatures_),
+                       n_unseen_routed=int(unseen.sum()))
+        if hasattr(stage, "n_iter_"):
+            details["n_iter"] = stage.n_iter_
         return CascadeResult(scores=scores, top5=top5, route=route, details=details)
-
-    @staticmethod
-    def _fit_expert_weight(lp1: np.ndarray, lp2: np.ndarray, y: np.ndarray, grid: int = 21) -> float:
-        """Weight ``beta`` in [0, 1] of the inductive expert maximising the mean log-likelihood of the
-        labelled held-out rows ``y`` under ``softmax(lp1[:, :S] + beta * lp2)`` (grid search; ties go to
-        the larger weight). ``lp1``: the transductive stage's log-probabilities of those rows (it never
-        saw their labels); ``lp2``: the seen stages' combined log-probabilities."""
-        S = lp2.shape[1]
-        rows = np.arange(len(y))
-        best, best_ll = 1.0, -np.inf
-        for beta in np.linspace(1.0, 0.0, grid):
-            ll = log_softmax(lp1[:, :S] + beta * lp2)[rows, y].mean()
-            if ll > best_ll + 1e-12:
-                best, best_ll = float(beta), ll
-        return best
-
-    def _seen_log_proba(self, feats: dict, lp1: np.ndarray | None, beta: float = 1.0,
-                        temperature: float = 1.0) -> np.ndarray:
-        """Combined log-probabilities over the seen classes (rows normalised): the seen stages' calibrated
-        log-probabilities weighted by ``beta``, plus stage 1's when ``combine="product"``, the sum scaled by
-        ``temperature``."""
-        S = self.n_seen_
-        total = 0.0
-        for per_backbone, a in zip(self.seen_fitted_, self.seen_temperatures_):
-            total = total + log_softmax(a * self._combined_logits(per_backbone, feats, self.weights_))
-        if self.combine == "product" and lp1 is not None:
-            total = beta * total + lp1[:, :S]
-        return log_softmax(temperature * total)
-
     def _apply_specialists(self, scores: np.ndarray, query: dict, route: list) -> np.ndarray:
         if not self.specialists:
             return scores
@@ -327,14 +414,13 @@ class Cascade:
 
     # ------------------------------------------------------------------------------------------------
     def support_oof_proba(self, n_folds: int = 4, random_state: int = 0) -> np.ndarray:
-        """Out-of-fold probabilities [Ns, C] of the support rows from the inductive (seen) stages.
+        """Out-of-fold probabilities [Ns, C] of the support rows from the inductive experts.
 
         Rows are split into ``n_folds`` folds per class (round-robin after a seeded shuffle); each fold is
         scored by the seen stages refitted on the other folds (their calibrated temperatures are reused),
-        blended with zero-shot over all classes as stage 1 would be without queries. Rows of a class
-        with a single support row cannot be held out and are scored by the full model. The inductive experts
-        get weight 1 here (``beta`` is chosen at ``predict`` time, with the queries). Use these to choose
-        a specialist's blending weight without touching query labels.
+        pooled with zero-shot over all classes as the inductive posterior behind the prior estimate (no
+        queries are involved). Rows of a class with a single support row cannot be held out and are scored by
+        the full model. Use these to choose a specialist's blending weight without touching query labels.
         """
         self._check_fitted()
         y = self.support_y_
@@ -344,27 +430,19 @@ class Cascade:
             idx = rng.permutation(np.flatnonzero(y == c))
             if idx.size >= 2:
                 fold[idx] = np.arange(idx.size) % min(n_folds, idx.size)
-        C, S = self.n_classes_, self.n_seen_
-        tj = self._joint(self.text_)
-        sj = self._joint(self.support_)
-        zs = sj.astype(np.float64) @ tj.T.astype(np.float64)
-        a0 = fit_temperature(zs, y) if self.calibrate else 100.0
-        lp0 = log_softmax(a0 * zs)
-        out = np.empty((y.shape[0], C))
+        lp0 = self._zero_shot_log_proba(self.support_)
+        out = np.empty((y.shape[0], self.n_classes_))
         for f in range(-1, max(n_folds, 1)):
-            test = np.flatnonzero(fold == f) if f >= 0 else np.flatnonzero(fold == -1)
+            test = np.flatnonzero(fold == f)
             if test.size == 0:
                 continue
             train = np.flatnonzero(fold != f) if f >= 0 else np.arange(y.shape[0])
-            sub = Cascade(self.transductive, self.seen_stages, self.backbone_weights, self.combine,
-                          calibrate=False)
-            sub.fit({k: v[train] for k, v in self.support_.items()}, y[train], self.text_, S)
+            sub = Cascade(self.transductive, self.seen_stages, refine=None, backbone_weights=self.backbone_weights,
+                          combine=self.combine, calibrate=False)
+            sub.fit({k: v[train] for k, v in self.support_.items()}, y[train], self.text_, self.n_seen_)
             sub.seen_temperatures_ = list(self.seen_temperatures_)
             feats = {k: v[test] for k, v in self.support_.items()}
-            lp = lp0[test]
-            seen_lp = sub._seen_log_proba(feats, lp)
-            p = np.exp(lp)
-            p[:, :S] = p[:, :S].sum(axis=1, keepdims=True) * np.exp(seen_lp)
+            p = self._pool(lp0[test], sub._seen_log_proba(feats), weights=self.inductive_pool_)
             out[test] = p / p.sum(axis=1, keepdims=True)
         return out
 
@@ -391,15 +469,15 @@ class Cascade:
                 metas.append(m)
             stages_meta.append(metas)
         meta = {
-            "format": "cascade.router/1",
+            "format": FORMAT,
             "backbones": self.backbones_, "weights": self.weights_, "n_classes": self.n_classes_,
             "n_seen": self.n_seen_, "seen_temperatures": self.seen_temperatures_,
-            "combine": self.combine, "calibrate": self.calibrate,
+            "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
+            "combine": self.combine, "calibrate": self.calibrate, "prior": self.prior, "routing": self.routing,
             "backbone_weights": self.backbone_weights,
-            "transductive": {"class": type(self.transductive).__name__,
-                             "params": _jsonable(self.transductive.get_params())},
-            "seen_prototypes": [{"class": type(s).__name__, "params": _jsonable(s.get_params())}
-                                for s in self.seen_stages],
+            "transductive": _proto(self.transductive),
+            "refine": _proto(self.refine) if self.refine is not None else None,
+            "seen_prototypes": [_proto(s) for s in self.seen_stages],
             "seen_fitted": stages_meta,
         }
         return save_npz_json(directory / "cascade.npz", arrays, meta)
@@ -409,18 +487,24 @@ class Cascade:
         """Read a cascade written by :meth:`save` (specialists are not saved; pass them again)."""
         path = Path(directory) / "cascade.npz"
         arrays, meta = load_npz_json(path)
-        if meta.get("format") != "cascade.router/1":
-            raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
-        trans = Stage.from_state({}, {"class": meta["transductive"]["class"],
-                                      "params": meta["transductive"]["params"], "state": {}})
-        protos = [Stage.from_state({}, {"class": m["class"], "params": m["params"], "state": {}})
-                  for m in meta["seen_prototypes"]]
-        obj = cls(trans, protos, meta["backbone_weights"], meta["combine"], meta["calibrate"], specialists)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r} (a model written by "
+                             f"another version of cascade); run train again")
+
+        def build(m):
+            return Stage.from_state({}, {"class": m["class"], "params": m["params"], "state": {}})
+
+        obj = cls(build(meta["transductive"]), [build(m) for m in meta["seen_prototypes"]],
+                  refine=build(meta["refine"]) if meta["refine"] is not None else None, prior=meta["prior"],
+                  routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],
+                  calibrate=meta["calibrate"], specialists=specialists)
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]
         obj.n_classes_, obj.n_seen_ = meta["n_classes"], meta["n_seen"]
         obj.seen_temperatures_ = meta["seen_temperatures"]
+        obj.zero_shot_temperature_ = meta["zero_shot_temperature"]
+        obj.inductive_pool_ = meta["inductive_pool"]
         obj.text_ = {k: arrays[f"text/{i}"] for i, k in enumerate(keys)}
         obj.support_ = {k: arrays[f"support/{i}"] for i, k in enumerate(keys)}
         obj.support_y_ = arrays["support_y"]
@@ -439,6 +523,10 @@ class Cascade:
             fitted.append(per_backbone)
         obj.seen_fitted_ = fitted
         return obj
+
+
+def _proto(stage: Stage) -> dict:
+    return {"class": type(stage).__name__, "params": _jsonable(stage.get_params())}
 
 
 def _jsonable(params: dict) -> dict:

@@ -42,14 +42,15 @@ def test_predict_shapes_valid_top5_and_routes():
     assert np.mean(res.top5[:, 0] == yq) > 0.8
 
 
-def test_unseen_routing_rule_keeps_transductive_ranking():
+def test_stage1_routing_keeps_transductive_ranking():
+    """routing="stage1" (the seeds' rule): queries whose stage-1 arg-max is unseen are exactly the unseen-routed
+    ones and keep stage 1's probabilities; the others keep stage 1's mass on the unseen classes."""
     support, ys, query, yq, text, S = task(seed=1)
-    model = small().fit(support, ys, text, S)
+    model = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], prior="stage",
+                    routing="stage1").fit(support, ys, text, S)
     res = model.predict(query)
     unseen = np.array([r == "unseen" for r in res.route])
     assert unseen.any() and (~unseen).any()
-    # recompute stage 1 alone: queries whose stage-1 arg-max is unseen are exactly the unseen-routed ones
-    # and keep stage 1's probabilities unchanged
     from cascade.stages.base import log_softmax
     from cascade.stages.inmap import fit_temperature
     xq, tj, sj = model._joint(query), model._joint(model.text_), model._joint(model.support_)
@@ -58,20 +59,35 @@ def test_unseen_routing_rule_keeps_transductive_ranking():
     p1 = np.exp(log_softmax(a * st.decision_function(xq).astype(np.float64)))
     np.testing.assert_array_equal(unseen, p1.argmax(1) >= S)
     np.testing.assert_allclose(res.scores[unseen], p1[unseen], atol=1e-6)
-    # seen-routed rows keep stage 1's mass on the unseen classes
     np.testing.assert_allclose(res.scores[~unseen][:, S:], p1[~unseen][:, S:], atol=1e-6)
 
 
-def test_replace_mode_is_the_seed_rule():
-    support, ys, query, yq, text, S = task(seed=2)
-    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40)], combine="replace", calibrate=False)
-    res = m.fit(support, ys, text, S).predict(query)
-    seen = np.array([r == "seen" for r in res.route])
-    lpp = sum(w * m.seen_fitted_[0][k].predict_proba(query[k]) for k, w in m.weights_.items())
-    # within the seen block the ranking is LP++'s (combined logits)
-    z = sum(w * m.seen_fitted_[0][k].decision_function(query[k]) for k, w in m.weights_.items())
-    np.testing.assert_array_equal(res.scores[seen][:, :S].argmax(1), z[seen].argmax(1))
-    assert lpp.shape == (80, S)
+def test_joint_routing_follows_the_final_distribution():
+    """routing="joint" (default): a query is routed unseen exactly when its final arg-max is an unseen class,
+    and both routes keep that distribution (top-5 may mix seen and unseen classes)."""
+    support, ys, query, yq, text, S = task(seed=1)
+    res = small().fit(support, ys, text, S).predict(query)
+    unseen = np.array([r == "unseen" for r in res.route])
+    assert unseen.any() and (~unseen).any()
+    np.testing.assert_array_equal(unseen, res.scores.argmax(1) >= S)
+    assert np.mean(res.top5[unseen, 0] == yq[unseen]) > 0.8 and np.mean(yq[unseen] >= S) > 0.8
+
+
+def test_joint_routing_resists_a_misleading_stage1():
+    """With poor class names (noisy text) stage 1 sends many seen-class queries to unseen classes; the joint
+    distribution, which also weighs LP++ and the query set's own class structure, routes far fewer of them."""
+    support, ys, query, yq, text, S = task(seed=9, n_query=160)
+    rng = np.random.default_rng(0)
+    noisy = {k: unit(v + 0.6 * rng.standard_normal(v.shape)) for k, v in text.items()}
+
+    def wrong_unseen(routing):
+        m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], routing=routing)
+        res = m.fit(support, ys, noisy, S).predict(query)
+        routed = np.array([r == "unseen" for r in res.route])
+        return int(np.sum(routed & (yq < S))), np.mean(res.top5[:, 0] == yq)
+
+    (w_joint, acc_joint), (w_stage1, acc_stage1) = wrong_unseen("joint"), wrong_unseen("stage1")
+    assert w_joint < w_stage1 and acc_joint > acc_stage1
 
 
 def test_backbone_weights_change_scores_and_single_backbone_works():
@@ -194,71 +210,56 @@ def test_bad_inputs():
     assert one.top5.shape == (1, 5) and len(set(one.top5[0].tolist())) == 5
 
 
-def test_expert_weight_is_chosen_by_held_out_likelihood():
-    from cascade.stages.base import log_softmax
-    rng = np.random.default_rng(0)
-    y = np.arange(60) % 3
-    lp1 = log_softmax(rng.standard_normal((60, 4)))                 # stage 1: uninformative (4 classes)
-    good = log_softmax(np.eye(3)[y] * 4.0)                           # an expert that is right
-    bad = log_softmax(np.eye(3)[(y + 1) % 3] * 4.0)                  # an expert that is confidently wrong
-    assert Cascade._fit_expert_weight(lp1, good, y) == 1.0
-    assert Cascade._fit_expert_weight(lp1, bad, y) == 0.0
-    half = log_softmax(np.where(np.arange(60)[:, None] % 2 == 0, np.eye(3)[y], np.eye(3)[(y + 1) % 3]) * 4.0)
-    assert 0.0 < Cascade._fit_expert_weight(lp1, half, y) < 1.0     # a mixed expert gets a partial weight
-
-
-def test_val_rows_set_the_expert_weight_and_are_saved(tmp_path):
+def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_path):
     support, ys, query, yq, text, S = task(seed=8)
     seen = yq < S
     val = ({k: v[seen] for k, v in query.items()}, yq[seen])
     m = small().fit(support, ys, text, S, val=val)
     res = m.predict(query)
-    assert 0.0 <= res.details["expert_weight"] <= 1.0
-    assert small().fit(support, ys, text, S).predict(query).details["expert_weight"] == 1.0   # no val rows
+    w = res.details["pool_weights"]
+    assert len(w) == 3 and all(x >= 0 for x in w) and len(m.inductive_pool_) == 2
+    assert res.details["refine_temperature"] > 0
+    no_val = small().fit(support, ys, text, S).predict(query)
+    assert no_val.details["pool_weights"] is None and small().fit(support, ys, text, S).inductive_pool_ is None
     back = Cascade.load(m.save(tmp_path / "m").parent)
-    assert back.predict(query).details["expert_weight"] == res.details["expert_weight"]
+    assert back.predict(query).details["pool_weights"] == w
+    np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
 
 
-def test_product_temperature_is_fitted_on_val_and_keeps_the_seen_order(monkeypatch):
-    """With validation rows the seen block is softmax(t * (log p1 + beta log p2)) with t the maximum-likelihood
-    temperature on those rows: it maximises their log-likelihood, never reorders the seen classes of a query,
-    and only moves seen classes relative to the unseen ones (which keep stage 1's probabilities)."""
-    import cascade.router as router
+def test_prior_is_estimated_from_the_refined_inductive_posterior():
+    """On an imbalanced query set the estimated marginal passes the BIC test and becomes InMaP's Sinkhorn
+    marginal; on a balanced one uniform is kept. prior="stage" leaves the stage's own setting alone."""
+    support, ys, query, yq, text, S = task(n_classes=6, n_seen=6, n_query=300, seed=11)
+    rng = np.random.default_rng(0)
+    w = np.where(yq == 0, 1.0, 0.08)
+    keep = rng.random(300) < w                     # class 0 dominates
+    imb = {k: v[keep] for k, v in query.items()}
+    res = small().fit(support, ys, text, S).predict(imb)
+    assert res.details["prior_estimated"] and res.details["prior"].argmax() == 0
+    assert res.details["prior"][0] > 0.4 and np.isclose(res.details["prior"].sum(), 1.0)
+    bal = small().fit(support, ys, text, S).predict({k: v[:60] for k, v in query.items()})
+    assert not bal.details["prior_estimated"] and np.allclose(bal.details["prior"], 1 / 6)
+    own = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], prior="stage")
+    assert "prior" not in own.fit(support, ys, text, S).predict(imb).details
+
+
+def test_refinement_is_a_gda_on_the_pooled_soft_labels_and_support():
+    """The final scores are GDA's posterior, fitted on the queries (soft labels: the pooled distribution) and
+    the labelled support rows, at the temperature that maximises the val rows' likelihood."""
+    from cascade.stages import GDA
     from cascade.stages.base import log_softmax
+    from cascade.stages.inmap import fit_temperature
 
-    support, ys, query, yq, text, S = task(seed=7, n_query=120, spread=0.5)
-    rng = np.random.default_rng(1)
-    vy = np.arange(60) % S
-    val = {}
-    for k in support:   # val rows: more support-like rows of the seen classes
-        centres = np.stack([support[k][ys == c].mean(0) for c in range(S)])
-        val[k] = unit(centres[vy] + 0.5 * rng.standard_normal((60, support[k].shape[1])))
-    m = small().fit(support, ys, text, S, val=(val, vy))
-    res = m.predict(query)
-    t = res.details["product_temperature"]
-    assert np.isfinite(t) and t > 0 and t != 1.0
-
-    real = router.fit_temperature
-    calls = []
-
-    def no_product_temperature(z, y, *a, **kw):     # the 1st call fits stage 1's, the 2nd the product's
-        calls.append(1)
-        return 1.0 if len(calls) == 2 else real(z, y, *a, **kw)
-    monkeypatch.setattr(router, "fit_temperature", no_product_temperature)
-    plain = m.predict(query)
-    assert plain.details["product_temperature"] == 1.0
-    seen = np.array([r == "seen" for r in res.route])
-    assert seen.any()
-    np.testing.assert_array_equal(np.argsort(-res.scores[seen, :S], 1), np.argsort(-plain.scores[seen, :S], 1))
-    np.testing.assert_allclose(res.scores[~seen], plain.scores[~seen])
-    np.testing.assert_allclose(res.scores[seen, :S].sum(1), plain.scores[seen, :S].sum(1))   # same seen mass
-    # t maximises the val log-likelihood of the seen-block combination
-    monkeypatch.setattr(router, "fit_temperature", real)
-    from cascade.router import _clone
-    st = _clone(m.transductive).fit(m._joint(query), text=m._joint(m.text_), support_x=m._joint(m.support_),
-                                    support_y=ys)
-    a1 = real(st.decision_function(m._joint(m.support_)).astype(np.float64), ys)
-    lp1v = log_softmax(a1 * st.decision_function(m._joint(val)).astype(np.float64))
-    z = lp1v[:, :S] + res.details["expert_weight"] * m._seen_log_proba(val, None)
-    ll = [log_softmax(s * z)[np.arange(60), vy].mean() for s in (0.8 * t, t, 1.25 * t)]
-    assert ll[1] >= max(ll[0], ll[2])
+    support, ys, query, yq, text, S = task(n_classes=6, n_seen=6, seed=12, spread=0.5)
+    val = ({k: v[:30] for k, v in support.items()}, ys[:30])
+    full = small().fit(support, ys, text, S, val=val)
+    plain = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None)
+    plain.fit(support, ys, text, S, val=val)
+    pooled = plain.predict(query).scores
+    xq, sj = full._joint(query), full._joint(full.support_)
+    g = GDA().fit(np.concatenate([xq, sj]), np.concatenate([pooled, np.eye(6)[ys]]), n_classes=6)
+    t = fit_temperature(g.decision_function(full._joint(val[0])), val[1])
+    expected = np.exp(log_softmax(t * g.decision_function(xq)))
+    res = full.predict(query)
+    np.testing.assert_allclose(res.scores, expected, atol=1e-6)
+    assert res.details["refine_temperature"] == pytest.approx(t)

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from cascade.stages import (STAGES, InMaP, LinearProbePP, NotFittedError, Stage, ZeroShot, estimate_prior,
-                            fit_temperature, image_opt, sinkhorn)
+from cascade.stages import (GDA, STAGES, InMaP, LinearProbePP, NotFittedError, Stage, ZeroShot, estimate_prior,
+                            fit_pool_weights, fit_temperature, image_opt, marginal_test, sinkhorn)
+from cascade.stages.base import log_softmax
 from cascade.stages.inmap import sharpen_confident
 
 
@@ -33,7 +34,7 @@ def test_zeroshot_is_scaled_cosine():
 
 
 def test_not_fitted_error():
-    for cls in (ZeroShot, InMaP, LinearProbePP):
+    for cls in (ZeroShot, InMaP, LinearProbePP, GDA):
         with pytest.raises(NotFittedError, match="not fitted"):
             cls().decision_function(unit([[1.0, 0.0]]))
 
@@ -58,6 +59,22 @@ def test_sinkhorn_one_round_by_hand():
     A = A / A.sum(0) / 2
     A = A / A.sum(1, keepdims=True) / 2
     np.testing.assert_allclose(P, A * 2, atol=1e-12)
+
+
+def test_sinkhorn_survives_a_class_no_query_finds_plausible():
+    """Class 2 trails every row's best by 0.2 (20 logit units at tau 0.01): its column underflows to zero in
+    the authors' probability-domain iterations (0/0); the log-domain fallback still balances the columns and
+    agrees with the probability domain wherever that one works."""
+    rng = np.random.default_rng(0)
+    logits = 0.02 * rng.standard_normal((40, 3))
+    logits[:, 2] -= 8.0
+    P = sinkhorn(logits, tau_t=0.001, n_iter=200)
+    assert np.all(np.isfinite(P))
+    np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(P.sum(0), [40 / 3] * 3, rtol=1e-3)
+    from cascade.stages.inmap import _sinkhorn_log
+    ok = 0.05 * rng.standard_normal((30, 4))
+    np.testing.assert_allclose(sinkhorn(ok, n_iter=20), _sinkhorn_log(ok / 0.01, None, 20), atol=1e-12)
 
 
 def test_sharpen_confident():
@@ -145,6 +162,96 @@ def test_fit_temperature_recovers_scale():
     p /= p.sum(1, keepdims=True)
     y = np.array([rng.choice(5, p=row) for row in p])
     assert abs(fit_temperature(z, y) - 3.0) < 0.3
+    # soft targets drawn from softmax(3 z) are fitted exactly; the optimum is where the derivative vanishes
+    s = fit_temperature(z, p)
+    assert abs(s - 3.0) < 1e-4
+    nll = [-(p * log_softmax(t * z)).sum(1).mean() for t in (s * 0.99, s, s * 1.01)]
+    assert nll[1] <= min(nll[0], nll[2])
+    # perfectly separated labels push the scale to the upper bound, anti-correlated ones to the lower
+    z2 = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert fit_temperature(z2, np.array([0, 1])) == 1e4 and fit_temperature(z2, np.array([1, 0])) == 1e-2
+
+
+def test_fit_pool_weights_trusts_the_right_expert():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 400)
+    good = log_softmax(2.0 * np.eye(4)[y] + rng.standard_normal((400, 4)))          # informative
+    noise = log_softmax(3.0 * rng.standard_normal((400, 4)))                       # uninformative
+    wrong = log_softmax(2.0 * np.eye(4)[(y + 1) % 4])                               # confidently wrong
+    w = fit_pool_weights([good, noise, wrong], y)
+    assert w.shape == (3,) and np.all(w >= 0)
+    assert w[0] > 0.5 and w[1] < 0.2 * w[0] and w[2] == 0.0
+    # the weights maximise the likelihood: a nudge in any direction does not help
+    def ll(v):
+        return log_softmax(v[0] * good + v[1] * noise + v[2] * wrong)[np.arange(400), y].mean()
+    for d in np.eye(3) * 0.05:
+        assert ll(w) >= ll(np.maximum(w + d, 0)) - 1e-9 and ll(w) >= ll(np.maximum(w - d, 0)) - 1e-9
+
+
+def test_marginal_test_keeps_uniform_unless_the_data_say_otherwise():
+    balanced = np.tile(np.eye(4) * 0.7 + 0.1, (25, 1))                 # 100 rows, soft counts exactly uniform
+    q, gain, kept = marginal_test(balanced)
+    assert not kept and gain == pytest.approx(0.0, abs=1e-9) and np.allclose(q, 0.25)
+    skew = np.concatenate([np.tile([0.9, 0.05, 0.03, 0.02], (70, 1)), np.tile([0.05, 0.9, 0.03, 0.02], (30, 1))])
+    q, gain, kept = marginal_test(skew)
+    assert kept and gain > 1.5 * np.log(100)
+    np.testing.assert_allclose(q, skew.mean(0))
+    q, _, kept = marginal_test(np.tile([0.4, 0.2, 0.2, 0.2], (10, 1)))   # ten vague rows cannot justify 3 parameters
+    assert not kept and np.allclose(q, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------- GDA
+def test_gda_is_lda_with_the_shrunk_pooled_covariance():
+    """On hard labels GDA equals the textbook linear discriminant with the pooled within-class covariance (up to
+    a constant per row, which no probability or ranking sees)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((30, 4)) + np.repeat(np.eye(3, 4) * 3, 10, axis=0)
+    y = np.repeat(np.arange(3), 10)
+    for a in (0.0, 0.5):
+        m = GDA(shrinkage=a).fit(X, y)
+        mu = np.stack([X[y == k].mean(0) for k in range(3)])
+        R = X - mu[y]
+        S = R.T @ R / 30
+        S = (1 - a) * S + a * np.trace(S) / 4 * np.eye(4)
+        P = np.linalg.inv(S)
+        ref = X @ P @ mu.T - 0.5 * np.einsum("kd,de,ke->k", mu, P, mu) + np.log(1 / 3)
+        z = m.decision_function(X)
+        np.testing.assert_allclose(z - z.mean(1, keepdims=True), ref - ref.mean(1, keepdims=True), atol=1e-3)
+        np.testing.assert_allclose(m.means_, mu, atol=1e-5)
+        np.testing.assert_allclose(m.covariance_, S, atol=1e-5)
+
+
+def test_gda_soft_labels_equal_weighted_hard_labels_and_prior():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((20, 3))
+    Y = rng.random((20, 2))
+    soft = GDA().fit(X, Y)
+    # a row with weights (a, b) counts as a copy of itself with label 0 and weight a, and label 1 with weight b
+    hard = GDA().fit(np.concatenate([X, X]), np.concatenate([np.c_[Y[:, 0], 0 * Y[:, 0]], np.c_[0 * Y[:, 1], Y[:, 1]]]))
+    np.testing.assert_allclose(soft.decision_function(X), hard.decision_function(X), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(soft.class_prior_, Y.sum(0) / Y.sum())
+    uni = GDA(class_prior="uniform").fit(X, Y)
+    np.testing.assert_allclose(soft.intercept_ - uni.intercept_, np.log(soft.class_prior_))
+
+
+def test_gda_learns_equivariant_and_handles_empty_classes():
+    sx, ys, qx, yq, text = toy(seed=3, spread=0.5)
+    m = GDA().fit(sx, ys)
+    assert np.mean(m.predict(qx) == yq) >= 0.75
+    perm = np.random.default_rng(0).permutation(len(sx))
+    np.testing.assert_allclose(GDA().fit(sx[perm], ys[perm]).decision_function(qx), m.decision_function(qx),
+                               rtol=1e-4, atol=1e-3)
+    Y = np.eye(4)[ys]                    # a fourth class with no weight at all never wins, and nothing is NaN
+    z = GDA().fit(sx, Y).decision_function(qx)
+    assert np.all(np.isfinite(z)) and not np.any(z.argmax(1) == 3)
+    with pytest.raises(ValueError, match="shrinkage"):
+        GDA(shrinkage=1.5).fit(sx, ys)
+    with pytest.raises(ValueError, match="non-negative"):
+        GDA().fit(sx, -Y)
+    with pytest.raises(ValueError, match="positive total"):
+        GDA().fit(sx, 0 * Y)
+    with pytest.raises(ValueError, match="rows"):
+        GDA().fit(sx, Y[:-1])
 
 
 # ---------------------------------------------------------------------------------------------- LP++
@@ -226,7 +333,7 @@ def test_bad_inputs_have_clear_errors():
 def test_save_load_roundtrip(tmp_path):
     sx, ys, qx, yq, text = toy()
     for st in (ZeroShot().fit(text=text), InMaP(n_iter=20).fit(qx, text=text),
-               LinearProbePP(epochs=20).fit(sx, ys, text=text)):
+               LinearProbePP(epochs=20).fit(sx, ys, text=text), GDA().fit(sx, ys)):
         path = st.save(tmp_path / f"{type(st).__name__}.npz")
         back = Stage.load(path)
         assert type(back) is type(st) and back.get_params() == st.get_params()
@@ -235,12 +342,13 @@ def test_save_load_roundtrip(tmp_path):
             assert "__meta__" in data.files
     with pytest.raises(FileNotFoundError):
         Stage.load(tmp_path / "missing.npz")
-    assert set(STAGES) >= {"zero-shot", "inmap", "lpp"}
+    assert set(STAGES) >= {"zero-shot", "inmap", "lpp", "gda"}
 
 
 def test_params_are_stored_unchanged():
     assert InMaP().get_params() == dict(tau_t=0.01, tau_i=0.04, lr=10.0, n_iter=2000, confidence=0.6,
                                         sinkhorn=True, n_sinkhorn=20, gamma=0.0, prior="uniform", tol=None)
     assert LinearProbePP().get_params()["epochs"] == 300
+    assert GDA().get_params() == dict(shrinkage=0.5, class_prior="fit")
     with pytest.raises(ValueError, match="no hyperparameter"):
         InMaP().set_params(foo=1)

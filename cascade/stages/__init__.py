@@ -4,11 +4,14 @@
 file plus one line here.
 """
 from .base import NotFittedError, Stage, check_features, check_labels
-from .inmap import InMaP, estimate_prior, fit_temperature, image_opt, sinkhorn
+from .calibration import estimate_prior, fit_pool_weights, fit_temperature, marginal_test
+from .gda import GDA
+from .inmap import InMaP, image_opt, sinkhorn
 from .lpp import LinearProbePP
 from .zeroshot import ZeroShot
 
-STAGES = {"zero-shot": ZeroShot, "inmap": InMaP, "lpp": LinearProbePP}
+STAGES = {"zero-shot": ZeroShot, "inmap": InMaP, "lpp": LinearProbePP, "gda": GDA}
 
-__all__ = ["Stage", "NotFittedError", "check_features", "check_labels", "ZeroShot", "InMaP", "LinearProbePP",
-           "sinkhorn", "image_opt", "estimate_prior", "fit_temperature", "STAGES"]
+__all__ = ["Stage", "NotFittedError", "check_features", "check_labels", "ZeroShot", "InMaP", "LinearProbePP", "GDA",
+           "sinkhorn", "image_opt", "estimate_prior", "fit_temperature", "fit_pool_weights",
+           "marginal_test", "STAGES"]

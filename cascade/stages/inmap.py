@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Stage, check_features, check_labels, log_softmax, softmax
+from .calibration import estimate_prior, fit_temperature  # noqa: F401  (re-exported)
 
 
 def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter: int = 20,
@@ -27,6 +28,11 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
 
     Columns are scaled to the class marginal (``prior``; else ``colsum**gamma`` normalised when
     ``gamma > 0``, as in the authors' code; else uniform ``1/C``), then rows to ``1/N``, ``n_iter`` times.
+
+    The scalings run on probabilities, as the authors' code does, unless some class's column underflows
+    to zero (a class no query finds plausible at ``tau_t``: its logits trail every row's best by more
+    than ~7 at ``tau_t=0.01``), where they would divide by zero; the same iterations then run on
+    log-probabilities, which give the same matrix without the underflow.
     """
     n, c = logits.shape
     P = softmax(np.asarray(logits, dtype=np.float64) / tau_t) / n
@@ -38,6 +44,17 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
         q /= q.sum()
     else:
         q = None
+    if np.all(P.sum(axis=0) > 1e-250):
+        with np.errstate(divide="raise", invalid="raise", over="raise", under="ignore"):
+            try:
+                return _sinkhorn_scaling(P, q, n_iter)
+            except FloatingPointError:
+                pass
+    return _sinkhorn_log(np.asarray(logits, dtype=np.float64) / tau_t, q, n_iter)
+
+
+def _sinkhorn_scaling(P: np.ndarray, q, n_iter: int) -> np.ndarray:
+    n, c = P.shape
     for _ in range(n_iter):
         P /= P.sum(axis=0, keepdims=True)
         if q is not None:
@@ -47,6 +64,21 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
         P /= P.sum(axis=1, keepdims=True)
         P /= n
     return P * n
+
+
+def _sinkhorn_log(Z: np.ndarray, q, n_iter: int) -> np.ndarray:
+    from scipy.special import logsumexp
+
+    n, c = Z.shape
+    logq = (np.full((1, c), -np.log(c)) if q is None
+            else np.log(np.maximum(q, np.finfo(np.float64).tiny)))
+    L = Z - logsumexp(Z, axis=1, keepdims=True) - np.log(n)
+    for _ in range(n_iter):
+        L -= logsumexp(L, axis=0, keepdims=True)
+        L += logq
+        L -= logsumexp(L, axis=1, keepdims=True)
+        L -= np.log(n)
+    return np.exp(L + np.log(n))
 
 
 def sharpen_confident(plabel: np.ndarray, confidence: float = 0.6) -> np.ndarray:
@@ -180,48 +212,3 @@ class InMaP(Stage):
         self._check_fitted()
         X = check_features(X, "X", dim=self.proxies_.shape[1])
         return (X @ self.proxies_.T) / np.float32(self.tau_i)
-
-
-# ------------------------------------------------------------------------------------------------------
-# class-marginal estimation (an extension used by the cascade)
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4)) -> float:
-    """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``."""
-    from scipy.optimize import minimize_scalar
-
-    logits = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(y))
-
-    def nll(log_s):
-        return -log_softmax(logits * np.exp(log_s))[rows, y].mean()
-
-    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
-                          options={"xatol": 1e-4})
-    return float(np.exp(res.x))
-
-
-def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, bic: bool = True):
-    """EM estimate of the class marginal of a set of rows from posteriors made under a uniform prior.
-
-    ``log_post`` [N, C] are log-posteriors of a classifier trained with a uniform class prior (Saerens,
-    Latinne & Decaestecker 2002). Returns ``(q, gain)``: the estimated marginal and the gain in total
-    log-likelihood over the uniform marginal. With ``bic=True`` the estimate is kept only when the gain
-    exceeds ``(C-1)/2 * log N`` (the BIC penalty of its ``C-1`` free parameters); otherwise uniform
-    is returned, so that a classifier's own bias is not mistaken for class imbalance on small or
-    balanced query sets.
-    """
-    n, c = log_post.shape
-    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
-    post /= post.sum(axis=1, keepdims=True)
-    q = np.full(c, 1.0 / c)
-    for _ in range(n_iter):
-        r = post * (q * c)
-        r /= r.sum(axis=1, keepdims=True)
-        q_new = r.mean(axis=0)
-        done = np.max(np.abs(q_new - q)) < tol
-        q = q_new
-        if done:
-            break
-    ll = np.log(np.maximum((post * (q * c)).sum(axis=1), 1e-300)).sum()  # minus the uniform ll (= 0)
-    if bic and ll <= 0.5 * (c - 1) * np.log(max(n, 2)):
-        return np.full(c, 1.0 / c), float(ll)
-    return q, float(ll)

@@ -1,0 +1,151 @@
+"""Calibration and class-marginal tools shared by the stages and the router.
+
+* :func:`fit_temperature`: the scale of a set of logits that maximises the likelihood of held-out labels (or
+  of soft targets);
+* :func:`fit_pool_weights`: non-negative weights of a log-linear pool of several experts' log-probabilities,
+  by maximum likelihood on held-out labelled rows (a product of experts with fitted exponents);
+* :func:`estimate_prior`: the class marginal of an unlabelled set by EM on a classifier's posteriors (Saerens,
+  Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
+* :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
+  BIC decision against uniform.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import log_softmax
+
+
+def _targets(y, n_rows: int, n_classes: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2:
+        if y.shape != (n_rows, n_classes):
+            raise ValueError(f"soft targets must have shape {(n_rows, n_classes)}, got {y.shape}")
+        return np.asarray(y, dtype=np.float64)
+    T = np.zeros((n_rows, n_classes))
+    T[np.arange(n_rows), y.astype(np.int64)] = 1.0
+    return T
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6) -> float:
+    """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``.
+
+    ``y``: integer labels [N], or soft targets [N, C] (then the mean cross-entropy ``-sum_k y_ik log p_ik``
+    is minimised). The negative log-likelihood is convex in ``s`` (its second derivative is the mean variance
+    of the logits under ``p``), so Newton's method, kept inside a shrinking bracket (bisection when a step
+    leaves it), finds the optimum in a handful of softmax evaluations; ``s`` is clipped to ``bounds``.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    n, c = z.shape
+    y = np.asarray(y)
+    if y.ndim == 2:
+        T = _targets(y, n, c)
+        target = np.einsum("ij,ij->", T, z) / T.sum()
+    else:
+        target = z[np.arange(n), y.astype(np.int64)].mean()
+    finite = np.isfinite(z)
+    z = np.where(finite, z, 0.0)
+    lo, hi = float(bounds[0]), float(bounds[1])
+
+    def derivatives(s):
+        e = s * z
+        e -= np.where(finite, e, -np.inf).max(axis=1, keepdims=True)
+        p = np.where(finite, np.exp(e), 0.0)
+        p /= p.sum(axis=1, keepdims=True)
+        m = np.einsum("ij,ij->i", p, z)
+        var = np.einsum("ij,ij->i", p, z * z) - m * m
+        return m.mean() - target, max(var.mean(), 0.0)     # d NLL / ds, d2 NLL / ds2
+
+    g, _ = derivatives(lo)
+    if g >= 0:                       # the likelihood only falls from the lower bound on
+        return lo
+    g, _ = derivatives(hi)
+    if g <= 0:
+        return hi
+    s = 1.0 if lo < 1.0 < hi else np.sqrt(lo * hi)
+    for _ in range(100):
+        g, h = derivatives(s)
+        if g > 0:
+            hi = s
+        else:
+            lo = s
+        step = s - g / h if h > 0 else np.nan
+        s_new = step if lo < step < hi else 0.5 * (lo + hi)
+        if abs(s_new - s) <= tol * s or hi - lo <= tol * s:
+            return float(s_new)
+        s = s_new
+    return float(s)
+
+
+def fit_pool_weights(log_probs, y) -> np.ndarray:
+    """Weights ``w >= 0`` maximising the mean log-likelihood of labels ``y`` under
+    ``softmax(sum_j w_j log_probs[j])`` (``log_probs``: a list of [N, C] arrays over the same classes).
+
+    The negative log-likelihood is convex in ``w`` (a softmax of a linear function of it), so L-BFGS-B from
+    ``w = 1`` finds the optimum. The weights act as both the experts' relative trust and the pool's temperature.
+    """
+    from scipy.optimize import minimize
+
+    L = [np.asarray(lp, dtype=np.float64) for lp in log_probs]
+    y = np.asarray(y, dtype=np.int64)
+    rows = np.arange(len(y))
+    picked = [lp[rows, y] for lp in L]
+
+    def nll(w):
+        ls = log_softmax(sum(wj * lp for wj, lp in zip(w, L)))
+        p = np.exp(ls)
+        grad = [-(pj - (p * lp).sum(axis=1)).mean() for pj, lp in zip(picked, L)]
+        return -ls[rows, y].mean(), np.array(grad)
+
+    res = minimize(nll, np.ones(len(L)), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(L))
+    return np.asarray(res.x, dtype=np.float64)
+
+
+def bic_penalty(n_classes: int, n_rows: int) -> float:
+    """BIC penalty of a class marginal's ``C - 1`` free parameters on ``N`` rows: ``(C-1)/2 log N``."""
+    return 0.5 * (n_classes - 1) * np.log(max(n_rows, 2))
+
+
+def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, bic: bool = True):
+    """EM estimate of the class marginal of a set of rows from posteriors made under a uniform prior.
+
+    ``log_post`` [N, C] are log-posteriors of a classifier trained with a uniform class prior (Saerens,
+    Latinne & Decaestecker 2002). Returns ``(q, gain)``: the estimated marginal and the gain in total
+    log-likelihood over the uniform marginal. With ``bic=True`` the estimate is kept only when the gain
+    exceeds ``(C-1)/2 * log N`` (the BIC penalty of its ``C-1`` free parameters); otherwise uniform
+    is returned, so that a classifier's own bias is not mistaken for class imbalance on small or
+    balanced query sets.
+    """
+    n, c = log_post.shape
+    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    q = np.full(c, 1.0 / c)
+    for _ in range(n_iter):
+        r = post * (q * c)
+        r /= r.sum(axis=1, keepdims=True)
+        q_new = r.mean(axis=0)
+        done = np.max(np.abs(q_new - q)) < tol
+        q = q_new
+        if done:
+            break
+    ll = np.log(np.maximum((post * (q * c)).sum(axis=1), 1e-300)).sum()  # minus the uniform ll (= 0)
+    if bic and ll <= bic_penalty(c, n):
+        return np.full(c, 1.0 / c), float(ll)
+    return q, float(ll)
+
+
+def marginal_test(post: np.ndarray):
+    """Class marginal of a set of rows from posteriors that already account for it (e.g. a transductive
+    model's), or uniform when the data do not support it.
+
+    ``q`` is the mean posterior (the soft class counts over N). As a multinomial model of those soft labels it
+    gains ``N * KL(q || uniform)`` in log-likelihood over the uniform marginal; ``q`` is kept only when that
+    gain exceeds the BIC penalty ``(C-1)/2 log N``. Returns ``(q, gain, kept)``.
+    """
+    post = np.asarray(post, dtype=np.float64)
+    n, c = post.shape
+    q = post.sum(axis=0)
+    q /= q.sum()
+    gain = float(n * np.sum(q * np.log(np.maximum(q * c, 1e-300))))
+    kept = gain > bic_penalty(c, n)
+    return (q if kept else np.full(c, 1.0 / c)), gain, bool(kept)

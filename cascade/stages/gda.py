@@ -1,0 +1,126 @@
+"""GDA: Gaussian discriminant analysis with one shared, shrunk covariance (linear discriminant analysis).
+
+Each class k is a Gaussian ``N(mu_k, Sigma)`` with its own mean and a covariance shared by all classes, so the
+log-posterior is linear in x::
+
+    z_k(x) = x . Sigma^-1 mu_k - mu_k . Sigma^-1 mu_k / 2 + log pi_k
+
+The rows that estimate it may carry hard labels (support rows) or soft labels (a posterior over the classes, e.g.
+the cascade's for the unlabelled queries): every row counts towards every class with its weight, so
+``mu_k = sum_i y_ik x_i / sum_i y_ik``, ``pi_k`` is proportional to ``sum_i y_ik``, and ``Sigma`` is the pooled
+within-class scatter. With few rows per dimension the scatter is shrunk towards a multiple of the identity with
+the same trace: ``(1 - shrinkage) S + shrinkage tr(S) / D I`` (Ledoit & Wolf's target; at 0.5 the discriminant
+is halfway between Fisher's and the nearest class mean).
+
+In the cascade (``cascade.router``) this is the transductive refinement: fitted on the queries with the
+combined posterior of the other stages as soft labels, plus the labelled support rows, it re-scores every
+query with the class means and the covariance of the query set itself (the "hard-to-beat" GDA baseline of
+Wang et al., ICLR 2024, made transductive).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Stage, check_features
+
+
+class GDA(Stage):
+    """Shared-covariance Gaussian classifier fitted on hard or soft labels.
+
+    Parameters
+    ----------
+    shrinkage : float, 0.5
+        Weight in [0, 1] of the scaled identity in the covariance (0: the pooled scatter alone).
+    class_prior : "fit" | "uniform", "fit"
+        "fit": ``log pi_k`` from the (soft) class counts of the rows; "uniform": no prior term.
+    """
+
+    def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit"):
+        self.shrinkage = shrinkage
+        self.class_prior = class_prior
+
+    def fit(self, X, y, *, n_classes: int | None = None) -> "GDA":
+        """Fit on rows ``X`` [N, D] and labels ``y``: integer labels [N] (``n_classes`` defaults to
+        ``max(y) + 1``) or non-negative class weights [N, C] (soft labels; rows need not sum to one)."""
+        if not 0.0 <= float(self.shrinkage) <= 1.0:
+            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
+        if self.class_prior not in ("fit", "uniform"):
+            raise ValueError(f"class_prior must be 'fit' or 'uniform', got {self.class_prior!r}")
+        X = check_features(X, "X", normalised=False)              # float32: the large products run in it
+        A = _label_weights(y, X.shape[0], n_classes)
+        N, D = X.shape
+        counts = A.sum(axis=0)
+        row_w = A.sum(axis=1)
+        total = float(row_w.sum())
+        present = counts > 0
+        # everything about the rows' spread is computed around their weighted centre (no cancellation)
+        centre = (row_w @ X.astype(np.float64)) / total
+        Xc = X - centre.astype(np.float32)
+        means = np.zeros((A.shape[1], D))                             # centred class means
+        means[present] = (A[:, present].T.astype(np.float32) @ Xc).astype(np.float64) / counts[present, None]
+        # a class without any weight (possible with soft labels that underflowed) sits at the centre and gets
+        # the smallest prior below, so it never wins on its own
+        scatter = ((Xc * row_w[:, None].astype(np.float32)).T @ Xc).astype(np.float64)
+        scatter -= (means[present] * counts[present, None]).T @ means[present]
+        scatter /= total
+        scatter = (scatter + scatter.T) / 2.0
+        a = float(self.shrinkage)
+        cov = (1.0 - a) * scatter
+        cov[np.diag_indices(D)] += a * np.trace(scatter) / D
+        coef = _solve_psd(cov, means.T).T                  # [C, D] = (Sigma^-1 mu_k)^T, mu_k centred
+        # z_k(x) = (x - centre) . coef_k - mu_k . coef_k / 2 (+ log prior): the centre moves into the intercept
+        intercept = -0.5 * np.einsum("kd,kd->k", coef, means) - coef @ centre
+        prior = counts / total
+        if self.class_prior == "fit":
+            intercept += np.log(np.maximum(prior, np.finfo(np.float64).tiny))
+        self.means_ = (means + centre).astype(np.float32)
+        self.covariance_ = cov
+        self.coef_ = np.ascontiguousarray(coef, dtype=np.float32)
+        self.intercept_ = intercept
+        self.class_prior_ = prior
+        self.n_rows_ = int(N)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Log-posteriors up to a constant per row: ``x . coef_k + intercept_k`` (computed around the rows'
+        centre, which shifts every class of a row by the same amount)."""
+        self._check_fitted()
+        X = check_features(X, "X", dim=self.coef_.shape[1], normalised=False)
+        return (X @ self.coef_.T).astype(np.float64) + self.intercept_
+
+
+def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2:
+        if y.shape[0] != n_rows:
+            raise ValueError(f"y: expected {n_rows} rows of class weights, got shape {y.shape}")
+        if n_classes is not None and y.shape[1] != n_classes:
+            raise ValueError(f"y: {y.shape[1]} class columns but n_classes={n_classes}")
+        A = np.asarray(y, dtype=np.float64)
+        if not np.all(np.isfinite(A)) or np.any(A < 0):
+            raise ValueError("y: class weights must be finite and non-negative")
+        if np.any(A.sum(axis=1) <= 0):
+            raise ValueError("y: every row needs a positive total class weight")
+        return A
+    from .base import check_labels
+
+    if y.ndim != 1:
+        raise ValueError(f"y: expected labels [N] or class weights [N, C], got shape {y.shape}")
+    if n_classes is None:
+        n_classes = int(np.max(y)) + 1 if y.size else 0
+    y = check_labels(y, n_rows, n_classes, "y", require_all=True)
+    A = np.zeros((n_rows, n_classes))
+    A[np.arange(n_rows), y] = 1.0
+    return A
+
+
+def _solve_psd(cov: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """cov^-1 rhs for a symmetric positive semi-definite cov (Cholesky; pseudo-inverse when singular)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    try:
+        return cho_solve(cho_factor(cov, lower=True, check_finite=False), rhs, check_finite=False)
+    except LinAlgError:
+        w, V = np.linalg.eigh(cov)
+        keep = w > w.max() * 1e-10
+        return V[:, keep] @ ((V[:, keep].T @ rhs) / w[keep, None])

@@ -1,7 +1,7 @@
 """Does the cascade's lead generalise beyond the four shared tasks? Score every method on many variants of them.
 
     .venv/bin/python benchmarks/generalisation.py [TASK.npz ...] [--redraws 5] [--noise 0.5,1.0,1.5]
-                                                  [--no-merge] [--query-frac 0.8] [--json]
+                                                  [--no-merge] [--query-frac 0.8] [--set KEY=VALUE ...] [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
 only to score, as in ``python -m cascade bench``):
@@ -15,6 +15,9 @@ only to score, as in ``python -m cascade bench``):
   ``t <- normalise(t + sigma g / sqrt(D))`` with Gaussian ``g``, for each ``--noise`` sigma. Zero-shot accuracy
   falls (to about 85-91 % at 0.5, 55-67 % at 1.0, 33-54 % at 1.5), standing in for harder tasks whose class names
   CLIP knows less well; support and query images are untouched.
+
+``--set`` changes the ``cascade`` row (an ablation): ``refine=none``, ``gda.shrinkage=0.3``, ``inmap.n_iter=2000``,
+``lpp.epochs=300``, ``prior=stage``, ``routing=stage1``, ``combine=replace``, ``calibrate=false``.
 
 For each task it prints top-1 per method; then, per group, the mean top-1 of each method, the mean difference of
 the cascade to the best single method (zero-shot, InMaP either way, LP++) and to the seeds' cascade, and on how
@@ -38,6 +41,43 @@ from cascade.bench import ROWS, evaluate_task, load_task  # noqa: E402
 from cascade.metrics import top1_top5  # noqa: E402
 
 SINGLE = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp")
+
+
+def cascade_kwargs(settings) -> dict:
+    """Cascade keyword arguments from ``KEY=VALUE`` strings (see the module docstring)."""
+    from cascade.router import DEFAULT_INMAP_STEPS, DEFAULT_LPP_EPOCHS
+    from cascade.stages import GDA, InMaP, LinearProbePP
+
+    def value(text):
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text.strip()
+
+    stages = {"inmap": {"n_iter": DEFAULT_INMAP_STEPS}, "lpp": {"epochs": DEFAULT_LPP_EPOCHS, "select": "last"},
+              "gda": {}}
+    kw, refine = {}, True
+    for item in settings:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        head, _, param = key.strip().partition(".")
+        if param and head in stages:
+            stages[head][param] = value(val)
+        elif key == "refine":
+            refine = str(val).lower() not in ("none", "", "false")
+        elif key in ("prior", "routing", "combine", "calibrate"):
+            kw[key] = value(val)
+        else:
+            raise SystemExit(f"--set {item!r}: unknown key {key!r}")
+    kw.update(transductive=InMaP(**stages["inmap"]), seen_stages=[LinearProbePP(**stages["lpp"])],
+              refine=GDA(**stages["gda"]) if refine else None)
+    return kw
 
 
 def merge(tasks: list[dict]) -> dict:
@@ -104,21 +144,25 @@ def main(argv=None) -> int:
     p.add_argument("--noise", default="0.5,1.0,1.5", help="text-noise sigmas, comma-separated ('' for none)")
     p.add_argument("--query-frac", type=float, default=0.8, help="share of the queries a redrawn task keeps")
     p.add_argument("--no-merge", action="store_true", help="no merged task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the cascade row (repeatable), e.g. --set refine=none --set inmap.n_iter=2000")
     p.add_argument("--json", action="store_true", help="one JSON object per task, then a summary object")
     args = p.parse_args(argv)
     paths = args.tasks or sorted(str(x) for x in (ROOT / "benchmarks" / "realbench").glob("*.npz"))
     noise = [float(s) for s in args.noise.split(",") if s.strip()]
     if not 0 < args.query_frac <= 1:
         p.error("--query-frac must lie in (0, 1]")
+    kwargs = cascade_kwargs(args.set)
     suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge)
     t0 = time.perf_counter()
     rows = []
     if not args.json:
-        print(f"{len(suite)} tasks; top-1 % on the queries ({os.cpu_count()} CPUs)")
+        print(f"{len(suite)} tasks; top-1 % on the queries ({os.cpu_count()} CPUs)"
+              + (f"; cascade row with {' '.join(args.set)}" if args.set else ""))
         print(f"{'group':<11}{'task':<22}" + "".join(f"{m:>17}" for m in ROWS))
     for group, name, task in suite:
         labels = task.pop("query_y")
-        scores = evaluate_task(task, ROWS)
+        scores = evaluate_task(task, ROWS, kwargs)
         top1 = {m: top1_top5(s, labels)["top1"] for m, s in scores.items()}
         rows.append((group, name, top1))
         if args.json:

@@ -58,8 +58,9 @@ def load_task(path) -> dict:
     return task
 
 
-def evaluate_task(task: dict, methods=ROWS) -> dict[str, np.ndarray]:
-    """Scores [Nq, C] of each method. Never reads ``task['query_y']``."""
+def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict[str, np.ndarray]:
+    """Scores [Nq, C] of each method. Never reads ``task['query_y']``. ``cascade``: keyword arguments of the
+    ``cascade`` row's :class:`~cascade.router.Cascade` (default: none, the default cascade)."""
     from .router import Cascade
     from .stages import InMaP, LinearProbePP, ZeroShot
 
@@ -85,7 +86,7 @@ def evaluate_task(task: dict, methods=ROWS) -> dict[str, np.ndarray]:
                 model = Cascade(InMaP(), [LinearProbePP()], refine=None, prior="stage", routing="stage1",
                                 combine="replace", calibrate=False)
             else:
-                model = Cascade()
+                model = Cascade(**(cascade or {}))
             v = ({BACKBONE: val[0]}, val[1]) if val is not None else None
             model.fit({BACKBONE: sx}, sy, {BACKBONE: T}, S, val=v)
             out[name] = model.predict({BACKBONE: X}).scores

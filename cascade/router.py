@@ -5,9 +5,11 @@
 1. **inductive experts**, fitted on the support rows at ``fit`` time: zero-shot CLIP over ALL classes
    (temperature fitted on the support rows) and the seen stages (default LP++) over the SEEN classes, per
    backbone, their logits summed with ``backbone_weights`` (temperature fitted on the validation rows);
-2. **the class marginal of the query set** (``prior="estimate"``): the inductive experts' pooled posterior is
-   refined transductively (step 4's refinement), its mean is the estimate, kept only when it beats the uniform
-   marginal by the BIC margin (``marginal_test``); it becomes the Sinkhorn marginal of the transductive stage;
+2. **the class marginal of the query set** (``prior="estimate"``): zero-shot's own EM estimate (the marginal
+   InMaP's ``prior="auto"`` takes) when it is statistically compatible with the soft class counts of the
+   inductive experts' pooled posterior after the refinement of step 4 (``compatible_marginal``); otherwise
+   that refined posterior's mean, kept only when it beats the uniform marginal by the BIC margin
+   (``marginal_test``). It becomes the Sinkhorn marginal of the transductive stage;
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
    ``softmax(w1 log p1 + w2 log p_seen)`` of the transductive stage and the seen stages (weights fitted on the
@@ -36,7 +38,8 @@ import numpy as np
 
 from .stages.base import (Stage, check_features, check_labels, load_npz_json, log_softmax,
                           save_npz_json)
-from .stages.calibration import fit_pool_weights, fit_temperature, marginal_test
+from .stages.calibration import (compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature,
+                                 marginal_test)
 from .stages.gda import GDA
 from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
@@ -337,8 +340,12 @@ class Cascade:
             if self.refine is not None:
                 inductive, _ = self._refined(xq, inductive, val_joint)
             q, gain, kept = marginal_test(inductive)
+            source = "refined" if kept else "uniform"
+            q_zs, _ = estimate_prior(lp0)          # zero-shot's own EM estimate (what InMaP's prior="auto" takes)
+            if compatible_marginal(q_zs, inductive):
+                q, source = q_zs, "zero-shot"
             stage.set_params(prior=q)
-            details.update(prior=q, prior_gain=gain, prior_estimated=kept)
+            details.update(prior=q, prior_gain=gain, prior_source=source)
         kw = {"support_x": sj, "support_y": self.support_y_} if "support_x" in _fit_kwargs(stage) else {}
         stage.fit(xq, text=tj, **kw)
         a1 = (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)

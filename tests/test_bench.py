@@ -51,10 +51,8 @@ def test_reproduces_authors(bench, name):
 
 # Known gaps, kept visible: strict xfails fail the suite the day they pass, so the marks must then go.
 GAP = {
-    "caltech101": "known gap: the cascade (97.42) does not beat LP++ (97.61) on the fixed caltech101 draw; see "
-                  "docs/stages.md, 'Known gaps' (and benchmarks/generalisation.py for redrawn tasks)",
     "food101": "known gap: the cascade (95.45) ties InMaP-Sinkhorn (95.45) on the fixed food101 draw; see "
-               "docs/stages.md, 'Known gaps'",
+               "docs/stages.md, 'Known gaps' (and benchmarks/generalisation.py for redrawn tasks)",
 }
 
 

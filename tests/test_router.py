@@ -226,21 +226,34 @@ def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_
     np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
 
 
-def test_prior_is_estimated_from_the_refined_inductive_posterior():
+def test_prior_estimate_uniform_zero_shot_or_refined():
     """On an imbalanced query set the estimated marginal passes the BIC test and becomes InMaP's Sinkhorn
-    marginal; on a balanced one uniform is kept. prior="stage" leaves the stage's own setting alone."""
+    marginal; on a balanced one uniform is kept. Zero-shot's own EM estimate is used when the refined inductive
+    posterior's soft counts are compatible with it, and refused when weak class names make zero-shot put no
+    mass where the refined posterior puts some. prior="stage" leaves the stage's own setting alone."""
+    from cascade.stages import compatible_marginal, estimate_prior
+
     support, ys, query, yq, text, S = task(n_classes=6, n_seen=6, n_query=300, seed=11)
     rng = np.random.default_rng(0)
-    w = np.where(yq == 0, 1.0, 0.08)
-    keep = rng.random(300) < w                     # class 0 dominates
+    keep = rng.random(300) < np.where(yq == 0, 1.0, 0.08)                       # class 0 dominates
     imb = {k: v[keep] for k, v in query.items()}
     res = small().fit(support, ys, text, S).predict(imb)
-    assert res.details["prior_estimated"] and res.details["prior"].argmax() == 0
-    assert res.details["prior"][0] > 0.4 and np.isclose(res.details["prior"].sum(), 1.0)
+    q = res.details["prior"]
+    assert res.details["prior_source"] in ("zero-shot", "refined") and q.argmax() == 0 and q[0] > 0.4
+    assert np.isclose(q.sum(), 1.0)
     bal = small().fit(support, ys, text, S).predict({k: v[:60] for k, v in query.items()})
-    assert not bal.details["prior_estimated"] and np.allclose(bal.details["prior"], 1 / 6)
+    assert np.allclose(bal.details["prior"], 1 / 6) and bal.details["prior_source"] in ("zero-shot", "uniform")
     own = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], prior="stage")
     assert "prior" not in own.fit(support, ys, text, S).predict(imb).details
+    # weak class names: zero-shot's estimate starves classes, the refined one is taken instead
+    noisy = {k: unit(v + 1.2 * rng.standard_normal(v.shape)) for k, v in text.items()}
+    m = small().fit(support, ys, noisy, S)
+    res = m.predict(imb)
+    lp0 = m._zero_shot_log_proba(imb)
+    q_zs, _ = estimate_prior(lp0)
+    assert res.details["prior_source"] == "refined" and q_zs.min() < 0.01 < res.details["prior"].min()
+    assert not compatible_marginal(q_zs, np.full((50, 6), 1 / 6)) and compatible_marginal(np.full(6, 1 / 6),
+                                                                                            np.full((50, 6), 1 / 6))
 
 
 def test_refinement_is_a_gda_on_the_pooled_soft_labels_and_support():

@@ -4,7 +4,7 @@
 file plus one line here.
 """
 from .base import NotFittedError, Stage, check_features, check_labels
-from .calibration import estimate_prior, fit_pool_weights, fit_temperature, marginal_test
+from .calibration import compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature, marginal_test
 from .gda import GDA
 from .inmap import InMaP, image_opt, sinkhorn
 from .lpp import LinearProbePP
@@ -14,4 +14,4 @@ STAGES = {"zero-shot": ZeroShot, "inmap": InMaP, "lpp": LinearProbePP, "gda": GD
 
 __all__ = ["Stage", "NotFittedError", "check_features", "check_labels", "ZeroShot", "InMaP", "LinearProbePP", "GDA",
            "sinkhorn", "image_opt", "estimate_prior", "fit_temperature", "fit_pool_weights",
-           "marginal_test", "STAGES"]
+           "marginal_test", "compatible_marginal", "STAGES"]

@@ -7,7 +7,8 @@
 * :func:`estimate_prior`: the class marginal of an unlabelled set by EM on a classifier's posteriors (Saerens,
   Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
 * :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
-  BIC decision against uniform.
+  BIC decision against uniform; :func:`compatible_marginal`: whether another estimate is statistically
+  compatible with those posteriors.
 """
 from __future__ import annotations
 
@@ -149,3 +150,18 @@ def marginal_test(post: np.ndarray):
     gain = float(n * np.sum(q * np.log(np.maximum(q * c, 1e-300))))
     kept = gain > bic_penalty(c, n)
     return (q if kept else np.full(c, 1.0 / c)), gain, bool(kept)
+
+
+def compatible_marginal(q: np.ndarray, post: np.ndarray) -> bool:
+    """Whether the class marginal ``q`` is compatible with the soft class counts of ``post`` [N, C]: their
+    log-likelihood under ``q`` falls short of the best marginal (their mean ``m``) by ``N * KL(m || q)``, and
+    ``q`` is compatible when that stays within the BIC penalty ``(C-1)/2 log N`` (a ``q`` with no mass on a
+    class that ``post`` gives some is never compatible)."""
+    post = np.asarray(post, dtype=np.float64)
+    n, c = post.shape
+    m = post.sum(axis=0)
+    m /= m.sum()
+    q = np.asarray(q, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        kl = float(np.sum(np.where(m > 0, m * (np.log(np.maximum(m, 1e-300)) - np.log(q)), 0.0)))
+    return bool(np.isfinite(kl) and n * kl <= bic_penalty(c, n))

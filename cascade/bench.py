@@ -9,8 +9,9 @@ embeddings and optionally ``n_seen``. For each task this prints top-1/top-5 (%) 
   lpp                LP++ over the seen classes, authors' protocol (300 epochs, epoch chosen on val rows)
   seed-cascade       the seeds' routing: InMaP (Sinkhorn) over all classes, predicted-unseen queries keep
                      its ranking, the rest LP++ (as above)
-  cascade            the default Cascade (cascade.router); val rows used only for calibration and
-                     for the experts' weight (held-out log-likelihood)
+  cascade            the default Cascade (cascade.router: zero-shot + LP++ + InMaP pooled, refined by a
+                     transductive GDA, routed by the joint posterior); val rows used only for calibration
+                     and for the pooling exponents (held-out log-likelihood)
 
 ``query_y`` is read only by the scoring code, after every method has produced its scores.
 """

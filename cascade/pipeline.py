@@ -31,6 +31,20 @@ class PipelineError(ValueError):
     """An expected failure of train/test (missing model, weights, mismatched classes): one clear line."""
 
 
+def _log_marginal(details: dict) -> None:
+    """One line on the class marginal the cascade used for the query set (docs/stages.md, step 2)."""
+    q, source = details.get("prior"), details.get("prior_source")
+    if q is None:
+        return
+    q = np.asarray(q)
+    if np.allclose(q, 1.0 / len(q)):
+        _log(f"class marginal over these images: uniform over {len(q)} classes (no evidence of imbalance)")
+        return
+    how = {"zero-shot": "zero-shot EM", "refined": "the refined posterior"}.get(source, str(source))
+    _log(f"class marginal over these images: estimated ({how}); largest class {q.max() * 100:.1f} %, "
+         f"smallest {q.min() * 100:.2f} %")
+
+
 def _log(msg: str) -> None:
     print(f"[cascade] {msg}", file=sys.stderr, flush=True)
 
@@ -506,6 +520,7 @@ def test(cfg, progress: bool = True) -> dict:
                                                            model_dir)
             query.update(lazy)
         pred = cascade.predict(query)
+        _log_marginal(pred.details)
         for enc in sp_encoders:
             enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)

@@ -12,8 +12,9 @@
    (``marginal_test``). It becomes the Sinkhorn marginal of the transductive stage;
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
-   ``softmax(w1 log p1 + w2 log p_seen)`` of the transductive stage and the seen stages (weights fitted on the
-   validation rows), scaled to stage 1's seen mass; the unseen classes keep stage 1's probabilities. The
+   ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot)`` of the transductive stage, the seen stages and
+   zero-shot (exponents fitted on the validation rows), scaled to stage 1's seen mass; the unseen classes keep
+   stage 1's probabilities. The
    ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance Gaussian classifier) is then
    fitted on the queries with that distribution as soft labels plus the labelled support rows, and its
    posterior (temperature fitted on the validation rows) is the final score over all classes;
@@ -86,9 +87,9 @@ class Cascade:
     seen_stages : sequence of Stage
         Inductive stages over the seen classes; ``fit(X, y, text=..., val=...)``. Default
         ``[LinearProbePP(epochs=100, select="last")]`` (the authors run 300 epochs; see "Speed").
-    refine : Stage or None
-        Transductive refinement over all classes, ``fit(X, soft_labels, n_classes=C)`` (default
-        ``GDA(shrinkage=0.5)``); None: the pooled distribution is the final score.
+    refine : Stage, None or "default"
+        Transductive refinement over all classes, ``fit(X, soft_labels, n_classes=C)``; "default":
+        ``GDA(shrinkage=0.5)``; None: the pooled distribution is the final score.
     prior : "estimate" | "stage"
         "estimate": the router estimates the query set's class marginal (step 2) and sets it as the
         transductive stage's ``prior`` (when it has one); "stage": the stage's own setting is used.
@@ -98,7 +99,8 @@ class Cascade:
         Weight per CLIP backbone (normalised to sum 1); None = equal weights over the backbones present
         in both ``support`` and ``text``.
     combine : "pool" | "replace"
-        How the seen block is scored: the pool of stage 1 and the seen stages, or the seen stages alone.
+        How the seen block is scored: the pool of stage 1, the seen stages and zero-shot, or the seen stages
+        alone.
     calibrate : bool
         Fit temperatures and pooling weights on held-out labelled rows (zero-shot and stage 1 on the support
         rows, whose labels they never see; the seen stages, the pools and the refinement on the validation

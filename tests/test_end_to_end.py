@@ -137,6 +137,7 @@ def test_result_file_lists_every_test_image_once_sorted(workspace, tested):
     for line in lines:
         idx = [int(t) for t in line.rsplit(" ", 5)[1:]]
         assert len(idx) == 5 and len(set(idx)) == 5 and all(0 <= i < 403 for i in idx)
+    assert "class marginal over these images: " in tested.stderr      # the cascade says which marginal it used
 
 
 def test_unreadable_test_images_are_listed_and_reported(workspace, tested):

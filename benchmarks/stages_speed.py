@@ -69,7 +69,7 @@ def timed(label, fn, rows):
     out = fn()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows.append((label, dt, cpu))
-    print(f"  {label:<52}{dt:8.2f} s  (cpu {cpu:6.2f} s)", flush=True)
+    print(f"  {label:<58}{dt:8.2f} s  (cpu {cpu:6.2f} s)", flush=True)
     return out
 
 
@@ -110,7 +110,7 @@ def main(argv=None):
           lambda: casc.fit(support, ys, text, a.classes, val=val if val[1].size else None), rows)
     res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)", lambda: casc.predict(query), rows)
     total, cpu = rows[-1][1] + rows[-2][1], rows[-1][2] + rows[-2][2]
-    print(f"  {'TOTAL default cascade (fit + predict, all stages)':<52}{total:8.2f} s  (cpu {cpu:6.2f} s)")
+    print(f"  {'TOTAL default cascade (fit + predict, all stages)':<58}{total:8.2f} s  (cpu {cpu:6.2f} s)")
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
     return 0

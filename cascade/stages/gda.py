@@ -9,8 +9,8 @@ The rows that estimate it may carry hard labels (support rows) or soft labels (a
 the cascade's for the unlabelled queries): every row counts towards every class with its weight, so
 ``mu_k = sum_i y_ik x_i / sum_i y_ik``, ``pi_k`` is proportional to ``sum_i y_ik``, and ``Sigma`` is the pooled
 within-class scatter. With few rows per dimension the scatter is shrunk towards a multiple of the identity with
-the same trace: ``(1 - shrinkage) S + shrinkage tr(S) / D I`` (Ledoit & Wolf's target; at 0.5 the discriminant
-is halfway between Fisher's and the nearest class mean).
+the same trace: ``(1 - shrinkage) S + shrinkage tr(S) / D I`` (Ledoit & Wolf's target; shrinkage 0 is Fisher's
+discriminant, 1 the nearest-class-mean rule in Euclidean distance).
 
 In the cascade (``cascade.router``) this is the transductive refinement: fitted on the queries with the
 combined posterior of the other stages as soft labels, plus the labelled support rows, it re-scores every

@@ -13,9 +13,12 @@
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
    ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot)`` of the transductive stage, the seen stages and
-   zero-shot (exponents fitted on the validation rows), scaled to stage 1's seen mass; the unseen classes keep
-   stage 1's probabilities. The
-   ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance Gaussian classifier) is then
+   zero-shot (exponents fitted on the validation rows); the split between the seen block and each unseen
+   class comes from the pool of the two experts over ALL classes, ``softmax(v1 log p1 + v2 log p_zero-shot)``
+   (exponents fitted on the validation rows over all classes, so probability a seen row puts on unseen
+   classes counts against an expert; 1/2 each without validation rows). A transductive stage that has
+   drifted from the truth (InMaP on a few dozen queries, say) thus cannot move queries into or out of the
+   unseen classes either. The ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance Gaussian classifier) is then
    fitted on the queries with that distribution as soft labels plus the labelled support rows, and its
    posterior (temperature fitted on the validation rows) is the final score over all classes;
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
@@ -267,13 +270,14 @@ class Cascade:
             total = lp if total is None else total + lp
         return None if total is None else log_softmax(total)
 
-    def _pool(self, lp_first: np.ndarray, lp_seen, others=(), weights=None) -> np.ndarray:
-        """Distribution over all classes: ``lp_first``'s (an expert over all classes), with its seen block
-        replaced, at the same total mass, by the log-linear pool ``softmax(w_0 lp_first + w_1 lp_seen +
-        sum_j w_j others_j)`` over the seen classes (``combine="pool"``; ``others``: more experts' log-probabilities
-        over the seen classes) or by ``softmax(lp_seen)`` (``combine="replace"``)."""
+    def _pool(self, lp_first: np.ndarray, lp_seen, others=(), weights=None, split=None) -> np.ndarray:
+        """Distribution over all classes: ``split``'s (default ``lp_first``; log-probabilities over all classes),
+        with its seen block replaced, at the same total mass, by the log-linear pool ``softmax(w_0 lp_first +
+        w_1 lp_seen + sum_j w_j others_j)`` over the seen classes (``combine="pool"``; ``lp_first``: an expert
+        over all classes; ``others``: more experts' log-probabilities over the seen classes) or by
+        ``softmax(lp_seen)`` (``combine="replace"``)."""
         S = self.n_seen_
-        out = np.exp(lp_first)
+        out = np.exp(lp_first if split is None else split)
         if lp_seen is None:
             return out
         if self.combine == "pool":
@@ -355,12 +359,20 @@ class Cascade:
         lp1 = log_softmax(a1 * stage.decision_function(xq).astype(np.float64))
 
         # the final pool: stage 1, the seen stages and zero-shot CLIP (the text prior, from which stage 1 drifts)
-        weights = None
+        weights, split_weights = None, None
         if self.combine == "pool" and val is not None and lp_seen is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
             weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
-        scores = self._pool(lp1, lp_seen, [lp0[:, :S]], weights)
+            if S < C:
+                split_weights = fit_pool_weights([lp1v, lp0v], self.val_y_)
+        split = None
+        if self.combine == "pool" and S < C:
+            if split_weights is None:
+                split_weights = np.array([0.5, 0.5])
+            split = log_softmax(split_weights[0] * lp1 + split_weights[1] * lp0)
+            details["split_weights"] = [float(v) for v in split_weights]
+        scores = self._pool(lp1, lp_seen, [lp0[:, :S]], weights, split=split)
         t_ref = None
         if self.refine is not None:
             scores, t_ref = self._refined(xq, scores, val_joint)

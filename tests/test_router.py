@@ -276,3 +276,55 @@ def test_refinement_is_a_gda_on_the_pooled_soft_labels_and_support():
     res = full.predict(query)
     np.testing.assert_allclose(res.scores, expected, atol=1e-6)
     assert res.details["refine_temperature"] == pytest.approx(t)
+
+
+def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classes():
+    """The split between the seen block and the unseen classes is softmax(v1 log p1 + v2 log p0) over all
+    classes, (v1, v2) fitted on the val rows over all classes. A stage 1 that is pure noise cannot move queries
+    into or out of the unseen classes: routing follows zero-shot CLIP instead of the noise. Without val rows the
+    exponents are 1/2 each."""
+    from cascade.stages.base import Stage, log_softmax
+    from cascade.stages.calibration import fit_pool_weights, fit_temperature
+
+    class NoiseStage(Stage):
+        """Logits unrelated to the classes (a transductive stage gone wrong)."""
+
+        def __init__(self, seed: int = 0):
+            self.seed = seed
+
+        def fit(self, X, *, text=None):
+            self.proj_ = np.random.default_rng(self.seed).standard_normal((X.shape[1], text.shape[0]))
+            return self
+
+        def decision_function(self, X):
+            return 5.0 * np.asarray(X, np.float64) @ self.proj_
+
+    support, ys, query, yq, text, S = task(n_query=160, seed=13)
+    seen = yq < S
+    val = ({k: v[seen] for k, v in query.items()}, yq[seen])
+    m = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage")
+    res = m.fit(support, ys, text, S, val=val).predict(query)
+    xq, sj = m._joint(query), m._joint(m.support_)
+    st = NoiseStage().fit(xq, text=m._joint(m.text_))
+    a1 = fit_temperature(st.decision_function(sj), ys)
+    lp1 = log_softmax(a1 * st.decision_function(xq))
+    lp0 = m._zero_shot_log_proba(query)
+    lp1v = log_softmax(a1 * st.decision_function(m._joint(val[0])))
+    v = fit_pool_weights([lp1v, m._zero_shot_log_proba(val[0])], val[1])
+    np.testing.assert_allclose(res.details["split_weights"], v)
+    split = np.exp(log_softmax(v[0] * lp1 + v[1] * lp0))
+    np.testing.assert_allclose(res.scores[:, S:], split[:, S:], atol=1e-6)
+    np.testing.assert_allclose(res.scores[:, :S].sum(1), split[:, :S].sum(1), atol=1e-6)
+    routed = res.scores.argmax(1) >= S
+    assert np.mean(routed == (lp0.argmax(1) >= S)) > 0.9 and np.mean(routed == (yq >= S)) > 0.85
+    assert np.mean(routed == (lp1.argmax(1) >= S)) < 0.8
+    # without val rows: 1/2 each
+    no_val = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage")
+    nv = no_val.fit(support, ys, text, S).predict(query)
+    assert nv.details["split_weights"] == [0.5, 0.5]
+    np.testing.assert_allclose(nv.scores[:, S:], np.exp(log_softmax(0.5 * lp1 + 0.5 * lp0))[:, S:], atol=1e-6)
+    # the seeds' cascade (combine="replace") keeps stage 1's split
+    rep = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage",
+                  combine="replace").fit(support, ys, text, S, val=val).predict(query)
+    assert "split_weights" not in rep.details
+    np.testing.assert_allclose(rep.scores[:, S:], np.exp(lp1)[:, S:], atol=1e-6)

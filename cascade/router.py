@@ -360,11 +360,12 @@ class Cascade:
 
         # the final pool: stage 1, the seen stages and zero-shot CLIP (the text prior, from which stage 1 drifts)
         weights, split_weights = None, None
-        if self.combine == "pool" and val is not None and lp_seen is not None:
+        if self.combine == "pool" and val is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
-            weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
-            if S < C:
+            if lp_seen is not None:
+                weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
+            if S < C:   # the seen/unseen split: the two experts over all classes, pooled over all classes
                 split_weights = fit_pool_weights([lp1v, lp0v], self.val_y_)
         split = None
         if self.combine == "pool" and S < C:

@@ -323,6 +323,11 @@ def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classe
     nv = no_val.fit(support, ys, text, S).predict(query)
     assert nv.details["split_weights"] == [0.5, 0.5]
     np.testing.assert_allclose(nv.scores[:, S:], np.exp(log_softmax(0.5 * lp1 + 0.5 * lp0))[:, S:], atol=1e-6)
+    # without seen stages the split is still fitted on the val rows (and is then the whole distribution)
+    alone = Cascade(NoiseStage(), seen_stages=[], refine=None, prior="stage").fit(support, ys, text, S, val=val)
+    al = alone.predict(query)
+    np.testing.assert_allclose(al.details["split_weights"], v)
+    np.testing.assert_allclose(al.scores, split, atol=1e-6)
     # the seeds' cascade (combine="replace") keeps stage 1's split
     rep = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage",
                   combine="replace").fit(support, ys, text, S, val=val).predict(query)

@@ -1,7 +1,8 @@
 """Does the cascade's lead generalise beyond the four shared tasks? Score every method on many variants of them.
 
     .venv/bin/python benchmarks/generalisation.py [TASK.npz ...] [--redraws 5] [--noise 0.5,1.0,1.5]
-                                                  [--no-merge] [--query-frac 0.8] [--set KEY=VALUE ...] [--json]
+                                                  [--no-merge] [--query-frac 0.8] [--no-val] [--set KEY=VALUE ...]
+                                                  [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
 only to score, as in ``python -m cascade bench``):
@@ -16,8 +17,12 @@ only to score, as in ``python -m cascade bench``):
   falls (to about 85-91 % at 0.5, 55-67 % at 1.0, 33-54 % at 1.5), standing in for harder tasks whose class names
   CLIP knows less well; support and query images are untouched.
 
+``--no-val`` drops every task's validation rows after the suite is built (no method sees them: LP++ keeps its last
+epoch, the cascade calibrates on its support rows out of fold), as for a submission that may use only the few
+labelled shots.
+
 ``--set`` changes the ``cascade`` row (an ablation): ``refine=none``, ``gda.shrinkage=0.3``, ``inmap.n_iter=2000``,
-``lpp.epochs=300``, ``prior=stage``, ``routing=stage1``, ``combine=replace``, ``calibrate=false``.
+``lpp.epochs=300``, ``prior=stage``, ``routing=stage1``, ``combine=replace``, ``calibrate=false``, ``cv_folds=0``.
 
 For each task it prints top-1 per method; then, per group, the mean top-1 of each method, the mean difference of
 the cascade to the best single method (zero-shot, InMaP either way, LP++) and to the seeds' cascade, and on how
@@ -71,7 +76,7 @@ def cascade_kwargs(settings) -> dict:
             stages[head][param] = value(val)
         elif key == "refine":
             refine = str(val).lower() not in ("none", "", "false")
-        elif key in ("prior", "routing", "combine", "calibrate"):
+        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds"):
             kw[key] = value(val)
         else:
             raise SystemExit(f"--set {item!r}: unknown key {key!r}")
@@ -144,6 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--noise", default="0.5,1.0,1.5", help="text-noise sigmas, comma-separated ('' for none)")
     p.add_argument("--query-frac", type=float, default=0.8, help="share of the queries a redrawn task keeps")
     p.add_argument("--no-merge", action="store_true", help="no merged task")
+    p.add_argument("--no-val", action="store_true", help="drop the validation rows of every task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the cascade row (repeatable), e.g. --set refine=none --set inmap.n_iter=2000")
     p.add_argument("--json", action="store_true", help="one JSON object per task, then a summary object")
@@ -154,10 +160,14 @@ def main(argv=None) -> int:
         p.error("--query-frac must lie in (0, 1]")
     kwargs = cascade_kwargs(args.set)
     suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge)
+    if args.no_val:
+        for _, _, task in suite:
+            task.pop("val_x"), task.pop("val_y")
     t0 = time.perf_counter()
     rows = []
     if not args.json:
         print(f"{len(suite)} tasks; top-1 % on the queries ({os.cpu_count()} CPUs)"
+              + ("; no validation rows" if args.no_val else "")
               + (f"; cascade row with {' '.join(args.set)}" if args.set else ""))
         print(f"{'group':<11}{'task':<22}" + "".join(f"{m:>17}" for m in ROWS))
     for group, name, task in suite:

@@ -29,8 +29,9 @@
 ``combine="replace"`` (the seeds' cascade) gives the seen block to the seen stages alone. Several CLIP backbones:
 the transductive stage and the refinement run once on the concatenation of the backbones' features scaled by
 ``sqrt(w_b)`` (text likewise), so cosine logits become the weighted sum of per-backbone cosines and rows stay
-unit-norm. Every weight and temperature is fitted on labelled rows the expert did not train on; query labels
-are never used. See docs/stages.md.
+unit-norm. Every weight and temperature is fitted on labelled rows the expert did not train on: the validation
+rows or, without them, the support rows scored out of fold (``cv_folds``: LP++ and the refinement refitted
+without each fold). Query labels are never used. See docs/stages.md.
 """
 from __future__ import annotations
 
@@ -107,8 +108,15 @@ class Cascade:
     calibrate : bool
         Fit temperatures and pooling weights on held-out labelled rows (zero-shot and stage 1 on the support
         rows, whose labels they never see; the seen stages, the pools and the refinement on the validation
-        rows). Without validation rows the pools get unit weights and the refinement's temperature is fitted
-        to its own soft labels. False: CLIP's fixed scale, unit weights, temperature 1 for everything.
+        rows). Without validation rows, the support rows scored out of fold stand in for them (``cv_folds``).
+        False: CLIP's fixed scale, unit weights, temperature 1 for everything.
+    cv_folds : int
+        Without validation rows (and ``calibrate=True``): the support rows are split into this many folds per
+        class, the seen stages refitted on the other folds score each fold, the refinement likewise leaves each
+        fold out, and these out-of-fold scores of the support rows calibrate everything the validation rows
+        would (rows of a class with a single support row cannot be held out and are left out). 0 or 1: no
+        held-out rows; the pools then get unit weights and the refinement's temperature is fitted to its own
+        soft labels.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -118,7 +126,7 @@ class Cascade:
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
-                 combine: str = "pool", calibrate: bool = True, specialists=()):
+                 combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=()):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
@@ -130,6 +138,7 @@ class Cascade:
         self.backbone_weights = backbone_weights
         self.combine = combine
         self.calibrate = calibrate
+        self.cv_folds = cv_folds
         self.specialists = list(specialists)
 
     def _check_params(self):
@@ -140,6 +149,8 @@ class Cascade:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.refine is not None and not isinstance(self.refine, Stage):
             raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
+        if not isinstance(self.cv_folds, (int, np.integer)) or self.cv_folds < 0:
+            raise ValueError(f"cv_folds must be a non-negative integer, got {self.cv_folds!r}")
 
     # ------------------------------------------------------------------------------------------------
     def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
@@ -201,11 +212,21 @@ class Cascade:
                 per_backbone[k] = st.fit(sups[k], y, text=texts[k][:n_seen], **kw)
             fitted.append(per_backbone)
         self.seen_fitted_ = fitted
+        # held-out labelled rows: the validation rows, or else the support rows scored out of fold
+        self.val_folds_, self.val_seen_logits_ = None, None
+        if self.calibrate and val_sets is None and self.cv_folds > 1:
+            folds = _folds(y, self.cv_folds)
+            keep = folds >= 0
+            if keep.any():
+                val_sets = {k: v[keep] for k, v in sups.items()}
+                vy = y[keep]
+                self.val_folds_ = folds[keep]
+                self.val_seen_logits_ = [z[keep] for z in self._oof_seen_logits(folds)]
         use_val = self.calibrate and val_sets is not None
         temps = [1.0] * len(fitted)
         if use_val:
-            for i, per_backbone in enumerate(fitted):
-                temps[i] = fit_temperature(self._combined_logits(per_backbone, val_sets, self.weights_), vy)
+            for i in range(len(fitted)):
+                temps[i] = fit_temperature(self._held_out_seen_logits(i, val_sets), vy)
         self.seen_temperatures_ = temps
         # zero-shot CLIP over all classes, its temperature fitted on the support rows (it never saw them)
         self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(sups), y) if self.calibrate
@@ -224,9 +245,40 @@ class Cascade:
         """Zero-shot's and the seen stages' log-probabilities of the validation rows (computed once)."""
         cache = getattr(self, "_val_cache", None)
         if cache is None or cache[0] is not self.val_:
-            cache = (self.val_, self._zero_shot_log_proba(self.val_), self._seen_log_proba(self.val_))
+            if getattr(self, "val_seen_logits_", None) is None:
+                lp_seen = self._seen_log_proba(self.val_)
+            else:
+                lp_seen = self._seen_log_proba(None, logits=self.val_seen_logits_)
+            cache = (self.val_, self._zero_shot_log_proba(self.val_), lp_seen)
             self._val_cache = cache
         return cache[1], cache[2]
+
+    def _held_out_seen_logits(self, i: int, feats: dict) -> np.ndarray:
+        """Seen stage ``i``'s combined logits of the held-out rows (out of fold when they are support rows)."""
+        if getattr(self, "val_seen_logits_", None) is not None:
+            return self.val_seen_logits_[i]
+        return self._combined_logits(self.seen_fitted_[i], feats, self.weights_)
+
+    def _oof_seen_logits(self, folds: np.ndarray) -> list:
+        """Each seen stage's combined logits [Ns, S] of the support rows, every fold scored by the stage refitted
+        on the other folds (rows of fold -1 are always in training and scored by the full model)."""
+        y = self.support_y_
+        out = [np.empty((y.shape[0], self.n_seen_)) for _ in self.seen_stages]
+        for f in range(-1, int(folds.max()) + 1):
+            test = np.flatnonzero(folds == f)
+            if test.size == 0:
+                continue
+            feats = {k: v[test] for k, v in self.support_.items()}
+            if f < 0:
+                fitted = self.seen_fitted_
+            else:
+                train = np.flatnonzero(folds != f)
+                fitted = [{k: _clone(proto).fit(self.support_[k][train], y[train],
+                                                text=self.text_[k][:self.n_seen_])
+                           for k in self.backbones_} for proto in self.seen_stages]
+            for i, per_backbone in enumerate(fitted):
+                out[i][test] = self._combined_logits(per_backbone, feats, self.weights_)
+        return out
 
     def _weights(self, keys) -> dict:
         if self.backbone_weights is None:
@@ -261,12 +313,13 @@ class Cascade:
     def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
         return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
 
-    def _seen_log_proba(self, feats: dict):
+    def _seen_log_proba(self, feats: dict, logits=None):
         """The seen stages' calibrated log-probabilities over the seen classes, summed over stages (rows
-        normalised); None without seen stages."""
+        normalised); None without seen stages. ``logits``: the stages' combined logits, when already computed."""
         total = None
-        for per_backbone, a in zip(self.seen_fitted_, self.seen_temperatures_):
-            lp = log_softmax(a * self._combined_logits(per_backbone, feats, self.weights_))
+        for i, (per_backbone, a) in enumerate(zip(self.seen_fitted_, self.seen_temperatures_)):
+            z = self._combined_logits(per_backbone, feats, self.weights_) if logits is None else logits[i]
+            lp = log_softmax(a * z)
             total = lp if total is None else total + lp
         return None if total is None else log_softmax(total)
 
@@ -296,10 +349,21 @@ class Cascade:
         sj = self._joint(self.support_)
         onehot = np.zeros((len(self.support_y_), C))
         onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
-        g = _clone(self.refine).fit(np.concatenate([xq, sj]), np.concatenate([soft, onehot]), n_classes=C)
+        X, Y = np.concatenate([xq, sj]), np.concatenate([soft, onehot])
+        g = _clone(self.refine).fit(X, Y, n_classes=C)
         z = g.decision_function(xq)
+        folds = getattr(self, "val_folds_", None)
         if not self.calibrate:
             t = 1.0
+        elif val_joint is not None and folds is not None:
+            # the held-out rows are support rows: each fold scored by the refinement fitted without it
+            support_folds = _folds(self.support_y_, self.cv_folds)
+            zv = np.empty((len(folds), C))
+            for f in np.unique(folds):
+                train = np.concatenate([np.ones(len(xq), bool), support_folds != f])
+                zv[folds == f] = _clone(self.refine).fit(X[train], Y[train], n_classes=C).decision_function(
+                    val_joint[folds == f])
+            t = fit_temperature(zv, self.val_y_)
         elif val_joint is not None:
             t = fit_temperature(g.decision_function(val_joint), self.val_y_)
         else:
@@ -445,28 +509,10 @@ class Cascade:
         the full model. Use these to choose a specialist's blending weight without touching query labels.
         """
         self._check_fitted()
-        y = self.support_y_
-        rng = np.random.default_rng(random_state)
-        fold = np.full(y.shape[0], -1)
-        for c in np.unique(y):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            if idx.size >= 2:
-                fold[idx] = np.arange(idx.size) % min(n_folds, idx.size)
+        logits = self._oof_seen_logits(_folds(self.support_y_, n_folds, random_state))
         lp0 = self._zero_shot_log_proba(self.support_)
-        out = np.empty((y.shape[0], self.n_classes_))
-        for f in range(-1, max(n_folds, 1)):
-            test = np.flatnonzero(fold == f)
-            if test.size == 0:
-                continue
-            train = np.flatnonzero(fold != f) if f >= 0 else np.arange(y.shape[0])
-            sub = Cascade(self.transductive, self.seen_stages, refine=None, backbone_weights=self.backbone_weights,
-                          combine=self.combine, calibrate=False)
-            sub.fit({k: v[train] for k, v in self.support_.items()}, y[train], self.text_, self.n_seen_)
-            sub.seen_temperatures_ = list(self.seen_temperatures_)
-            feats = {k: v[test] for k, v in self.support_.items()}
-            p = self._pool(lp0[test], sub._seen_log_proba(feats), weights=self.inductive_pool_)
-            out[test] = p / p.sum(axis=1, keepdims=True)
-        return out
+        p = self._pool(lp0, self._seen_log_proba(None, logits=logits), weights=self.inductive_pool_)
+        return p / p.sum(axis=1, keepdims=True)
 
     # ------------------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
@@ -481,6 +527,10 @@ class Cascade:
                 arrays[f"val/{i}"] = self.val_[k]
         if getattr(self, "val_", None) is not None:
             arrays["val_y"] = self.val_y_
+        if getattr(self, "val_folds_", None) is not None:      # held-out rows = support rows out of fold
+            arrays["val_folds"] = self.val_folds_
+            for j, z in enumerate(self.val_seen_logits_):
+                arrays[f"val_seen/{j}"] = z
         stages_meta = []
         for j, per_backbone in enumerate(self.seen_fitted_):
             metas = []
@@ -495,7 +545,8 @@ class Cascade:
             "backbones": self.backbones_, "weights": self.weights_, "n_classes": self.n_classes_,
             "n_seen": self.n_seen_, "seen_temperatures": self.seen_temperatures_,
             "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
-            "combine": self.combine, "calibrate": self.calibrate, "prior": self.prior, "routing": self.routing,
+            "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
+            "prior": self.prior, "routing": self.routing,
             "backbone_weights": self.backbone_weights,
             "transductive": _proto(self.transductive),
             "refine": _proto(self.refine) if self.refine is not None else None,
@@ -519,7 +570,7 @@ class Cascade:
         obj = cls(build(meta["transductive"]), [build(m) for m in meta["seen_prototypes"]],
                   refine=build(meta["refine"]) if meta["refine"] is not None else None, prior=meta["prior"],
                   routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],
-                  calibrate=meta["calibrate"], specialists=specialists)
+                  calibrate=meta["calibrate"], cv_folds=meta.get("cv_folds", 4), specialists=specialists)
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]
@@ -535,6 +586,9 @@ class Cascade:
             obj.val_y_ = arrays["val_y"]
         else:
             obj.val_, obj.val_y_ = None, None
+        obj.val_folds_ = arrays.get("val_folds")
+        obj.val_seen_logits_ = ([arrays[f"val_seen/{j}"] for j in range(len(meta["seen_fitted"]))]
+                                if obj.val_folds_ is not None else None)
         fitted = []
         for j, metas in enumerate(meta["seen_fitted"]):
             per_backbone = {}
@@ -545,6 +599,19 @@ class Cascade:
             fitted.append(per_backbone)
         obj.seen_fitted_ = fitted
         return obj
+
+
+def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold of each row, per class round-robin after a seeded shuffle (so every fold holds about the same share
+    of every class and each training part keeps every class); -1 for the rows of a class with a single row,
+    which cannot be held out."""
+    rng = np.random.default_rng(seed)
+    fold = np.full(y.shape[0], -1)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if idx.size >= 2:
+            fold[idx] = np.arange(idx.size) % min(n_folds, idx.size)
+    return fold
 
 
 def _proto(stage: Stage) -> dict:

@@ -219,8 +219,9 @@ def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_
     w = res.details["pool_weights"]
     assert len(w) == 3 and all(x >= 0 for x in w) and len(m.inductive_pool_) == 2
     assert res.details["refine_temperature"] > 0
-    no_val = small().fit(support, ys, text, S).predict(query)
-    assert no_val.details["pool_weights"] is None and small().fit(support, ys, text, S).inductive_pool_ is None
+    bare = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], cv_folds=0)
+    no_val = bare.fit(support, ys, text, S).predict(query)
+    assert no_val.details["pool_weights"] is None and bare.inductive_pool_ is None
     back = Cascade.load(m.save(tmp_path / "m").parent)
     assert back.predict(query).details["pool_weights"] == w
     np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
@@ -282,7 +283,7 @@ def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classe
     """The split between the seen block and the unseen classes is softmax(v1 log p1 + v2 log p0) over all
     classes, (v1, v2) fitted on the val rows over all classes. A stage 1 that is pure noise cannot move queries
     into or out of the unseen classes: routing follows zero-shot CLIP instead of the noise. Without val rows the
-    exponents are 1/2 each."""
+    exponents are 1/2 each (cv_folds=0: no held-out rows at all)."""
     from cascade.stages.base import Stage, log_softmax
     from cascade.stages.calibration import fit_pool_weights, fit_temperature
 
@@ -318,8 +319,9 @@ def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classe
     routed = res.scores.argmax(1) >= S
     assert np.mean(routed == (lp0.argmax(1) >= S)) > 0.9 and np.mean(routed == (yq >= S)) > 0.85
     assert np.mean(routed == (lp1.argmax(1) >= S)) < 0.8
-    # without val rows: 1/2 each
-    no_val = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage")
+    # without held-out rows: 1/2 each
+    no_val = Cascade(NoiseStage(), [LinearProbePP(epochs=40, select="last")], refine=None, prior="stage",
+                     cv_folds=0)
     nv = no_val.fit(support, ys, text, S).predict(query)
     assert nv.details["split_weights"] == [0.5, 0.5]
     np.testing.assert_allclose(nv.scores[:, S:], np.exp(log_softmax(0.5 * lp1 + 0.5 * lp0))[:, S:], atol=1e-6)
@@ -333,3 +335,61 @@ def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classe
                   combine="replace").fit(support, ys, text, S, val=val).predict(query)
     assert "split_weights" not in rep.details
     np.testing.assert_allclose(rep.scores[:, S:], np.exp(lp1)[:, S:], atol=1e-6)
+
+
+def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
+    """No validation rows: the support rows, each scored by LP++ refitted without its fold and by the GDA
+    refitted without its fold, stand in for them (the rows of a class with one support row are left out); the
+    fitted model saves and loads them."""
+    from cascade.router import _folds
+    from cascade.stages import GDA
+    from cascade.stages.base import log_softmax
+    from cascade.stages.calibration import fit_pool_weights, fit_temperature
+
+    support, ys, query, yq, text, S = task(n_query=120, seed=14)
+    drop = np.flatnonzero(ys == 2)[1:]                       # class 2 keeps a single support row
+    support = {k: np.delete(v, drop, axis=0) for k, v in support.items()}
+    ys = np.delete(ys, drop)
+    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")]).fit(support, ys, text, S)
+    folds = _folds(ys, 4)
+    assert np.all(folds[ys == 2] == -1) and set(folds[ys != 2]) == {0, 1, 2, 3}
+    keep = folds >= 0
+    np.testing.assert_array_equal(m.val_y_, ys[keep])
+    np.testing.assert_array_equal(m.val_folds_, folds[keep])
+    # LP++ refitted per fold, its temperature fitted on those out-of-fold logits
+    oof = np.empty((keep.sum(), S))
+    for f in range(4):
+        train, test = folds != f, folds == f
+        z = 0
+        for k in support:
+            st = LinearProbePP(epochs=40, select="last").fit(support[k][train], ys[train], text=text[k][:S])
+            z = z + 0.5 * st.decision_function(support[k][test])
+        oof[folds[keep] == f] = z
+    np.testing.assert_allclose(m.val_seen_logits_[0], oof, rtol=1e-5, atol=1e-5)
+    assert m.seen_temperatures_[0] == pytest.approx(fit_temperature(oof, ys[keep]), rel=1e-4)
+    lp0 = m._zero_shot_log_proba({k: v[keep] for k, v in support.items()})
+    lp_seen = log_softmax(m.seen_temperatures_[0] * oof)
+    np.testing.assert_allclose(m.inductive_pool_, fit_pool_weights([lp0[:, :S], lp_seen], ys[keep]), rtol=1e-4)
+    res = m.predict(query)
+    assert res.details["pool_weights"] is not None and res.details["split_weights"] != [0.5, 0.5]
+    # the refinement's temperature: each fold scored by a GDA fitted on the queries and the other folds
+    plain = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None).fit(support, ys,
+                                                                                                   text, S)
+    soft = plain.predict(query).scores
+    xq, sj = m._joint(query), m._joint(m.support_)
+    C = soft.shape[1]
+    X, Y = np.concatenate([xq, sj]), np.concatenate([soft, np.eye(C)[ys]])
+    zv = np.empty((keep.sum(), C))
+    for f in range(4):
+        train = np.concatenate([np.ones(len(xq), bool), folds != f])
+        zv[folds[keep] == f] = GDA().fit(X[train], Y[train], n_classes=C).decision_function(sj[folds == f])
+    t = fit_temperature(zv, ys[keep])
+    assert res.details["refine_temperature"] == pytest.approx(t, rel=1e-4)
+    expected = np.exp(log_softmax(t * GDA().fit(X, Y, n_classes=C).decision_function(xq)))
+    np.testing.assert_allclose(res.scores, expected, atol=1e-6)
+    # saved and loaded: the same predictions
+    back = Cascade.load(m.save(tmp_path / "m").parent)
+    np.testing.assert_array_equal(back.val_folds_, m.val_folds_)
+    np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="cv_folds"):
+        Cascade(cv_folds=-1).fit(support, ys, text, S)

@@ -16,11 +16,12 @@
    zero-shot (exponents fitted on the validation rows); the split between the seen block and each unseen
    class comes from the pool of the two experts over ALL classes, ``softmax(v1 log p1 + v2 log p_zero-shot)``
    (exponents fitted on the validation rows over all classes, so probability a seen row puts on unseen
-   classes counts against an expert; 1/2 each without validation rows). A transductive stage that has
+   classes counts against an expert; 1/2 each without held-out rows). A transductive stage that has
    drifted from the truth (InMaP on a few dozen queries, say) thus cannot move queries into or out of the
-   unseen classes either. The ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance Gaussian classifier) is then
-   fitted on the queries with that distribution as soft labels plus the labelled support rows, and its
-   posterior (temperature fitted on the validation rows) is the final score over all classes;
+   unseen classes either. The ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance
+   Gaussian classifier) is then fitted on the queries with that distribution as soft labels plus the labelled
+   support rows, and its posterior (temperature fitted on the validation rows) is the final score over all
+   classes;
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
    leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
    domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's

@@ -162,6 +162,7 @@ class Cascade:
         calibration only.
         """
         self._check_params()
+        self._oof_cache = None          # out-of-fold logits of an earlier fit's support rows
         support = _as_dict("support", support)
         text = _as_dict("text", text)
         keys = [k for k in text if k in support]
@@ -262,7 +263,11 @@ class Cascade:
 
     def _oof_seen_logits(self, folds: np.ndarray) -> list:
         """Each seen stage's combined logits [Ns, S] of the support rows, every fold scored by the stage refitted
-        on the other folds (rows of fold -1 are always in training and scored by the full model)."""
+        on the other folds (rows of fold -1 are always in training and scored by the full model). Computed once
+        per fold assignment (``fit`` without validation rows and ``support_oof_proba`` share them)."""
+        cache = getattr(self, "_oof_cache", None)
+        if cache is not None and np.array_equal(cache[0], folds):
+            return cache[1]
         y = self.support_y_
         out = [np.empty((y.shape[0], self.n_seen_)) for _ in self.seen_stages]
         for f in range(-1, int(folds.max()) + 1):
@@ -279,6 +284,7 @@ class Cascade:
                            for k in self.backbones_} for proto in self.seen_stages]
             for i, per_backbone in enumerate(fitted):
                 out[i][test] = self._combined_logits(per_backbone, feats, self.weights_)
+        self._oof_cache = (folds.copy(), out)
         return out
 
     def _weights(self, keys) -> dict:

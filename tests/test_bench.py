@@ -115,6 +115,33 @@ def test_generalisation_benchmark_small_suite():
     assert sum(s["cascade_beats_seed_cascade"] for s in summary.values()) >= 13
 
 
+def test_generalisation_compare_pairs_the_default_with_the_change():
+    """--compare: per task the default cascade and the --set one on the same task, and per group their paired
+    difference; noisy-text tasks are drawn --noise-seeds times. The default row is the bench's cascade row."""
+    cmd = [sys.executable, "benchmarks/generalisation.py", str(TASKS / "food101.npz"), str(TASKS / "caltech101.npz"),
+           "--redraws", "1", "--noise", "1.0", "--noise-seeds", "2", "--no-merge", "--compare", "--set", "refine=none"]
+    out = subprocess.run(cmd + ["--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    tasks, last = records[:-1], records[-1]
+    assert [t["task"] for t in tasks] == ["food101", "caltech101", "food101@0", "caltech101@0", "food101~1#0",
+                                          "food101~1#1", "caltech101~1#0", "caltech101~1#1"]
+    assert last["change"] == "refine=none"
+    from cascade.bench import evaluate_task, load_task
+    from cascade.metrics import top1_top5
+    task = load_task(TASKS / "food101.npz")
+    labels = task.pop("query_y")
+    assert tasks[0]["default"] == pytest.approx(top1_top5(evaluate_task(task, ("cascade",))["cascade"], labels)["top1"])
+    for group, s in last["summary"].items():
+        d = [t["changed"] - t["default"] for t in tasks if t["group"] == group]
+        assert s["tasks"] == len(d) and s["diff"] == pytest.approx(np.mean(d), abs=1e-3)
+        assert s["wins"] == sum(x > 0 for x in d) and s["losses"] == sum(x < 0 for x in d)
+    # the two noisy draws of a task differ (other redraw, other noise)
+    assert tasks[4]["default"] != tasks[5]["default"] or tasks[6]["default"] != tasks[7]["default"]
+    bad = subprocess.run([sys.executable, "benchmarks/generalisation.py", "--compare"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--compare needs a change" in bad.stderr
+
+
 def test_generalisation_task_transforms():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generalisation import merge, noisy_text, redraw

@@ -207,12 +207,13 @@ def test_gda_is_lda_with_the_shrunk_pooled_covariance():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((30, 4)) + np.repeat(np.eye(3, 4) * 3, 10, axis=0)
     y = np.repeat(np.arange(3), 10)
-    for a in (0.0, 0.5):
-        m = GDA(shrinkage=a).fit(X, y)
+    for a, target in ((0.0, "identity"), (0.5, "identity"), (0.5, "diagonal"), (1.0, "diagonal")):
+        m = GDA(shrinkage=a, target=target).fit(X, y)
         mu = np.stack([X[y == k].mean(0) for k in range(3)])
         R = X - mu[y]
         S = R.T @ R / 30
-        S = (1 - a) * S + a * np.trace(S) / 4 * np.eye(4)
+        T = np.trace(S) / 4 * np.eye(4) if target == "identity" else np.diag(np.diag(S))
+        S = (1 - a) * S + a * T
         P = np.linalg.inv(S)
         ref = X @ P @ mu.T - 0.5 * np.einsum("kd,de,ke->k", mu, P, mu) + np.log(1 / 3)
         z = m.decision_function(X)
@@ -246,6 +247,8 @@ def test_gda_learns_equivariant_and_handles_empty_classes():
     assert np.all(np.isfinite(z)) and not np.any(z.argmax(1) == 3)
     with pytest.raises(ValueError, match="shrinkage"):
         GDA(shrinkage=1.5).fit(sx, ys)
+    with pytest.raises(ValueError, match="target"):
+        GDA(target="ledoit").fit(sx, ys)
     with pytest.raises(ValueError, match="non-negative"):
         GDA().fit(sx, -Y)
     with pytest.raises(ValueError, match="positive total"):
@@ -349,6 +352,6 @@ def test_params_are_stored_unchanged():
     assert InMaP().get_params() == dict(tau_t=0.01, tau_i=0.04, lr=10.0, n_iter=2000, confidence=0.6,
                                         sinkhorn=True, n_sinkhorn=20, gamma=0.0, prior="uniform", tol=None)
     assert LinearProbePP().get_params()["epochs"] == 300
-    assert GDA().get_params() == dict(shrinkage=0.5, class_prior="fit")
+    assert GDA().get_params() == dict(shrinkage=0.5, class_prior="fit", target="identity")
     with pytest.raises(ValueError, match="no hyperparameter"):
         InMaP().set_params(foo=1)

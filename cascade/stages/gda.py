@@ -8,9 +8,10 @@ log-posterior is linear in x::
 The rows that estimate it may carry hard labels (support rows) or soft labels (a posterior over the classes, e.g.
 the cascade's for the unlabelled queries): every row counts towards every class with its weight, so
 ``mu_k = sum_i y_ik x_i / sum_i y_ik``, ``pi_k`` is proportional to ``sum_i y_ik``, and ``Sigma`` is the pooled
-within-class scatter. With few rows per dimension the scatter is shrunk towards a multiple of the identity with
-the same trace: ``(1 - shrinkage) S + shrinkage tr(S) / D I`` (Ledoit & Wolf's target; shrinkage 0 is Fisher's
-discriminant, 1 the nearest-class-mean rule in Euclidean distance).
+within-class scatter. With few rows per dimension the scatter is shrunk towards a target ``T`` with the same
+trace: ``(1 - shrinkage) S + shrinkage T``, where ``T`` is ``tr(S) / D I`` (``target="identity"``, Ledoit & Wolf's;
+shrinkage 0 is Fisher's discriminant, 1 the nearest-class-mean rule in Euclidean distance) or ``diag(S)``
+(``target="diagonal"``, Schafer & Strimmer's "target D": correlations shrink, each dimension keeps its variance).
 
 In the cascade (``cascade.router``) this is the transductive refinement: fitted on the queries with the
 combined posterior of the other stages as soft labels, plus the labelled support rows, it re-scores every
@@ -33,11 +34,14 @@ class GDA(Stage):
         Weight in [0, 1] of the scaled identity in the covariance (0: the pooled scatter alone).
     class_prior : "fit" | "uniform", "fit"
         "fit": ``log pi_k`` from the (soft) class counts of the rows; "uniform": no prior term.
+    target : "identity" | "diagonal", "identity"
+        What the scatter is shrunk towards: the identity scaled to its mean variance, or its own diagonal.
     """
 
-    def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit"):
+    def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit", target: str = "identity"):
         self.shrinkage = shrinkage
         self.class_prior = class_prior
+        self.target = target
 
     def fit(self, X, y, *, n_classes: int | None = None) -> "GDA":
         """Fit on rows ``X`` [N, D] and labels ``y``: integer labels [N] (``n_classes`` defaults to
@@ -46,6 +50,8 @@ class GDA(Stage):
             raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
         if self.class_prior not in ("fit", "uniform"):
             raise ValueError(f"class_prior must be 'fit' or 'uniform', got {self.class_prior!r}")
+        if self.target not in ("identity", "diagonal"):
+            raise ValueError(f"target must be 'identity' or 'diagonal', got {self.target!r}")
         X = check_features(X, "X", normalised=False)              # float32: the large products run in it
         A = _label_weights(y, X.shape[0], n_classes)
         N, D = X.shape
@@ -66,7 +72,7 @@ class GDA(Stage):
         scatter = (scatter + scatter.T) / 2.0
         a = float(self.shrinkage)
         cov = (1.0 - a) * scatter
-        cov[np.diag_indices(D)] += a * np.trace(scatter) / D
+        cov[np.diag_indices(D)] += a * (np.trace(scatter) / D if self.target == "identity" else np.diag(scatter))
         coef = _solve_psd(cov, means.T).T                  # [C, D] = (Sigma^-1 mu_k)^T, mu_k centred
         # z_k(x) = (x - centre) . coef_k - mu_k . coef_k / 2 (+ log prior): the centre moves into the intercept
         intercept = -0.5 * np.einsum("kd,kd->k", coef, means) - coef @ centre

@@ -29,7 +29,7 @@ labelled shots.
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group
 their mean top-1 and the paired difference (changed minus default: mean +- standard error over the tasks, and on
 how many tasks it wins or loses): whether a change helps beyond the noise of single tasks. With many tasks, e.g.
-``--redraws 20 --noise-seeds 4`` (160 tasks), it takes about a minute per row on 2 CPUs.
+``--redraws 20 --noise-seeds 4`` (165 tasks), it takes about a minute per row on 2 CPUs.
 
 For each task it prints top-1 per method; then, per group, the mean top-1 of each method, the mean difference of
 the cascade to the best single method (zero-shot, InMaP either way, LP++) and to the seeds' cascade, and on how

@@ -193,8 +193,13 @@ class Cascade:
             for k in keys:
                 if k not in vfeat:
                     raise ValueError(f"val features lack backbone {k!r}")
-                val_sets[k] = check_features(vfeat[k], f"val[{k!r}]", dim=texts[k].shape[1])
-            vy = check_labels(vy, next(iter(val_sets.values())).shape[0], n_seen, "val_y", require_all=False)
+                val_sets[k] = check_features(vfeat[k], f"val[{k!r}]", dim=texts[k].shape[1], min_rows=0)
+            n_val = {k: v.shape[0] for k, v in val_sets.items()}
+            if len(set(n_val.values())) != 1:
+                raise ValueError(f"val backbones have different row counts: {n_val}")
+            vy = check_labels(vy, next(iter(n_val.values())), n_seen, "val_y", require_all=False)
+            if not vy.size:                     # zero validation rows: as if none were given
+                val_sets = None
 
         self.backbones_ = keys
         self.weights_ = self._weights(keys)

@@ -208,6 +208,11 @@ def test_bad_inputs():
         small().predict(query)
     one = m.predict({k: v[:1] for k, v in query.items()})          # a query set of one image
     assert one.top5.shape == (1, 5) and len(set(one.top5[0].tolist())) == 5
+    with pytest.raises(ValueError, match="different row counts"):
+        small().fit(support, ys, text, S, val=({"bb0": query["bb0"], "bb1": query["bb1"][:-1]}, yq))
+    # zero validation rows: as if none were given (out-of-fold calibration on the support rows)
+    empty = small().fit(support, ys, text, S, val=({k: v[:0] for k, v in query.items()}, yq[:0]))
+    np.testing.assert_array_equal(empty.predict(query).scores, m.predict(query).scores)
 
 
 def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_path):

@@ -314,6 +314,14 @@ def test_lpp_learns_and_val_selection():
     assert np.mean(m.predict(sx) == ys) == 1.0
 
 
+def test_lpp_zero_val_rows_is_no_val():
+    sx, ys, qx, yq, text = toy(seed=5, spread=0.6)
+    a = LinearProbePP(epochs=30).fit(sx, ys, text=text, val=(qx[:0], yq[:0]))
+    b = LinearProbePP(epochs=30).fit(sx, ys, text=text)
+    assert not hasattr(a, "val_accuracy_") and a.best_epoch_ == b.best_epoch_ == 29
+    np.testing.assert_array_equal(a.decision_function(qx), b.decision_function(qx))
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 def test_bad_inputs_have_clear_errors():
     sx, ys, qx, yq, text = toy()

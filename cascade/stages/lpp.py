@@ -78,8 +78,9 @@ class LinearProbePP(Stage):
         use_val = self.select == "val" and val is not None
         if use_val:
             vx, vy = val
-            vx = check_features(vx, "val_x", dim=D)
+            vx = check_features(vx, "val_x", dim=D, min_rows=0)
             vy = check_labels(vy, vx.shape[0], K, "val_y", require_all=False)
+            use_val = vx.shape[0] > 0            # zero validation rows: as if none were given
             Sv = vx @ T.T
         best = (-1.0, -1, W.copy(), b.copy(), alpha.copy())
         # everything below is float32 and updated in place (no per-epoch allocations of [N, K] or [K, D])

@@ -579,6 +579,10 @@ class Cascade:
         def build(m):
             return Stage.from_state({}, {"class": m["class"], "params": m["params"], "state": {}})
 
+        if meta["refine"] is not None and meta["refine"]["class"] == "GDA":
+            # written before the GDA had a mean prior: its means were the plain weighted means
+            meta["refine"]["params"].setdefault("mean_prior", 0.0)
+
         obj = cls(build(meta["transductive"]), [build(m) for m in meta["seen_prototypes"]],
                   refine=build(meta["refine"]) if meta["refine"] is not None else None, prior=meta["prior"],
                   routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],

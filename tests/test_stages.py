@@ -208,7 +208,7 @@ def test_gda_is_lda_with_the_shrunk_pooled_covariance():
     X = rng.standard_normal((30, 4)) + np.repeat(np.eye(3, 4) * 3, 10, axis=0)
     y = np.repeat(np.arange(3), 10)
     for a, target in ((0.0, "identity"), (0.5, "identity"), (0.5, "diagonal"), (1.0, "diagonal")):
-        m = GDA(shrinkage=a, target=target).fit(X, y)
+        m = GDA(shrinkage=a, target=target, mean_prior=0.0).fit(X, y)
         mu = np.stack([X[y == k].mean(0) for k in range(3)])
         R = X - mu[y]
         S = R.T @ R / 30
@@ -220,6 +220,24 @@ def test_gda_is_lda_with_the_shrunk_pooled_covariance():
         np.testing.assert_allclose(z - z.mean(1, keepdims=True), ref - ref.mean(1, keepdims=True), atol=1e-3)
         np.testing.assert_allclose(m.means_, mu, atol=1e-5)
         np.testing.assert_allclose(m.covariance_, S, atol=1e-5)
+    # the mean prior: each class mean shrinks towards the centre by n_k / (n_k + mean_prior), nothing else moves
+    y2 = np.repeat(np.arange(3), (4, 10, 16))
+    m = GDA(mean_prior=2.0).fit(X, y2)
+    plain = GDA(mean_prior=0.0).fit(X, y2)
+    c = X.mean(0)
+    mu = np.stack([X[y2 == k].mean(0) for k in range(3)])
+    np.testing.assert_allclose(m.means_, c + (mu - c) * (np.array([4, 10, 16]) / np.array([6, 12, 18]))[:, None],
+                               atol=1e-5)
+    np.testing.assert_allclose(m.covariance_, plain.covariance_)
+    np.testing.assert_allclose(m.class_prior_, plain.class_prior_)
+    # one soft row carrying 0.1 of a class: with the prior the class mean stays near the centre, so the row is
+    # not given to it; without the prior the class mean sits on the row, which it then claims
+    # (in 40 dimensions, where a row is far from every other class mean, as CLIP features are)
+    X = rng.standard_normal((30, 40)) + np.repeat(np.eye(3, 40) * 3, 10, axis=0)
+    Y = np.c_[np.eye(3)[y], np.zeros(30)]
+    Y[0] = (0.0, 0.0, 0.0, 0.1)
+    assert GDA(mean_prior=1.0).fit(X, Y).predict(X[:1])[0] == 0
+    assert GDA(mean_prior=0.0).fit(X, Y).predict(X[:1])[0] == 3
 
 
 def test_gda_soft_labels_equal_weighted_hard_labels_and_prior():
@@ -249,6 +267,8 @@ def test_gda_learns_equivariant_and_handles_empty_classes():
         GDA(shrinkage=1.5).fit(sx, ys)
     with pytest.raises(ValueError, match="target"):
         GDA(target="ledoit").fit(sx, ys)
+    with pytest.raises(ValueError, match="mean_prior"):
+        GDA(mean_prior=-1).fit(sx, ys)
     with pytest.raises(ValueError, match="non-negative"):
         GDA().fit(sx, -Y)
     with pytest.raises(ValueError, match="positive total"):
@@ -360,6 +380,6 @@ def test_params_are_stored_unchanged():
     assert InMaP().get_params() == dict(tau_t=0.01, tau_i=0.04, lr=10.0, n_iter=2000, confidence=0.6,
                                         sinkhorn=True, n_sinkhorn=20, gamma=0.0, prior="uniform", tol=None)
     assert LinearProbePP().get_params()["epochs"] == 300
-    assert GDA().get_params() == dict(shrinkage=0.5, class_prior="fit", target="identity")
+    assert GDA().get_params() == dict(shrinkage=0.5, class_prior="fit", target="identity", mean_prior=1.0)
     with pytest.raises(ValueError, match="no hyperparameter"):
         InMaP().set_params(foo=1)

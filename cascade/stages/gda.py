@@ -12,6 +12,11 @@ within-class scatter. With few rows per dimension the scatter is shrunk towards 
 trace: ``(1 - shrinkage) S + shrinkage T``, where ``T`` is ``tr(S) / D I`` (``target="identity"``, Ledoit & Wolf's;
 shrinkage 0 is Fisher's discriminant, 1 the nearest-class-mean rule in Euclidean distance) or ``diag(S)``
 (``target="diagonal"``, Schafer & Strimmer's "target D": correlations shrink, each dimension keeps its variance).
+The scatter is computed around the weighted means; the means that score are then shrunk towards the rows'
+weighted centre ``c``: ``mu_k = c + sum_i y_ik (x_i - c) / (sum_i y_ik + mean_prior)``, the posterior mean when
+each class mean has a Gaussian prior at ``c`` worth ``mean_prior`` rows. It matters only for classes with little
+weight: fitted on a handful of queries with soft labels, a class that no support row describes (an unseen
+class) would otherwise have its mean on the queries themselves and claim them.
 
 In the cascade (``cascade.router``) this is the transductive refinement: fitted on the queries with the
 combined posterior of the other stages as soft labels, plus the labelled support rows, it re-scores every
@@ -36,12 +41,19 @@ class GDA(Stage):
         "fit": ``log pi_k`` from the (soft) class counts of the rows; "uniform": no prior term.
     target : "identity" | "diagonal", "identity"
         What the scatter is shrunk towards: the identity scaled to its mean variance, or its own diagonal.
+    mean_prior : float, 1.0
+        Weight, in rows, of a prior observation of every class at the rows' weighted centre: class k's mean is
+        ``sum_i y_ik x_i / (n_k + mean_prior)`` around that centre (the posterior mean under a conjugate
+        Gaussian prior). A class seen by a fraction of a row stays near the centre instead of sitting on that
+        row; 0 gives the plain weighted means.
     """
 
-    def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit", target: str = "identity"):
+    def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit", target: str = "identity",
+                 mean_prior: float = 1.0):
         self.shrinkage = shrinkage
         self.class_prior = class_prior
         self.target = target
+        self.mean_prior = mean_prior
 
     def fit(self, X, y, *, n_classes: int | None = None) -> "GDA":
         """Fit on rows ``X`` [N, D] and labels ``y``: integer labels [N] (``n_classes`` defaults to
@@ -52,6 +64,8 @@ class GDA(Stage):
             raise ValueError(f"class_prior must be 'fit' or 'uniform', got {self.class_prior!r}")
         if self.target not in ("identity", "diagonal"):
             raise ValueError(f"target must be 'identity' or 'diagonal', got {self.target!r}")
+        if not float(self.mean_prior) >= 0.0:
+            raise ValueError(f"mean_prior must be a non-negative number of rows, got {self.mean_prior}")
         X = check_features(X, "X", normalised=False)              # float32: the large products run in it
         A = _label_weights(y, X.shape[0], n_classes)
         N, D = X.shape
@@ -73,6 +87,8 @@ class GDA(Stage):
         a = float(self.shrinkage)
         cov = (1.0 - a) * scatter
         cov[np.diag_indices(D)] += a * (np.trace(scatter) / D if self.target == "identity" else np.diag(scatter))
+        # the class means shrink towards the centre (0 here) as if each class had mean_prior more rows there
+        means[present] *= (counts[present] / (counts[present] + float(self.mean_prior)))[:, None]
         coef = _solve_psd(cov, means.T).T                  # [C, D] = (Sigma^-1 mu_k)^T, mu_k centred
         # z_k(x) = (x - centre) . coef_k - mu_k . coef_k / 2 (+ log prior): the centre moves into the intercept
         intercept = -0.5 * np.einsum("kd,kd->k", coef, means) - coef @ centre

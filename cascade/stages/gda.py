@@ -42,8 +42,8 @@ class GDA(Stage):
     target : "identity" | "diagonal", "identity"
         What the scatter is shrunk towards: the identity scaled to its mean variance, or its own diagonal.
     mean_prior : float, 1.0
-        Weight, in rows, of a prior observation of every class at the rows' weighted centre: class k's mean is
-        ``sum_i y_ik x_i / (n_k + mean_prior)`` around that centre (the posterior mean under a conjugate
+        Weight, in rows, of a prior observation of every class at the rows' weighted centre ``c``: class k's
+        mean is ``c + sum_i y_ik (x_i - c) / (n_k + mean_prior)`` (the posterior mean under a conjugate
         Gaussian prior). A class seen by a fraction of a row stays near the centre instead of sitting on that
         row; 0 gives the plain weighted means.
     """

@@ -70,6 +70,10 @@ def main(argv=None) -> int:
         p.error(f"--methods: unknown {unknown} (choose from {', '.join(ROWS)})")
     kwargs = cascade_kwargs(args.set)
     paths = args.tasks or sorted(str(x) for x in (ROOT / "benchmarks" / "realbench").glob("*.npz"))
+    try:                                       # every file checked before any work starts
+        tasks = [(Path(path).stem, load_task(path)) for path in paths]
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
 
     t0 = time.perf_counter()
     if not args.json:
@@ -78,11 +82,9 @@ def main(argv=None) -> int:
               + (f"; cascade row with {' '.join(args.set)}" if args.set else ""))
         print(f"{'task':<18}{'queries':>8}" + "".join(f"{m:>18}" for m in methods))
     per_size = {n: {m: [] for m in methods} for n in sizes}
-    for path in paths:
-        task = load_task(path)
+    for name, task in tasks:
         if args.no_val:
             task.pop("val_x", None), task.pop("val_y", None)
-        name = Path(path).stem
         for n in sizes:
             acc = {m: [] for m in methods}
             for idx in subsets(len(task["query_y"]), n, args.draws):

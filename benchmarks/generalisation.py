@@ -23,6 +23,7 @@ epoch, the cascade calibrates on its support rows out of fold), as for a submiss
 labelled shots.
 
 ``--set`` changes the ``cascade`` row (an ablation): ``refine=none``, ``gda.shrinkage=0.3``, ``gda.target=diagonal``,
+``gda.mean_prior=0``,
 ``inmap.n_iter=2000``, ``lpp.epochs=300``, ``prior=stage``, ``routing=stage1``, ``combine=replace``,
 ``calibrate=false``, ``cv_folds=0``.
 
@@ -175,7 +176,10 @@ def main(argv=None) -> int:
     if args.compare and not args.set:
         p.error("--compare needs a change to compare with the default (--set KEY=VALUE)")
     kwargs = cascade_kwargs(args.set)
-    suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge, args.noise_seeds)
+    try:
+        suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge, args.noise_seeds)
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
     if args.no_val:
         for _, _, task in suite:
             task.pop("val_x"), task.pop("val_y")

@@ -172,6 +172,9 @@ def test_few_queries_benchmark_scores_each_subset_on_its_own():
     bad = subprocess.run([sys.executable, "benchmarks/few_queries.py", "--sizes", "0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+    missing = subprocess.run([sys.executable, "benchmarks/few_queries.py", "no/such/task.npz"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no/such/task.npz: no such" in missing.stderr
 
 
 def test_generalisation_task_transforms():

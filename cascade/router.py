@@ -21,7 +21,11 @@
    unseen classes either. The ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance
    Gaussian classifier) is then fitted on the queries with that distribution as soft labels plus the labelled
    support rows, and its posterior (temperature fitted on the validation rows) is the final score over all
-   classes;
+   classes, unless the held-out rows show it significantly worse than the pooled distribution it refines
+   (``refine_check``: the refinement refitted with the held-out rows among its soft-labelled rows, so that they
+   are scored in sample as the queries are; dropped when its mean log-likelihood of their labels falls more
+   than ``refine_check`` standard errors below the pool's). On tasks whose classes CLIP separates poorly a
+   Gaussian fitted to mostly wrong soft labels does worse than the experts it started from;
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
    leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
    domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's
@@ -91,7 +95,8 @@ class Cascade:
         it, more steps change nothing measurable and cost 40x more; see docs/stages.md, "Speed").
     seen_stages : sequence of Stage
         Inductive stages over the seen classes; ``fit(X, y, text=..., val=...)``. Default
-        ``[LinearProbePP(epochs=100, select="last")]`` (the authors run 300 epochs; see "Speed").
+        ``[LinearProbePP(epochs=100, select="auto")]`` (the authors run 300 epochs, see "Speed"; "auto": the
+        last epoch unless the validation rows show a clearly better one, see :mod:`cascade.stages.lpp`).
     refine : Stage, None or "default"
         Transductive refinement over all classes, ``fit(X, soft_labels, n_classes=C)``; "default":
         ``GDA(shrinkage=0.5)``; None: the pooled distribution is the final score.
@@ -118,6 +123,10 @@ class Cascade:
         would (rows of a class with a single support row cannot be held out and are left out). 0 or 1: no
         held-out rows; the pools then get unit weights and the refinement's temperature is fitted to its own
         soft labels.
+    refine_check : float or None
+        With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
+        them as soft-labelled rows, see step 4) falls more than this many standard errors (of the paired
+        per-row difference) below the pooled distribution's. None or False: always keep it.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -127,12 +136,13 @@ class Cascade:
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
-                 combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=()):
+                 combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
+                 refine_check=2.0):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
         self.seen_stages = (list(seen_stages) if seen_stages is not None
-                            else [LinearProbePP(epochs=DEFAULT_LPP_EPOCHS, select="last")])
+                            else [LinearProbePP(epochs=DEFAULT_LPP_EPOCHS, select="auto")])
         self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
         self.prior = prior
         self.routing = routing
@@ -141,6 +151,7 @@ class Cascade:
         self.calibrate = calibrate
         self.cv_folds = cv_folds
         self.specialists = list(specialists)
+        self.refine_check = refine_check
 
     def _check_params(self):
         for name, value, allowed in (("combine", self.combine, ("pool", "replace")),
@@ -152,6 +163,11 @@ class Cascade:
             raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
         if not isinstance(self.cv_folds, (int, np.integer)) or self.cv_folds < 0:
             raise ValueError(f"cv_folds must be a non-negative integer, got {self.cv_folds!r}")
+        check = self.refine_check
+        if not (check is None or check is False or (isinstance(check, (int, float, np.number))
+                                                     and not isinstance(check, bool) and check >= 0)):
+            raise ValueError(f"refine_check must be a non-negative number of standard errors, None or false, "
+                             f"got {check!r}")
 
     # ------------------------------------------------------------------------------------------------
     def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
@@ -382,6 +398,36 @@ class Cascade:
             t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
         return np.exp(log_softmax(t * z)), t
 
+    def _refinement_gain(self, xq: np.ndarray, soft: np.ndarray, val_joint: np.ndarray, soft_v: np.ndarray):
+        """Mean and standard error of the per-row difference in log-likelihood of the held-out rows' labels,
+        refinement minus ``soft_v`` (the pooled distribution of those rows). The refinement is refitted with the
+        held-out rows among its rows, soft-labelled by ``soft_v`` exactly as the queries are by ``soft``, so they
+        are scored in sample as the queries are (held-out support rows: each fold in turn, the other folds with
+        their labels); its temperature is fitted on them, as the pool's exponents were."""
+        C = self.n_classes_
+        sj = self._joint(self.support_)
+        onehot = np.zeros((len(self.support_y_), C))
+        onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
+        folds = getattr(self, "val_folds_", None)
+        if folds is None:
+            X = np.concatenate([xq, val_joint, sj])
+            Y = np.concatenate([soft, soft_v, onehot])
+            z = _clone(self.refine).fit(X, Y, n_classes=C).decision_function(val_joint)
+        else:
+            support_folds = _folds(self.support_y_, self.cv_folds)
+            z = np.empty((len(folds), C))
+            for f in np.unique(folds):
+                train, held = support_folds != f, folds == f
+                X = np.concatenate([xq, sj[train], val_joint[held]])
+                Y = np.concatenate([soft, onehot[train], soft_v[held]])
+                z[held] = _clone(self.refine).fit(X, Y, n_classes=C).decision_function(val_joint[held])
+        y = self.val_y_
+        rows = np.arange(len(y))
+        d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
+             - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
+        return float(d.mean()), se
+
     def _check_fitted(self):
         if not hasattr(self, "seen_fitted_"):
             raise ValueError("this Cascade is not fitted yet; call fit(...) first")
@@ -436,23 +482,36 @@ class Cascade:
 
         # the final pool: stage 1, the seen stages and zero-shot CLIP (the text prior, from which stage 1 drifts)
         weights, split_weights = None, None
-        if self.combine == "pool" and val is not None:
+        if val is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
-            if lp_seen is not None:
+            if self.combine == "pool" and lp_seen is not None:
                 weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
-            if S < C:   # the seen/unseen split: the two experts over all classes, pooled over all classes
+            if self.combine == "pool" and S < C:   # the seen/unseen split: the experts over all classes
                 split_weights = fit_pool_weights([lp1v, lp0v], self.val_y_)
-        split = None
         if self.combine == "pool" and S < C:
             if split_weights is None:
                 split_weights = np.array([0.5, 0.5])
-            split = log_softmax(split_weights[0] * lp1 + split_weights[1] * lp0)
             details["split_weights"] = [float(v) for v in split_weights]
-        scores = self._pool(lp1, lp_seen, [lp0[:, :S]], weights, split=split)
+
+        def pooled(l1, l0, l_seen):
+            split = None
+            if self.combine == "pool" and S < C:
+                split = log_softmax(split_weights[0] * l1 + split_weights[1] * l0)
+            p = self._pool(l1, l_seen, [l0[:, :S]], weights, split=split)
+            return p / p.sum(axis=1, keepdims=True)
+
+        scores = pooled(lp1, lp0, lp_seen)
         t_ref = None
         if self.refine is not None:
-            scores, t_ref = self._refined(xq, scores, val_joint)
+            refined, t_ref = self._refined(xq, scores, val_joint)
+            if self.refine_check not in (None, False) and val is not None:
+                gain, se = self._refinement_gain(xq, scores, val_joint, pooled(lp1v, lp0v, lp_seen_v))
+                dropped = bool(gain < -float(self.refine_check) * se)
+                details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)
+                if dropped:
+                    refined, t_ref = scores, None
+            scores = refined
 
         if S == C:
             unseen = np.zeros(n, bool)
@@ -558,7 +617,7 @@ class Cascade:
             "n_seen": self.n_seen_, "seen_temperatures": self.seen_temperatures_,
             "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
             "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
-            "prior": self.prior, "routing": self.routing,
+            "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "backbone_weights": self.backbone_weights,
             "transductive": _proto(self.transductive),
             "refine": _proto(self.refine) if self.refine is not None else None,
@@ -586,7 +645,9 @@ class Cascade:
         obj = cls(build(meta["transductive"]), [build(m) for m in meta["seen_prototypes"]],
                   refine=build(meta["refine"]) if meta["refine"] is not None else None, prior=meta["prior"],
                   routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],
-                  calibrate=meta["calibrate"], cv_folds=meta.get("cv_folds", 4), specialists=specialists)
+                  calibrate=meta["calibrate"], cv_folds=meta.get("cv_folds", 4), specialists=specialists,
+                  # written before the check existed: the refinement was always kept
+                  refine_check=meta.get("refine_check"))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

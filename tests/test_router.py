@@ -190,6 +190,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["refine"]["params"]["mean_prior"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").refine.mean_prior == 0.0
+    # ... and one written before the refinement check existed keeps its refinement always, as it did
+    assert back.refine_check == 2.0
+    del meta["refine_check"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").refine_check is None
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 
@@ -407,20 +412,63 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
         Cascade(cv_folds=-1).fit(support, ys, text, S)
 
 
+def test_refinement_check_drops_a_refinement_the_held_out_rows_find_worse():
+    """A refinement that learns every class as the next one: the held-out rows (validation rows, or without them
+    the support rows out of fold) find its log-likelihood far below the pool's, so it is dropped and the scores
+    are exactly the pooled distribution (refine=None). refine_check=None keeps it (and the accuracy falls); the
+    default GDA passes the check."""
+    from cascade.stages import GDA
+
+    class NextClassGDA(GDA):
+        def fit(self, X, y, *, n_classes=None):
+            return super().fit(X, np.roll(np.asarray(y, dtype=np.float64), 1, axis=1), n_classes=n_classes)
+
+    support, ys, query, yq, text, S = task(n_query=160, seed=13)
+    held = (np.arange(160) < 60) & (yq < S)
+    val = ({k: v[held] for k, v in query.items()}, yq[held])
+    rest, y = {k: v[60:] for k, v in query.items()}, yq[60:]
+
+    def run(refine, v, **kw):
+        m = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=refine,
+                    prior="stage", **kw)
+        return m.fit(support, ys, text, S, val=v).predict(rest)
+
+    for v in (val, None):
+        pooled = run(None, v)
+        bad = run(NextClassGDA(), v)
+        d = bad.details
+        assert d["refine_dropped"] is True and d["refine_gain"] < -2 * d["refine_gain_se"]
+        assert d["refine_temperature"] is None
+        np.testing.assert_allclose(bad.scores, pooled.scores, atol=1e-12)
+        kept = run(NextClassGDA(), v, refine_check=None)
+        assert "refine_dropped" not in kept.details
+        assert np.mean(kept.top5[:, 0] == y) < np.mean(pooled.top5[:, 0] == y) - 0.3
+        good = run("default", v)
+        assert good.details["refine_dropped"] is False and np.mean(good.top5[:, 0] == y) > 0.8
+    for wrong in (-1, "yes", True):
+        with pytest.raises(ValueError, match="refine_check"):
+            Cascade(refine_check=wrong).fit(support, ys, text, S)
+
+
 def test_single_query_sets_are_classified_like_zero_shot_not_pulled_to_unseen_classes():
     """Queries scored one at a time (a query set of one image): with the GDA's mean prior a class that only
     that query describes (an unseen class, no support rows) keeps its mean near the centre, so the query is not
     given to whichever unseen class got a little of its weight. Without the prior (mean_prior=0) most seen-class
-    queries went to an unseen class."""
+    queries went to an unseen class, unless the refinement check caught it (it does here: the held-out support
+    rows find that refinement far worse than the pool it refines)."""
     from cascade.stages import GDA
 
     support, ys, query, yq, text, S = task(n_query=40, seed=3, dims=(64, 48))
     zero_shot = (query["bb0"] @ text["bb0"].T + query["bb1"] @ text["bb1"].T).argmax(1)
 
-    def one_at_a_time(refine):
-        m = Cascade(refine=refine).fit(support, ys, text, S)
-        return np.array([m.predict({k: v[i:i + 1] for k, v in query.items()}).top5[0, 0] for i in range(len(yq))])
+    def one_at_a_time(refine, **kw):
+        m = Cascade(refine=refine, **kw).fit(support, ys, text, S)
+        res = [m.predict({k: v[i:i + 1] for k, v in query.items()}) for i in range(len(yq))]
+        return np.array([r.top5[0, 0] for r in res]), [r.details.get("refine_dropped") for r in res]
 
-    top1 = one_at_a_time("default")
+    top1, dropped = one_at_a_time("default")
     assert np.mean(top1 == yq) >= np.mean(zero_shot == yq) - 0.05 and np.mean(top1 == yq) >= 0.85
-    assert np.mean(one_at_a_time(GDA(mean_prior=0.0)) == yq) < 0.5
+    assert not any(dropped)
+    assert np.mean(one_at_a_time(GDA(mean_prior=0.0), refine_check=None)[0] == yq) < 0.5
+    top1, dropped = one_at_a_time(GDA(mean_prior=0.0))
+    assert np.mean(dropped) > 0.5 and np.mean(top1 == yq) >= 0.85

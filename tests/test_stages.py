@@ -334,6 +334,36 @@ def test_lpp_learns_and_val_selection():
     assert np.mean(m.predict(sx) == ys) == 1.0
 
 
+def test_lpp_auto_selection_keeps_the_last_epoch_unless_validation_clearly_disagrees():
+    """select="auto": the best-validation epoch replaces the last only when it beats it on the validation rows by
+    more than 2 standard errors of the paired difference. Clean support rows: the last epoch stays (plain "val"
+    picks an earlier one by noise). Half the support labels wrong: training fits them, the clean validation rows
+    say so, and the first epoch (still mostly the text classifier) is kept."""
+    from cascade.stages.lpp import _significantly_better
+
+    assert _significantly_better(np.ones(10, bool), np.zeros(10, bool))           # d = 1 on every row
+    assert not _significantly_better(np.ones(10, bool), np.ones(10, bool))        # no difference
+    one = np.zeros(10, bool)
+    one[0] = True                               # d: one row of 1 -> mean 0.1, se = 0.1: not 2 se
+    assert not _significantly_better(one, np.zeros(10, bool))
+    assert not _significantly_better(np.ones(1, bool), np.zeros(1, bool))         # one row: no test
+    sx, ys, qx, yq, text = toy(n_classes=4, dim=16, shots=6, n_query=200, seed=0, spread=0.5)
+    val, test = (qx[:100], yq[:100]), (qx[100:], yq[100:])
+    clean = LinearProbePP(epochs=100, select="auto").fit(sx, ys, text=text, val=val)
+    last = LinearProbePP(epochs=100, select="last").fit(sx, ys, text=text, val=val)
+    assert clean.best_epoch_ == 99 and LinearProbePP(epochs=100).fit(sx, ys, text=text, val=val).best_epoch_ < 99
+    np.testing.assert_array_equal(clean.decision_function(qx), last.decision_function(qx))
+    wrong = ys.copy()
+    flip = np.random.default_rng(0).random(len(ys)) < 0.5
+    wrong[flip] = (ys[flip] + 1) % 4
+    auto = LinearProbePP(epochs=100, select="auto").fit(sx, wrong, text=text, val=val)
+    overfit = LinearProbePP(epochs=100, select="last").fit(sx, wrong, text=text, val=val)
+    assert auto.best_epoch_ == 0
+    assert np.mean(auto.predict(test[0]) == test[1]) > np.mean(overfit.predict(test[0]) == test[1]) + 0.2
+    with pytest.raises(ValueError, match="select"):
+        LinearProbePP(select="best").fit(sx, ys, text=text)
+
+
 def test_lpp_zero_val_rows_is_no_val():
     sx, ys, qx, yq, text = toy(seed=5, spread=0.6)
     a = LinearProbePP(epochs=30).fit(sx, ys, text=text, val=(qx[:0], yq[:0]))

@@ -45,6 +45,16 @@ def _log_marginal(details: dict) -> None:
          f"smallest {q.min() * 100:.2f} %")
 
 
+def _log_refinement(details: dict) -> None:
+    """One line when the cascade checked its GDA refinement on held-out rows (docs/stages.md, step 5)."""
+    if "refine_dropped" not in details:
+        return
+    gain, se = details["refine_gain"], details["refine_gain_se"]
+    verdict = ("dropped: held-out rows find it worse than the pooled experts"
+               if details["refine_dropped"] else "kept")
+    _log(f"GDA refinement {verdict} (held-out log-likelihood gain {gain:+.3f} +- {se:.3f} per row)")
+
+
 def _log(msg: str) -> None:
     print(f"[cascade] {msg}", file=sys.stderr, flush=True)
 
@@ -521,6 +531,7 @@ def test(cfg, progress: bool = True) -> dict:
             query.update(lazy)
         pred = cascade.predict(query)
         _log_marginal(pred.details)
+        _log_refinement(pred.details)
         for enc in sp_encoders:
             enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)

@@ -359,6 +359,8 @@ def test_lpp_auto_selection_keeps_the_last_epoch_unless_validation_clearly_disag
     auto = LinearProbePP(epochs=100, select="auto").fit(sx, wrong, text=text, val=val)
     overfit = LinearProbePP(epochs=100, select="last").fit(sx, wrong, text=text, val=val)
     assert auto.best_epoch_ == 0
+    checked = set(range(10)) | set(range(19, 100, 10))       # the epochs "auto" checks: the first 10, every 10th
+    assert LinearProbePP(epochs=100, select="auto").fit(sx, ys[::-1].copy(), text=text, val=val).best_epoch_ in checked
     assert np.mean(auto.predict(test[0]) == test[1]) > np.mean(overfit.predict(test[0]) == test[1]) + 0.2
     with pytest.raises(ValueError, match="select"):
         LinearProbePP(select="best").fit(sx, ys, text=text)

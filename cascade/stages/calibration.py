@@ -122,14 +122,15 @@ def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, b
     post /= post.sum(axis=1, keepdims=True)
     q = np.full(c, 1.0 / c)
     for _ in range(n_iter):
-        r = post * (q * c)
-        r /= r.sum(axis=1, keepdims=True)
-        q_new = r.mean(axis=0)
+        # E and M steps without the [N, C] responsibilities r_ik = post_ik w_k / (post_i . w), w = q C:
+        # q_k <- mean_i r_ik = w_k mean_i post_ik / (post_i . w), two matrix-vector products
+        w = q * c
+        q_new = w * (post.T @ (1.0 / (post @ w))) / n
         done = np.max(np.abs(q_new - q)) < tol
         q = q_new
         if done:
             break
-    ll = np.log(np.maximum((post * (q * c)).sum(axis=1), 1e-300)).sum()  # minus the uniform ll (= 0)
+    ll = np.log(np.maximum(post @ (q * c), 1e-300)).sum()  # minus the uniform ll (= 0)
     if bic and ll <= bic_penalty(c, n):
         return np.full(c, 1.0 / c), float(ll)
     return q, float(ll)

@@ -21,8 +21,8 @@ only to score, as in ``python -m cascade bench``):
 * ``harder images`` (only with ``--harder S1,S2,...``): each task redrawn and every image feature moved towards the
   task's mean feature by ``s`` times its class's offset from it, ``x <- normalise(x - s (m_y - m))`` (``m_y``: the
   mean of all the task's rows of class y, ``m``: the mean of all its rows), for each ``s``: the classes overlap
-  more, in the images and against the text (zero-shot falls to about 70-81 % at 0.5 and 38-43 % at 0.8), standing
-  in for fine-grained tasks that CLIP separates poorly. The labels only build the task; no method sees query
+  more, in the images and against the text (zero-shot falls to 83-90 % at 0.3, 68-81 % at 0.5, 38-43 % at 0.8),
+  standing in for fine-grained tasks that CLIP separates poorly. The labels only build the task; no method sees query
   labels. ``--noise-seeds`` tasks per level and task, as for the text noise.
 
 ``--no-val`` drops every task's validation rows after the suite is built (no method sees them: LP++ keeps its last

@@ -370,13 +370,17 @@ class Cascade:
         out[:, :S] = out[:, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
         return out
 
+    def _support_rows(self):
+        """The support rows as rows of the refinement: joint features and one-hot labels over all classes."""
+        onehot = np.zeros((len(self.support_y_), self.n_classes_))
+        onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
+        return self._joint(self.support_), onehot
+
     def _refined(self, xq: np.ndarray, soft: np.ndarray, val_joint):
         """Fit the refinement stage on the queries (soft labels ``soft``) and the labelled support rows; its
         posterior over the queries and its temperature."""
         C = self.n_classes_
-        sj = self._joint(self.support_)
-        onehot = np.zeros((len(self.support_y_), C))
-        onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
+        sj, onehot = self._support_rows()
         X, Y = np.concatenate([xq, sj]), np.concatenate([soft, onehot])
         g = _clone(self.refine).fit(X, Y, n_classes=C)
         z = g.decision_function(xq)
@@ -405,9 +409,7 @@ class Cascade:
         are scored in sample as the queries are (held-out support rows: each fold in turn, the other folds with
         their labels); its temperature is fitted on them, as the pool's exponents were."""
         C = self.n_classes_
-        sj = self._joint(self.support_)
-        onehot = np.zeros((len(self.support_y_), C))
-        onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
+        sj, onehot = self._support_rows()
         folds = getattr(self, "val_folds_", None)
         if folds is None:
             X = np.concatenate([xq, val_joint, sj])
@@ -505,7 +507,7 @@ class Cascade:
         t_ref = None
         if self.refine is not None:
             refined, t_ref = self._refined(xq, scores, val_joint)
-            if self.refine_check not in (None, False) and val is not None:
+            if self.refine_check is not None and self.refine_check is not False and val is not None:
                 gain, se = self._refinement_gain(xq, scores, val_joint, pooled(lp1v, lp0v, lp_seen_v))
                 dropped = bool(gain < -float(self.refine_check) * se)
                 details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)

@@ -445,6 +445,8 @@ def test_refinement_check_drops_a_refinement_the_held_out_rows_find_worse():
         assert np.mean(kept.top5[:, 0] == y) < np.mean(pooled.top5[:, 0] == y) - 0.3
         good = run("default", v)
         assert good.details["refine_dropped"] is False and np.mean(good.top5[:, 0] == y) > 0.8
+    zero = run(NextClassGDA(), val, refine_check=0)           # 0: dropped whenever its mean gain is negative
+    assert zero.details["refine_dropped"] is True
     for wrong in (-1, "yes", True):
         with pytest.raises(ValueError, match="refine_check"):
             Cascade(refine_check=wrong).fit(support, ys, text, S)

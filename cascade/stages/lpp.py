@@ -19,10 +19,10 @@ independently. Logits of a feature x for class k::
 ``select="auto"`` (an extension, the cascade's setting) keeps the last epoch unless the best-validation epoch is
 SIGNIFICANTLY better on the validation rows: its accuracy minus the last epoch's, row by row, must exceed
 ``AUTO_SELECT_Z`` (2) standard errors of that paired difference. It checks the validation rows after each of the
-first 10 epochs, then every 10th and the last (a tenth of the products of checking every epoch). On tasks where the probe trains well the arg-max
-over epochs mostly picks noise (and the cascade calibrates the last epoch on the validation rows anyway); where
-the classes are hard to separate, the full-batch steps overfit the few shots badly (e.g. 45 % top-1 after 5 epochs,
-22 % after 100) and the validation rows say so clearly.
+first 10 epochs, then every 10th and the last (a fifth of the products of checking every epoch of 100). Where the
+probe trains well the arg-max over epochs mostly picks noise (and the cascade calibrates the last epoch on the
+validation rows anyway); where the classes are hard to separate, the full-batch steps overfit the few shots badly
+(docs/stages.md, "Harder images") and the validation rows say so clearly.
 """
 from __future__ import annotations
 

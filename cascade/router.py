@@ -407,10 +407,19 @@ class Cascade:
         refinement minus ``soft_v`` (the pooled distribution of those rows). The refinement is refitted with the
         held-out rows among its rows, soft-labelled by ``soft_v`` exactly as the queries are by ``soft``, so they
         are scored in sample as the queries are (held-out support rows: each fold in turn, the other folds with
-        their labels); its temperature is fitted on them, as the pool's exponents were."""
+        their labels); its temperature is fitted on them, as the pool's exponents were. At most as many held-out
+        rows as there are queries take part (a seeded random subset): more would make the refitted model mostly
+        theirs, not the refinement being judged (with a few dozen queries and hundreds of validation rows, the
+        check then dropped refinements that were helping the queries)."""
         C = self.n_classes_
         sj, onehot = self._support_rows()
         folds = getattr(self, "val_folds_", None)
+        y = self.val_y_
+        if len(y) > len(xq):
+            keep = np.sort(np.random.default_rng(0).permutation(len(y))[:len(xq)])
+            val_joint, soft_v, y = val_joint[keep], soft_v[keep], y[keep]
+            if folds is not None:
+                folds = folds[keep]
         if folds is None:
             X = np.concatenate([xq, val_joint, sj])
             Y = np.concatenate([soft, soft_v, onehot])
@@ -423,7 +432,6 @@ class Cascade:
                 X = np.concatenate([xq, sj[train], val_joint[held]])
                 Y = np.concatenate([soft, onehot[train], soft_v[held]])
                 z[held] = _clone(self.refine).fit(X, Y, n_classes=C).decision_function(val_joint[held])
-        y = self.val_y_
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))

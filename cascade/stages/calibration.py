@@ -45,16 +45,23 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
     else:
         target = z[np.arange(n), y.astype(np.int64)].mean()
     finite = np.isfinite(z)
-    z = np.where(finite, z, 0.0)
+    all_finite = bool(finite.all())                 # the usual case: no masking needed
+    if not all_finite:
+        z = np.where(finite, z, 0.0)
+    z2 = z * z
     lo, hi = float(bounds[0]), float(bounds[1])
 
     def derivatives(s):
         e = s * z
-        e -= np.where(finite, e, -np.inf).max(axis=1, keepdims=True)
-        p = np.where(finite, np.exp(e), 0.0)
+        if all_finite:
+            e -= e.max(axis=1, keepdims=True)
+            p = np.exp(e, out=e)
+        else:
+            e -= np.where(finite, e, -np.inf).max(axis=1, keepdims=True)
+            p = np.where(finite, np.exp(e), 0.0)
         p /= p.sum(axis=1, keepdims=True)
         m = np.einsum("ij,ij->i", p, z)
-        var = np.einsum("ij,ij->i", p, z * z) - m * m
+        var = np.einsum("ij,ij->i", p, z2) - m * m
         return m.mean() - target, max(var.mean(), 0.0)     # d NLL / ds, d2 NLL / ds2
 
     g, _ = derivatives(lo)

@@ -74,13 +74,14 @@ class GDA(Stage):
         total = float(row_w.sum())
         present = counts > 0
         # everything about the rows' spread is computed around their weighted centre (no cancellation)
-        centre = (row_w @ X.astype(np.float64)) / total
+        # (a float32 product: the centre only fixes the origin, every quantity below is computed around it)
+        centre = (X.T @ row_w.astype(np.float32)).astype(np.float64) / total
         Xc = X - centre.astype(np.float32)
         means = np.zeros((A.shape[1], D))                             # centred class means
         means[present] = (A[:, present].T.astype(np.float32) @ Xc).astype(np.float64) / counts[present, None]
         # a class without any weight (possible with soft labels that underflowed) sits at the centre and gets
         # the smallest prior below, so it never wins on its own
-        scatter = ((Xc * row_w[:, None].astype(np.float32)).T @ Xc).astype(np.float64)
+        scatter = _weighted_scatter(Xc, row_w)
         scatter -= (means[present] * counts[present, None]).T @ means[present]
         scatter /= total
         scatter = (scatter + scatter.T) / 2.0
@@ -134,6 +135,17 @@ def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
     A = np.zeros((n_rows, n_classes))
     A[np.arange(n_rows), y] = 1.0
     return A
+
+
+def _weighted_scatter(Xc: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``sum_i w_i x_i x_i^T`` [D, D] (float64) of float32 rows ``Xc`` [N, D] and weights ``w >= 0``: one BLAS
+    symmetric rank-k update (half the products of a general matrix product), mirrored."""
+    from scipy.linalg.blas import ssyrk
+
+    Xs = Xc * np.sqrt(w).astype(np.float32)[:, None]
+    upper = ssyrk(1.0, Xs.T, trans=0, lower=0)          # Xs.T is Fortran-ordered: no copy
+    out = np.triu(upper).astype(np.float64)
+    return out + np.triu(out, 1).T
 
 
 def _solve_psd(cov: np.ndarray, rhs: np.ndarray) -> np.ndarray:

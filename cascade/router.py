@@ -370,11 +370,19 @@ class Cascade:
         out[:, :S] = out[:, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
         return out
 
+    def _support_joint(self) -> np.ndarray:
+        """The support rows' joint features (built once per fitted or loaded support set)."""
+        cache = getattr(self, "_support_joint_cache", None)
+        if cache is None or cache[0] is not self.support_:
+            cache = (self.support_, self._joint(self.support_))
+            self._support_joint_cache = cache
+        return cache[1]
+
     def _support_rows(self):
         """The support rows as rows of the refinement: joint features and one-hot labels over all classes."""
         onehot = np.zeros((len(self.support_y_), self.n_classes_))
         onehot[np.arange(len(self.support_y_)), self.support_y_] = 1.0
-        return self._joint(self.support_), onehot
+        return self._support_joint(), onehot
 
     def _refined(self, xq: np.ndarray, soft: np.ndarray, val_joint):
         """Fit the refinement stage on the queries (soft labels ``soft``) and the labelled support rows; its
@@ -465,7 +473,7 @@ class Cascade:
         C, S = self.n_classes_, self.n_seen_
         xq = self._joint(feats)
         tj = self._joint(self.text_)
-        sj = self._joint(self.support_)
+        sj = self._support_joint()
         val = getattr(self, "val_", None)
         val_joint = self._joint(val) if val is not None else None
         lp_seen = self._seen_log_proba(feats)

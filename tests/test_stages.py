@@ -170,6 +170,10 @@ def test_fit_temperature_recovers_scale():
     # perfectly separated labels push the scale to the upper bound, anti-correlated ones to the lower
     z2 = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert fit_temperature(z2, np.array([0, 1])) == 1e4 and fit_temperature(z2, np.array([1, 0])) == 1e-2
+    # a class whose logit is -inf in every row (e.g. an unseen class in a seen-only stage) has no probability at
+    # any scale: the fit equals the one without that column
+    zi = np.c_[z, np.full(len(z), -np.inf)]
+    assert fit_temperature(zi, y) == pytest.approx(fit_temperature(z, y), rel=1e-9)
 
 
 def test_fit_pool_weights_trusts_the_right_expert():

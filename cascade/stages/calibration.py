@@ -52,13 +52,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
     lo, hi = float(bounds[0]), float(bounds[1])
 
     def derivatives(s):
-        e = s * z
-        if all_finite:
-            e -= e.max(axis=1, keepdims=True)
-            p = np.exp(e, out=e)
-        else:
-            e -= np.where(finite, e, -np.inf).max(axis=1, keepdims=True)
-            p = np.where(finite, np.exp(e), 0.0)
+        e = s * z if all_finite else np.where(finite, s * z, -np.inf)    # exp(-inf) = 0: no mass, no overflow
+        e -= e.max(axis=1, keepdims=True)
+        p = np.exp(e, out=e)
         p /= p.sum(axis=1, keepdims=True)
         m = np.einsum("ij,ij->i", p, z)
         var = np.einsum("ij,ij->i", p, z2) - m * m

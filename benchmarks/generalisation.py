@@ -64,7 +64,7 @@ SINGLE = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp")
 
 def cascade_kwargs(settings) -> dict:
     """Cascade keyword arguments from ``KEY=VALUE`` strings (see the module docstring)."""
-    from cascade.router import DEFAULT_INMAP_STEPS, DEFAULT_LPP_EPOCHS
+    from cascade.router import Cascade
     from cascade.stages import GDA, InMaP, LinearProbePP
 
     def value(text):
@@ -78,8 +78,9 @@ def cascade_kwargs(settings) -> dict:
                 pass
         return text.strip()
 
-    stages = {"inmap": {"n_iter": DEFAULT_INMAP_STEPS}, "lpp": {"epochs": DEFAULT_LPP_EPOCHS, "select": "auto"},
-              "gda": {}}
+    default = Cascade()            # the stages' settings start from the default cascade's own (one source)
+    stages = {"inmap": default.transductive.get_params(), "lpp": default.seen_stages[0].get_params(),
+              "gda": default.refine.get_params()}
     kw, refine = {}, True
     for item in settings:
         key, sep, val = item.partition("=")

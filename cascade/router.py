@@ -49,7 +49,7 @@ import numpy as np
 from .stages.base import (Stage, check_features, check_labels, load_npz_json, log_softmax,
                           save_npz_json)
 from .stages.calibration import (compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature,
-                                 marginal_test)
+                                 marginal_test, paired_difference)
 from .stages.gda import GDA
 from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
@@ -443,8 +443,7 @@ class Cascade:
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))
-        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("inf")
-        return float(d.mean()), se
+        return paired_difference(d)
 
     def _check_fitted(self):
         if not hasattr(self, "seen_fitted_"):

@@ -338,6 +338,16 @@ def test_lpp_learns_and_val_selection():
     assert np.mean(m.predict(sx) == ys) == 1.0
 
 
+def test_paired_difference_is_the_mean_and_its_standard_error():
+    from cascade.stages.calibration import paired_difference
+
+    m, se = paired_difference([1.0, 2.0, 3.0, 6.0])
+    assert m == 3.0 and se == pytest.approx(np.sqrt(14 / 3) / 2)      # sample variance 14/3 over 4 rows
+    assert paired_difference([0.5, 0.5])[1] == 0.0
+    assert paired_difference([2.0]) == (2.0, float("inf"))             # one row: no standard error
+    assert paired_difference([]) == (0.0, float("inf"))
+
+
 def test_lpp_auto_selection_keeps_the_last_epoch_unless_validation_clearly_disagrees():
     """select="auto": the best-validation epoch replaces the last only when it beats it on the validation rows by
     more than 2 standard errors of the paired difference. Clean support rows: the last epoch stays (plain "val"

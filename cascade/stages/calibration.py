@@ -105,6 +105,15 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     return np.asarray(res.x, dtype=np.float64)
 
 
+def paired_difference(d) -> tuple[float, float]:
+    """Mean and standard error of per-row paired differences ``d`` (the standard error is infinite with
+    fewer than two rows, so no test on it passes)."""
+    d = np.asarray(d, dtype=np.float64).ravel()
+    if d.size < 2:
+        return (float(d.mean()) if d.size else 0.0), float("inf")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+
+
 def bic_penalty(n_classes: int, n_rows: int) -> float:
     """BIC penalty of a class marginal's ``C - 1`` free parameters on ``N`` rows: ``(C-1)/2 log N``."""
     return 0.5 * (n_classes - 1) * np.log(max(n_rows, 2))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Stage, check_features, check_labels, softmax
+from .calibration import paired_difference
 
 AUTO_SELECT_Z = 2.0     # select="auto": standard errors by which the best epoch must beat the last on validation
 
@@ -158,7 +159,5 @@ class LinearProbePP(Stage):
 def _significantly_better(hit_a: np.ndarray, hit_b: np.ndarray, z: float = AUTO_SELECT_Z) -> bool:
     """Whether the rows' hits ``hit_a`` beat ``hit_b`` (same rows) by more than ``z`` standard errors of the
     paired difference (never with fewer than two rows or no difference at all)."""
-    d = hit_a.astype(np.float64) - hit_b.astype(np.float64)
-    if d.size < 2 or not d.any():
-        return False
-    return bool(d.mean() > z * d.std(ddof=1) / np.sqrt(d.size))
+    mean, se = paired_difference(hit_a.astype(np.float64) - hit_b.astype(np.float64))
+    return bool(mean > 0 and mean > z * se)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/generalisation.py [TASK.npz ...] [--redraws 5] [--noise 0.5,1.0,1.5]
                                                   [--no-merge] [--query-frac 0.8] [--no-val] [--noise-seeds 1]
                                                   [--harder 0.5,0.8]
-                                                  [--set KEY=VALUE ...] [--compare] [--json]
+                                                  [--set KEY=VALUE ...] [--compare] [--by-task] [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
 only to score, as in ``python -m cascade bench``):
@@ -40,7 +40,11 @@ how many tasks it wins or loses): whether a change helps beyond the noise of sin
 
 For each task it prints top-1 per method; then, per group, the mean top-1 of each method, the mean difference of
 the cascade to the best single method (zero-shot, InMaP either way, LP++) and to the seeds' cascade, and on how
-many tasks the cascade beats each of them (strictly). ``--json``: one JSON object per task, then a summary object.
+many tasks the cascade beats each of them (strictly). ``--by-task`` adds the same summary per source task and level
+(a group's tasks made from one task file with one noise sigma or overlap level, e.g. ``food101^0.5`` for
+``food101^0.5#0`` .. ``#3``; with ``--compare``, the paired difference per source task and level): a group's mean can
+hide one kind of task that the cascade loses. ``--json``: one JSON object per task, then a summary object (with
+``--by-task``, its ``by_task`` entry).
 """
 from __future__ import annotations
 
@@ -200,6 +204,8 @@ def main(argv=None) -> int:
                    help="change the cascade row (repeatable), e.g. --set refine=none --set inmap.n_iter=2000")
     p.add_argument("--compare", action="store_true",
                    help="only the default cascade and the --set one: their paired difference per group")
+    p.add_argument("--by-task", action="store_true",
+                   help="also summarise per source task and level (e.g. food101^0.5: its redraws together)")
     p.add_argument("--json", action="store_true", help="one JSON object per task, then a summary object")
     args = p.parse_args(argv)
     paths = args.tasks or sorted(str(x) for x in (ROOT / "benchmarks" / "realbench").glob("*.npz"))
@@ -243,22 +249,16 @@ def main(argv=None) -> int:
             print(json.dumps({"group": group, "task": name, "n_query": int(len(labels)), "top1": top1}), flush=True)
         else:
             print(f"{group:<14}{name:<22}" + "".join(f"{top1[m]:>17.2f}" for m in ROWS), flush=True)
-    summary = {}
-    for group in dict.fromkeys(g for g, _, _ in rows):
-        sel = [r for g, _, r in rows if g == group]
-        best = np.array([max(r[m] for m in SINGLE) for r in sel])
-        casc = np.array([r["cascade"] for r in sel])
-        seed = np.array([r["seed-cascade"] for r in sel])
-        summary[group] = {
-            "tasks": len(sel),
-            "mean_top1": {m: round(float(np.mean([r[m] for r in sel])), 2) for m in ROWS},
-            "cascade_minus_best_single": round(float(np.mean(casc - best)), 2),
-            "cascade_beats_best_single": int(np.sum(casc > best)),
-            "cascade_minus_seed_cascade": round(float(np.mean(casc - seed)), 2),
-            "cascade_beats_seed_cascade": int(np.sum(casc > seed)),
-        }
+    summary = {group: _method_summary([r for g, _, r in rows if g == group])
+               for group in dict.fromkeys(g for g, _, _ in rows)}
+    by_task = ({(group, family(name)): _method_summary([r for g, n, r in rows if g == group
+                                                        and family(n) == family(name)])
+                for group, name, _ in rows} if args.by_task else {})
     if args.json:
-        print(json.dumps({"summary": summary, "seconds": round(time.perf_counter() - t0, 1)}))
+        out = {"summary": summary, "seconds": round(time.perf_counter() - t0, 1)}
+        if args.by_task:
+            out["by_task"] = [dict(group=g, task=f, **s) for (g, f), s in by_task.items()]
+        print(json.dumps(out))
         return 0
     print(f"\nmean top-1 per group ({time.perf_counter() - t0:.0f} s)")
     print(f"{'group':<14}{'tasks':>6}" + "".join(f"{m:>17}" for m in ROWS))
@@ -270,7 +270,37 @@ def main(argv=None) -> int:
         print(f"  {group:<14} best single: {s['cascade_minus_best_single']:+.2f} points on average, beats it on "
               f"{s['cascade_beats_best_single']}/{n};  seeds' cascade: {s['cascade_minus_seed_cascade']:+.2f}, "
               f"beats it on {s['cascade_beats_seed_cascade']}/{n}")
+    if args.by_task:
+        print("\nper source task and level: mean top-1, then the cascade minus the best single method of each task "
+              "(mean; tasks where the cascade beats it)")
+        print(f"{'group':<14}{'task':<20}{'tasks':>6}" + "".join(f"{m:>17}" for m in ROWS)
+              + f"{'vs best':>9}{'beats':>7}")
+        for (group, fam), s in by_task.items():
+            print(f"{group:<14}{fam:<20}{s['tasks']:>6}" + "".join(f"{s['mean_top1'][m]:>17.2f}" for m in ROWS)
+                  + f"{s['cascade_minus_best_single']:>+9.2f}"
+                  + f"{str(s['cascade_beats_best_single']) + '/' + str(s['tasks']):>7}")
     return 0
+
+
+def family(name: str) -> str:
+    """A task's source task and level: its name without the redraw (``@r``) or draw (``#r``) suffix."""
+    return name.split("@")[0].split("#")[0]
+
+
+def _method_summary(sel: list) -> dict:
+    """Mean top-1 per method over tasks ``sel`` (dicts method -> top-1) and the cascade against the best single
+    method and the seeds' cascade of each task."""
+    best = np.array([max(r[m] for m in SINGLE) for r in sel])
+    casc = np.array([r["cascade"] for r in sel])
+    seed = np.array([r["seed-cascade"] for r in sel])
+    return {
+        "tasks": len(sel),
+        "mean_top1": {m: round(float(np.mean([r[m] for r in sel])), 2) for m in ROWS},
+        "cascade_minus_best_single": round(float(np.mean(casc - best)), 2),
+        "cascade_beats_best_single": int(np.sum(casc > best)),
+        "cascade_minus_seed_cascade": round(float(np.mean(casc - seed)), 2),
+        "cascade_beats_seed_cascade": int(np.sum(casc > seed)),
+    }
 
 
 def compare(suite, kwargs: dict, args) -> int:
@@ -287,31 +317,46 @@ def compare(suite, kwargs: dict, args) -> int:
         labels = task.pop("query_y")
         a = top1_top5(evaluate_task(task, ("cascade",), default)["cascade"], labels)["top1"]
         b = top1_top5(evaluate_task(task, ("cascade",), kwargs)["cascade"], labels)["top1"]
-        rows.append((group, a, b))
+        rows.append((group, name, a, b))
         if args.json:
             print(json.dumps({"group": group, "task": name, "n_query": int(len(labels)), "default": a,
                               "changed": b}), flush=True)
         else:
             print(f"{group:<14}{name:<24}{a:>10.2f}{b:>10.2f}{b - a:>+8.2f}", flush=True)
-    summary = {}
-    for group in dict.fromkeys(g for g, _, _ in rows):
-        a = np.array([r[1] for r in rows if r[0] == group])
-        b = np.array([r[2] for r in rows if r[0] == group])
-        d = b - a
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        summary[group] = {"tasks": len(d), "default": round(float(a.mean()), 2), "changed": round(float(b.mean()), 2),
-                          "diff": round(float(d.mean()), 3), "diff_se": round(se, 3), "wins": int(np.sum(d > 0)),
-                          "losses": int(np.sum(d < 0))}
+    summary = {group: _paired_summary([r for r in rows if r[0] == group])
+               for group in dict.fromkeys(r[0] for r in rows)}
+    by_task = ({(r[0], family(r[1])): _paired_summary([q for q in rows if q[0] == r[0]
+                                                       and family(q[1]) == family(r[1])])
+                for r in rows} if args.by_task else {})
     if args.json:
-        print(json.dumps({"summary": summary, "change": change, "seconds": round(time.perf_counter() - t0, 1)}))
+        out = {"summary": summary, "change": change, "seconds": round(time.perf_counter() - t0, 1)}
+        if args.by_task:
+            out["by_task"] = [dict(group=g, task=f, **s) for (g, f), s in by_task.items()]
+        print(json.dumps(out))
         return 0
     print(f"\n{change} against the default cascade, per group ({time.perf_counter() - t0:.0f} s): mean top-1, "
           "paired difference (mean +- standard error), tasks won / lost")
     for group, s in summary.items():
         print(f"  {group:<14}{s['tasks']:>4} tasks  {s['default']:6.2f} -> {s['changed']:6.2f}  "
               f"{s['diff']:+.3f} +- {s['diff_se']:.3f}  won {s['wins']}, lost {s['losses']}")
+    if args.by_task:
+        print("per source task and level:")
+        for (group, fam), s in by_task.items():
+            print(f"  {group:<14}{fam:<20}{s['tasks']:>4} tasks  {s['default']:6.2f} -> {s['changed']:6.2f}  "
+                  f"{s['diff']:+.3f} +- {s['diff_se']:.3f}  won {s['wins']}, lost {s['losses']}")
     return 0
 
+
+def _paired_summary(sel: list) -> dict:
+    """Mean top-1 of the default and the changed cascade over rows ``(group, task, default, changed)`` and their
+    paired difference (mean, standard error; nan for a single task), tasks won and lost."""
+    a = np.array([r[2] for r in sel])
+    b = np.array([r[3] for r in sel])
+    d = b - a
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"tasks": len(d), "default": round(float(a.mean()), 2), "changed": round(float(b.mean()), 2),
+            "diff": round(float(d.mean()), 3), "diff_se": round(se, 3), "wins": int(np.sum(d > 0)),
+            "losses": int(np.sum(d < 0))}
 
 if __name__ == "__main__":
     sys.exit(main())

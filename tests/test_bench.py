@@ -103,9 +103,15 @@ def test_generalisation_benchmark_small_suite():
     once and with noisy text): on average the cascade beats the best single method and the seeds' cascade in
     every group, and it beats both on most tasks."""
     out = subprocess.run([sys.executable, "benchmarks/generalisation.py", "--redraws", "1", "--noise", "1.0",
-                          "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                          "--by-task", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     tasks, summary = records[:-1], records[-1]["summary"]
+    by_task = records[-1]["by_task"]             # one task per source task and level here
+    assert [(b["group"], b["tasks"]) for b in by_task] == [(t["group"], 1) for t in tasks]
+    for b, t in zip(by_task, tasks):
+        assert b["mean_top1"]["cascade"] == pytest.approx(t["top1"]["cascade"], abs=0.01)
+        best = max(t["top1"][m] for m in ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp"))
+        assert b["cascade_minus_best_single"] == pytest.approx(t["top1"]["cascade"] - best, abs=0.01)
     assert len(tasks) == 15 and {t["group"] for t in tasks} == {"given", "redrawn", "noisy text"}
     for t in tasks:
         assert set(t["top1"]) >= {"zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade"}
@@ -113,13 +119,18 @@ def test_generalisation_benchmark_small_suite():
         assert s["cascade_minus_best_single"] > 0 and s["cascade_minus_seed_cascade"] > 0, (group, s)
     assert sum(s["cascade_beats_best_single"] for s in summary.values()) >= 11
     assert sum(s["cascade_beats_seed_cascade"] for s in summary.values()) >= 13
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generalisation import family
+    assert [family(n) for n in ("food101", "food101@3", "food101~1#0", "food101-open^0.5#2", "merged^0.8")] == [
+        "food101", "food101", "food101~1", "food101-open^0.5", "merged^0.8"]
 
 
 def test_generalisation_compare_pairs_the_default_with_the_change():
     """--compare: per task the default cascade and the --set one on the same task, and per group their paired
     difference; noisy-text tasks are drawn --noise-seeds times. The default row is the bench's cascade row."""
     cmd = [sys.executable, "benchmarks/generalisation.py", str(TASKS / "food101.npz"), str(TASKS / "caltech101.npz"),
-           "--redraws", "1", "--noise", "1.0", "--noise-seeds", "2", "--no-merge", "--compare", "--set", "refine=none"]
+           "--redraws", "1", "--noise", "1.0", "--noise-seeds", "2", "--no-merge", "--compare", "--set", "refine=none",
+           "--by-task"]
     out = subprocess.run(cmd + ["--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     tasks, last = records[:-1], records[-1]
@@ -135,6 +146,14 @@ def test_generalisation_compare_pairs_the_default_with_the_change():
         d = [t["changed"] - t["default"] for t in tasks if t["group"] == group]
         assert s["tasks"] == len(d) and s["diff"] == pytest.approx(np.mean(d), abs=1e-3)
         assert s["wins"] == sum(x > 0 for x in d) and s["losses"] == sum(x < 0 for x in d)
+    # --by-task: the same paired summary per source task and level (the two noisy draws of a task together)
+    assert [(b["group"], b["task"], b["tasks"]) for b in last["by_task"]] == [
+        ("given", "food101", 1), ("given", "caltech101", 1), ("redrawn", "food101", 1), ("redrawn", "caltech101", 1),
+        ("noisy text", "food101~1", 2), ("noisy text", "caltech101~1", 2)]
+    noisy_food = last["by_task"][4]
+    assert noisy_food["default"] == pytest.approx((tasks[4]["default"] + tasks[5]["default"]) / 2, abs=0.01)
+    assert noisy_food["diff"] == pytest.approx(np.mean([tasks[i]["changed"] - tasks[i]["default"] for i in (4, 5)]),
+                                               abs=1e-3)
     # the two noisy draws of a task differ (other redraw, other noise)
     assert tasks[4]["default"] != tasks[5]["default"] or tasks[6]["default"] != tasks[7]["default"]
     bad = subprocess.run([sys.executable, "benchmarks/generalisation.py", "--compare"], cwd=ROOT,

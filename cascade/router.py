@@ -12,8 +12,9 @@
    (``marginal_test``). It becomes the Sinkhorn marginal of the transductive stage;
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
-   ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot)`` of the transductive stage, the seen stages and
-   zero-shot (exponents fitted on the validation rows); the split between the seen block and each unseen
+   ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot + w4 log p_rebalanced)`` of the transductive stage,
+   the seen stages, zero-shot and zero-shot rebalanced on the query set (``rebalance``: per-class biases that make
+   its mean posterior over the queries the marginal of step 2; exponents fitted on the validation rows); the split between the seen block and each unseen
    class comes from the pool of the two experts over ALL classes, ``softmax(v1 log p1 + v2 log p_zero-shot)``
    (exponents fitted on the validation rows over all classes, so probability a seen row puts on unseen
    classes counts against an expert; 1/2 each without held-out rows). A transductive stage that has
@@ -48,8 +49,8 @@ import numpy as np
 
 from .stages.base import (Stage, check_features, check_labels, load_npz_json, log_softmax,
                           save_npz_json)
-from .stages.calibration import (compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature,
-                                 marginal_test, paired_difference)
+from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
+                                 fit_temperature, marginal_test, paired_difference)
 from .stages.gda import GDA
 from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
@@ -123,6 +124,15 @@ class Cascade:
         would (rows of a class with a single support row cannot be held out and are left out). 0 or 1: no
         held-out rows; the pools then get unit weights and the refinement's temperature is fitted to its own
         soft labels.
+    rebalance : bool
+        With held-out rows and ``combine="pool"``: add zero-shot CLIP rebalanced on the query set to the pool of the
+        seen block, ``softmax(log p_zero-shot + b)`` with per-class biases ``b`` chosen so that its mean posterior
+        over the queries equals the class marginal given to the transductive stage (``balancing_bias``: InMaP's
+        Sinkhorn balancing at zero-shot's calibrated temperature, kept as biases). Unlike the transductive stage,
+        whose proxies are fitted on the queries they score, it scores the held-out rows as it scores the queries,
+        so its exponent is fitted fairly; where the query set is balanced and CLIP's class bias is what goes wrong
+        (classes that overlap), it carries the balancing the pool would otherwise under-weight. Its exponent
+        is fitted with the others (0 when the held-out rows find no use for it).
     refine_check : float or None
         With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
         them as soft-labelled rows, see step 4) falls more than this many standard errors (of the paired
@@ -137,7 +147,7 @@ class Cascade:
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0):
+                 refine_check=2.0, rebalance: bool = True):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
@@ -152,6 +162,7 @@ class Cascade:
         self.cv_folds = cv_folds
         self.specialists = list(specialists)
         self.refine_check = refine_check
+        self.rebalance = rebalance
 
     def _check_params(self):
         for name, value, allowed in (("combine", self.combine, ("pool", "replace")),
@@ -161,6 +172,8 @@ class Cascade:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.refine is not None and not isinstance(self.refine, Stage):
             raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
+        if not isinstance(self.rebalance, (bool, np.bool_)):
+            raise ValueError(f"rebalance must be true or false, got {self.rebalance!r}")
         if not isinstance(self.cv_folds, (int, np.integer)) or self.cv_folds < 0:
             raise ValueError(f"cv_folds must be a non-negative integer, got {self.cv_folds!r}")
         check = self.refine_check
@@ -497,13 +510,21 @@ class Cascade:
               if self.calibrate else 1.0)
         lp1 = log_softmax(a1 * stage.decision_function(xq).astype(np.float64))
 
-        # the final pool: stage 1, the seen stages and zero-shot CLIP (the text prior, from which stage 1 drifts)
-        weights, split_weights = None, None
+        # the final pool: stage 1, the seen stages, zero-shot CLIP (the text prior, from which stage 1 drifts) and
+        # zero-shot rebalanced on the query set to stage 1's class marginal (biases that score any row alike)
+        weights, split_weights, bias = None, None, None
+        if val is not None and self.rebalance and self.combine == "pool" and lp_seen is not None:
+            marginal = details.get("prior", getattr(stage, "prior_", None))
+            bias = balancing_bias(lp0, np.full(C, 1.0 / C) if marginal is None else marginal)
+            details["rebalance_bias"] = bias
         if val is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
             if self.combine == "pool" and lp_seen is not None:
-                weights = fit_pool_weights([lp1v[:, :S], lp_seen_v, lp0v[:, :S]], self.val_y_)
+                experts = [lp1v[:, :S], lp_seen_v, lp0v[:, :S]]
+                if bias is not None:
+                    experts.append(log_softmax(lp0v + bias)[:, :S])
+                weights = fit_pool_weights(experts, self.val_y_)
             if self.combine == "pool" and S < C:   # the seen/unseen split: the experts over all classes
                 split_weights = fit_pool_weights([lp1v, lp0v], self.val_y_)
         if self.combine == "pool" and S < C:
@@ -515,7 +536,8 @@ class Cascade:
             split = None
             if self.combine == "pool" and S < C:
                 split = log_softmax(split_weights[0] * l1 + split_weights[1] * l0)
-            p = self._pool(l1, l_seen, [l0[:, :S]], weights, split=split)
+            others = [l0[:, :S]] if bias is None else [l0[:, :S], log_softmax(l0 + bias)[:, :S]]
+            p = self._pool(l1, l_seen, others, weights, split=split)
             return p / p.sum(axis=1, keepdims=True)
 
         scores = pooled(lp1, lp0, lp_seen)
@@ -635,6 +657,7 @@ class Cascade:
             "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
             "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
+            "rebalance": bool(self.rebalance),
             "backbone_weights": self.backbone_weights,
             "transductive": _proto(self.transductive),
             "refine": _proto(self.refine) if self.refine is not None else None,
@@ -664,7 +687,9 @@ class Cascade:
                   routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],
                   calibrate=meta["calibrate"], cv_folds=meta.get("cv_folds", 4), specialists=specialists,
                   # written before the check existed: the refinement was always kept
-                  refine_check=meta.get("refine_check"))
+                  refine_check=meta.get("refine_check"),
+                  # written before the rebalanced zero-shot expert existed: the pool had none
+                  rebalance=bool(meta.get("rebalance", False)))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

@@ -195,6 +195,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["refine_check"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").refine_check is None
+    # ... and one written before the rebalanced zero-shot expert existed pools without it, as it did
+    assert back.rebalance is True
+    del meta["rebalance"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").rebalance is False
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 
@@ -233,8 +238,8 @@ def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_
     val = ({k: v[seen] for k, v in query.items()}, yq[seen])
     m = small().fit(support, ys, text, S, val=val)
     res = m.predict(query)
-    w = res.details["pool_weights"]
-    assert len(w) == 3 and all(x >= 0 for x in w) and len(m.inductive_pool_) == 2
+    w = res.details["pool_weights"]          # InMaP, LP++, zero-shot and zero-shot rebalanced on the queries
+    assert len(w) == 4 and all(x >= 0 for x in w) and len(m.inductive_pool_) == 2
     assert res.details["refine_temperature"] > 0
     bare = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], cv_folds=0)
     no_val = bare.fit(support, ys, text, S).predict(query)
@@ -473,3 +478,42 @@ def test_single_query_sets_are_classified_like_zero_shot_not_pulled_to_unseen_cl
     assert not any(dropped)
     top1, dropped = one_at_a_time(GDA(mean_prior=0.0))
     assert np.mean(top1 == yq) < 0.5 and not any(dropped)
+
+
+def test_rebalanced_zero_shot_joins_the_pool_with_biases_fitted_on_the_queries():
+    """rebalance=True (default): with held-out rows, zero-shot CLIP with per-class biases that make its mean
+    posterior over the queries the marginal given to InMaP is a fourth expert of the seen-block pool; the same
+    biases score the validation rows that fit its exponent. The pooled distribution (refine=None) is exactly that
+    pool. Without held-out rows (cv_folds=0) the pool has unit exponents and no such expert; rebalance=False is
+    the three-expert pool."""
+    from cascade.stages.base import log_softmax
+    from cascade.stages.calibration import fit_pool_weights
+
+    support, ys, query, yq, text, S = task(n_classes=6, n_seen=6, seed=21, spread=0.6)
+    val = ({k: v[40:] for k, v in query.items()}, yq[40:])
+    q40 = {k: v[:40] for k, v in query.items()}
+    m = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None)
+    m.fit(support, ys, text, S, val=val)
+    res = m.predict(q40)
+    b, w = res.details["rebalance_bias"], res.details["pool_weights"]
+    lp0 = m._zero_shot_log_proba(q40)
+    np.testing.assert_allclose(np.exp(log_softmax(lp0 + b)).mean(axis=0), res.details["prior"], atol=1e-5)
+    # the exponents are the maximum-likelihood pool of the four experts on the validation rows
+    stage = InMaP(prior=res.details["prior"], n_iter=60).fit(m._joint(q40), text=m._joint(m.text_))
+    a1 = res.details["transductive_temperature"]
+    lp1v = log_softmax(a1 * stage.decision_function(m._joint(val[0])).astype(np.float64))
+    lp0v, lp_seen_v = m._val_experts()
+    expected = fit_pool_weights([lp1v, lp_seen_v, lp0v, log_softmax(lp0v + b)], val[1])
+    np.testing.assert_allclose(w, expected, atol=1e-4)
+    lp1 = log_softmax(a1 * stage.decision_function(m._joint(q40)).astype(np.float64))
+    pool = np.exp(log_softmax(w[0] * lp1 + w[1] * m._seen_log_proba(q40) + w[2] * lp0
+                              + w[3] * log_softmax(lp0 + b)))
+    np.testing.assert_allclose(res.scores, pool, atol=1e-5)
+    off = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None,
+                  rebalance=False).fit(support, ys, text, S, val=val).predict(q40)
+    assert len(off.details["pool_weights"]) == 3 and "rebalance_bias" not in off.details
+    bare = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], cv_folds=0)
+    plain = bare.fit(support, ys, text, S).predict(q40)
+    assert plain.details["pool_weights"] is None and "rebalance_bias" not in plain.details
+    with pytest.raises(ValueError, match="rebalance"):
+        Cascade(rebalance="yes").fit(support, ys, text, S)

@@ -348,6 +348,35 @@ def test_paired_difference_is_the_mean_and_its_standard_error():
     assert paired_difference([]) == (0.0, float("inf"))
 
 
+def test_balancing_bias_makes_the_mean_posterior_the_marginal():
+    """Per-class biases b with mean_i softmax(log p_i + b) = q: Sinkhorn's column scaling, kept as a bias."""
+    from cascade.stages.base import log_softmax
+    from cascade.stages.calibration import balancing_bias
+
+    # by hand: rows (0.9, 0.1) and (0.5, 0.5), balanced marginal. With w = (1, x) the class-0 posteriors are
+    # 0.9 / (0.9 + 0.1 x) and 1 / (1 + x), whose sum is 1 at x = 3: b = (-log 3, log 3) / 2 once centred
+    b = balancing_bias(np.log([[0.9, 0.1], [0.5, 0.5]]), [0.5, 0.5])
+    np.testing.assert_allclose(b, [-np.log(3) / 2, np.log(3) / 2], atol=1e-6)
+    rng = np.random.default_rng(0)
+    L = log_softmax(3 * rng.standard_normal((60, 5)))
+    q = np.array([0.4, 0.3, 0.1, 0.1, 0.1])
+    b = balancing_bias(L, 2 * q)                                       # the marginal is normalised
+    np.testing.assert_allclose(np.exp(log_softmax(L + b)).mean(axis=0), q, atol=1e-6)
+    assert abs(b.mean()) < 1e-9
+    # a per-class shift of the logits moves the bias by minus that shift (centred)
+    c = np.array([2.0, -1.0, 0.5, 0.0, 3.0])
+    np.testing.assert_allclose(balancing_bias(L + c, q), b - (c - c.mean()), atol=1e-5)
+    # rows that are already balanced need no bias
+    cyc = np.log(np.array([np.roll([0.7, 0.1, 0.1, 0.05, 0.05], k) for k in range(5)]))
+    np.testing.assert_allclose(balancing_bias(cyc, np.full(5, 0.2)), 0.0, atol=1e-6)
+    # a class of zero marginal gets a large, finite negative bias
+    z = balancing_bias(L, [0.5, 0.5, 0.0, 0.0, 0.0])
+    assert np.all(np.isfinite(z)) and z[2:].max() < z[:2].min() - 10
+    for bad in ([0.5, 0.5], [1, 1, 1, 1, -1], [0, 0, 0, 0, 0], [np.nan, 1, 1, 1, 1]):
+        with pytest.raises(ValueError, match="marginal"):
+            balancing_bias(L, bad)
+
+
 def test_lpp_auto_selection_keeps_the_last_epoch_unless_validation_clearly_disagrees():
     """select="auto": the best-validation epoch replaces the last only when it beats it on the validation rows by
     more than 2 standard errors of the paired difference. Clean support rows: the last epoch stays (plain "val"

@@ -8,7 +8,9 @@
   Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
 * :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
   BIC decision against uniform; :func:`compatible_marginal`: whether another estimate is statistically
-  compatible with those posteriors.
+  compatible with those posteriors;
+* :func:`balancing_bias`: per-class biases that make a classifier's mean posterior over a set equal a given class
+  marginal (Sinkhorn's column scaling, kept as a bias so that it can score other rows too).
 """
 from __future__ import annotations
 
@@ -103,6 +105,39 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
 
     res = minimize(nll, np.ones(len(L)), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(L))
     return np.asarray(res.x, dtype=np.float64)
+
+
+def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: float = 1e-6) -> np.ndarray:
+    """Per-class log-biases ``b`` [C] with which the mean of ``softmax(log_probs[i] + b)`` over the rows equals
+    ``marginal`` (normalised to sum 1).
+
+    This is Sinkhorn's matrix scaling of the posteriors ``P`` [N, C] to row sums ``1/N`` and column sums
+    ``marginal`` (what InMaP does to its pseudo-labels): the row scalings only renormalise each row, and the
+    column scalings are ``exp(b)``. Kept as a bias, the balancing applies to rows outside the set too (e.g.
+    held-out rows that calibrate the expert), which a balanced matrix does not. Found by iterative proportional
+    fitting, ``w <- w * marginal / mean_i(P_i w / P_i . w)`` (two matrix-vector products per step), until no
+    bias moves by more than ``tol``; every ``P_ik > 0`` guarantees a solution (Sinkhorn 1967). ``b`` is returned
+    centred (mean 0); a class of zero marginal gets a large finite negative bias.
+    """
+    L = np.asarray(log_probs, dtype=np.float64)
+    n, c = L.shape
+    q = np.asarray(marginal, dtype=np.float64).ravel()
+    if q.shape != (c,) or not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
+        raise ValueError(f"marginal must be {c} finite non-negative weights with a positive sum")
+    tiny = np.finfo(np.float64).tiny
+    q = np.maximum(q / q.sum(), 1e-300)
+    P = np.exp(L - L.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    np.maximum(P, tiny, out=P)
+    log_w = np.zeros(c)
+    for _ in range(n_iter):
+        w = np.exp(log_w - log_w.max())
+        m = w * (P.T @ (1.0 / (P @ w))) / n            # the mean posterior with biases log w
+        step = np.log(q) - np.log(np.maximum(m, 1e-300))
+        log_w += step
+        if np.max(np.abs(step)) <= tol:
+            break
+    return log_w - log_w.mean()
 
 
 def paired_difference(d) -> tuple[float, float]:

@@ -13,8 +13,9 @@
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
    ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot + w4 log p_rebalanced)`` of the transductive stage,
-   the seen stages, zero-shot and zero-shot rebalanced on the query set (``rebalance``: per-class biases that make
-   its mean posterior over the queries the marginal of step 2; exponents fitted on the validation rows); the
+   the seen stages, zero-shot and zero-shot rebalanced on the query set (``rebalance``, with validation rows:
+   per-class biases that make its mean posterior over the queries the marginal of step 2; exponents fitted on the
+   validation rows); the
    split between the seen block and each unseen class comes from the pool of the two experts over ALL classes,
    ``softmax(v1 log p1 + v2 log p_zero-shot)`` (exponents fitted on the validation rows over all classes, so
    probability a seen row puts on unseen
@@ -126,14 +127,16 @@ class Cascade:
         held-out rows; the pools then get unit weights and the refinement's temperature is fitted to its own
         soft labels.
     rebalance : bool
-        With held-out rows and ``combine="pool"``: add zero-shot CLIP rebalanced on the query set to the pool of the
+        With validation rows and ``combine="pool"``: add zero-shot CLIP rebalanced on the query set to the pool of the
         seen block, ``softmax(log p_zero-shot + b)`` with per-class biases ``b`` chosen so that its mean posterior
         over the queries equals the class marginal given to the transductive stage (``balancing_bias``: InMaP's
         Sinkhorn balancing at zero-shot's calibrated temperature, kept as biases). Unlike the transductive stage,
         whose proxies are fitted on the queries they score, it scores the held-out rows as it scores the queries,
         so its exponent is fitted fairly; where the query set is balanced and CLIP's class bias is what goes wrong
         (classes that overlap), it carries the balancing the pool would otherwise under-weight. Its exponent
-        is fitted with the others (0 when the held-out rows find no use for it).
+        is fitted with the others (0 when the held-out rows find no use for it). Not used when the support rows out
+        of fold stand in for validation rows: a few shots per class fit a fourth exponent poorly (with 10 % of the
+        queries it cost the redrawn tasks 0.12 points; docs/stages.md).
     refine_check : float or None
         With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
         them as soft-labelled rows, see step 4) falls more than this many standard errors (of the paired
@@ -514,7 +517,8 @@ class Cascade:
         # the final pool: stage 1, the seen stages, zero-shot CLIP (the text prior, from which stage 1 drifts) and
         # zero-shot rebalanced on the query set to stage 1's class marginal (biases that score any row alike)
         weights, split_weights, bias = None, None, None
-        if val is not None and self.rebalance and self.combine == "pool" and lp_seen is not None:
+        if (val is not None and getattr(self, "val_folds_", None) is None and self.rebalance
+                and self.combine == "pool" and lp_seen is not None):
             marginal = details.get("prior", getattr(stage, "prior_", None))
             bias = balancing_bias(lp0, np.full(C, 1.0 / C) if marginal is None else marginal)
             details["rebalance_bias"] = bias

@@ -481,11 +481,11 @@ def test_single_query_sets_are_classified_like_zero_shot_not_pulled_to_unseen_cl
 
 
 def test_rebalanced_zero_shot_joins_the_pool_with_biases_fitted_on_the_queries():
-    """rebalance=True (default): with held-out rows, zero-shot CLIP with per-class biases that make its mean
+    """rebalance=True (default): with validation rows, zero-shot CLIP with per-class biases that make its mean
     posterior over the queries the marginal given to InMaP is a fourth expert of the seen-block pool; the same
     biases score the validation rows that fit its exponent. The pooled distribution (refine=None) is exactly that
-    pool. Without held-out rows (cv_folds=0) the pool has unit exponents and no such expert; rebalance=False is
-    the three-expert pool."""
+    pool. Without held-out rows (cv_folds=0) the pool has unit exponents and no such expert, nor with the support rows
+    out of fold in place of validation rows; rebalance=False is the three-expert pool."""
     from cascade.stages.base import log_softmax
     from cascade.stages.calibration import fit_pool_weights
 
@@ -515,5 +515,9 @@ def test_rebalanced_zero_shot_joins_the_pool_with_biases_fitted_on_the_queries()
     bare = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], cv_folds=0)
     plain = bare.fit(support, ys, text, S).predict(q40)
     assert plain.details["pool_weights"] is None and "rebalance_bias" not in plain.details
+    # the support rows out of fold stand in for validation rows: three exponents, no rebalanced expert
+    oof = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")])
+    res_oof = oof.fit(support, ys, text, S).predict(q40)
+    assert len(res_oof.details["pool_weights"]) == 3 and "rebalance_bias" not in res_oof.details
     with pytest.raises(ValueError, match="rebalance"):
         Cascade(rebalance="yes").fit(support, ys, text, S)

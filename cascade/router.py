@@ -15,10 +15,9 @@
    ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot + w4 log p_rebalanced)`` of the transductive stage,
    the seen stages, zero-shot and zero-shot rebalanced on the query set (``rebalance``, with validation rows:
    per-class biases that make its mean posterior over the queries the marginal of step 2; exponents fitted on the
-   validation rows); the
-   split between the seen block and each unseen class comes from the pool of the two experts over ALL classes,
-   ``softmax(v1 log p1 + v2 log p_zero-shot)`` (exponents fitted on the validation rows over all classes, so
-   probability a seen row puts on unseen
+   validation rows); the split between the seen block and each unseen class comes from the pool of the two
+   experts over ALL classes, ``softmax(v1 log p1 + v2 log p_zero-shot)`` (exponents fitted on the validation rows
+   over all classes, so probability a seen row puts on unseen
    classes counts against an expert; 1/2 each without held-out rows). A transductive stage that has
    drifted from the truth (InMaP on a few dozen queries, say) thus cannot move queries into or out of the
    unseen classes either. The ``refine`` stage (default :class:`~cascade.stages.gda.GDA`, a shared-covariance

@@ -7,6 +7,12 @@ otherwise as a plain string). Unknown keys and wrongly typed values are errors n
 
 Paths: ``paths.data`` and ``paths.out`` are relative to the current directory; inputs under ``[paths]`` are
 relative to the data root, outputs to the out folder; ``{data}`` and ``{out}`` inside any path are expanded.
+
+Stages: each ``[stages.<name>]`` table holds the keyword arguments of the stage registered under ``name``
+(:func:`cascade.stages.register_stage`); ``[stages.cascade]`` names the cascade's stages and holds its own keyword
+arguments. Every key is checked when the configuration is loaded, before any image is read, against the
+registry and the constraints each stage declares (``_parameter_constraints``, the same the stage checks when it
+fits); an error names the key as written (``stages.lpp.epochs``).
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .router import Cascade
+from .stages import ParameterError, UnknownStageError, get_stage, stage_name, stage_names, validate_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,15 +82,6 @@ class PromptsConfig:
 
 
 @dataclass
-class StagesConfig:
-    cascade: dict[str, Any] = field(default_factory=dict)
-    zeroshot: dict[str, Any] = field(default_factory=dict)
-    inmap: dict[str, Any] = field(default_factory=dict)
-    lpp: dict[str, Any] = field(default_factory=dict)
-    gda: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class SpecialistConfig:
     enabled: bool = True
     domains: list[str] = field(default_factory=lambda: ["Thu-dog"])
@@ -97,7 +97,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    stages: StagesConfig = field(default_factory=StagesConfig)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)      # table name -> keyword arguments
     specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
 
     # ---- resolved paths (Path objects; relative ones stay relative to the current directory)
@@ -273,6 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = str(p)
     try:
         cfg = _build(Config, tree, "")
+        validate_stages(cfg.stages)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     for item in overrides:
@@ -280,6 +281,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply_override(tree, parts, value, f"--set {item}")
         try:
             cfg = _build(Config, tree, "")
+            validate_stages(cfg.stages)
         except ConfigError as exc:
             raise ConfigError(f"--set {item}: {exc}") from None
     try:
@@ -309,6 +311,71 @@ def _validate(cfg: Config) -> None:
         for t in templates:
             if t.count("{}") != 1:
                 raise ConfigError(f"{name}: template {t!r} must contain exactly one '{{}}' (the class name)")
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+CASCADE_TABLE = "cascade"
+# keys of [stages.cascade] that name stages (the rest are keyword arguments of Cascade)
+CASCADE_STAGE_KEYS = ("transductive", "seen", "refine")
+
+
+def cascade_stage_names(table: dict) -> tuple[str, list[str], str | None]:
+    """(transductive, [seen, ...], refine or None) named by a ``[stages.cascade]`` table (defaults: inmap,
+    ["lpp"], gda; ``seen`` may be one name; ``refine = ""`` is no refinement)."""
+    seen = table.get("seen", ["lpp"])
+    return (table.get("transductive", "inmap"), [seen] if isinstance(seen, str) else list(seen),
+            table.get("refine", "gda") or None)
+
+
+def _check_keywords(cls, table: dict, where: str, skip=(), also=()) -> None:
+    """Unknown keywords and values outside ``cls``'s declared constraints are ConfigErrors naming the key
+    (``skip``: constructor arguments the table cannot set; ``also``: keys the table has besides them)."""
+    known = [*also, *(k for k in cls._param_names() if k not in skip)]
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown keyword (known in [{where}]: {', '.join(known)})")
+    try:
+        validate_params(cls._parameter_constraints, table, prefix=f"{where}.")
+    except ParameterError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def validate_stages(stages: dict) -> None:
+    """Check every ``[stages.*]`` table against the stage registry and the stages' declared constraints."""
+    for name, table in stages.items():
+        where = f"stages.{name}"
+        if name == CASCADE_TABLE:
+            continue
+        try:
+            cls = get_stage(name)
+        except UnknownStageError:
+            raise ConfigError(f"{where}: no stage is registered as {name!r} (registered: "
+                              f"{', '.join(stage_names())}; see docs/extending.md)") from None
+        _check_keywords(cls, table, where)
+    table = stages.get(CASCADE_TABLE, {})
+    where = f"stages.{CASCADE_TABLE}"
+    for key in CASCADE_STAGE_KEYS:
+        if key not in table:
+            continue
+        value = table[key]
+        ok = (isinstance(value, str) or (key == "seen" and isinstance(value, list)
+                                         and all(isinstance(v, str) for v in value)))
+        if not ok:
+            raise ConfigError(f"{where}.{key}: expected a stage name{' or a list of them' if key == 'seen' else ''}"
+                              f", got {value!r}")
+    trans, seen, refine = cascade_stage_names(table)
+    for key, names in (("transductive", [trans]), ("seen", seen), ("refine", [refine] if refine else [])):
+        for n in names:
+            try:
+                cls = get_stage(n)
+            except UnknownStageError:
+                raise ConfigError(f"{where}.{key}: no stage is registered as {n!r} (registered: "
+                                  f"{', '.join(stage_names())})") from None
+            if key == "seen" and cls.transductive:
+                raise ConfigError(f"{where}.seen: {stage_name(cls)!r} is a transductive stage; the seen experts are "
+                                  "fitted before the queries are known")
+    _check_keywords(Cascade, table, where, skip=("transductive", "seen_stages", "refine", "specialists"),
+                    also=CASCADE_STAGE_KEYS)
 
 
 # ------------------------------------------------------------------------------------------- argparse glue

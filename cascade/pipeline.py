@@ -143,39 +143,25 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
     return feats, failures
 
 
-STAGE_NAMES = {"zeroshot": "zero-shot", "inmap": "inmap", "lpp": "lpp", "gda": "gda"}  # config table -> STAGES
+def _build_stage(cfg, name: str):
+    """The stage registered as ``name``, built from its ``[stages.<name>]`` table (keyword arguments, unchanged;
+    checked against the registry and the stage's constraints when the config was loaded)."""
+    from .stages import get_stage
 
-
-def _build_stage(cfg, name: str, where: str):
-    from .stages import STAGES
-
-    if name not in STAGE_NAMES:
-        raise PipelineError(f"{where}: unknown stage {name!r} (known: {', '.join(STAGE_NAMES)})")
-    params = dict(getattr(cfg.stages, name))
-    try:
-        return STAGES[STAGE_NAMES[name]](**params)
-    except TypeError as exc:
-        raise PipelineError(f"stages.{name}: {exc}") from None
+    return get_stage(name)(**cfg.stages.get(name, {}))
 
 
 def _make_cascade(cfg):
-    """The Cascade of [stages.cascade]: its transductive stage and seen stages named there, each built from its
-    own [stages.<name>] table (keyword arguments, unchanged)."""
+    """The Cascade of [stages.cascade]: its transductive stage, seen stages and refinement named there, each built
+    from its own [stages.<name>] table; the table's other keys are the Cascade's keyword arguments."""
+    from .config import CASCADE_STAGE_KEYS, CASCADE_TABLE, cascade_stage_names
     from .router import Cascade
 
-    kwargs = dict(cfg.stages.cascade)
-    trans = kwargs.pop("transductive", "inmap")
-    seen = kwargs.pop("seen", ["lpp"])
-    if isinstance(seen, str):
-        seen = [seen]
-    refine = kwargs.pop("refine", "gda")
-    transductive = _build_stage(cfg, trans, "stages.cascade.transductive")
-    seen_stages = [_build_stage(cfg, n, "stages.cascade.seen") for n in seen]
-    refine = _build_stage(cfg, refine, "stages.cascade.refine") if refine else None
-    try:
-        return Cascade(transductive=transductive, seen_stages=seen_stages, refine=refine, **kwargs)
-    except TypeError as exc:
-        raise PipelineError(f"stages.cascade: {exc}") from None
+    table = cfg.stages.get(CASCADE_TABLE, {})
+    trans, seen, refine = cascade_stage_names(table)
+    kwargs = {k: v for k, v in table.items() if k not in CASCADE_STAGE_KEYS}
+    return Cascade(transductive=_build_stage(cfg, trans), seen_stages=[_build_stage(cfg, n) for n in seen],
+                   refine=_build_stage(cfg, refine) if refine else None, **kwargs)
 
 
 def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_feats, oof, progress):

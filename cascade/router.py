@@ -42,14 +42,14 @@ without each fold). Query labels are never used. See docs/stages.md.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 
-from .stages.base import (Stage, check_features, check_labels, load_npz_json, log_softmax,
-                          save_npz_json)
+from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels, describe_stage,
+                          load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
 from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
                                  fit_temperature, marginal_test, paired_difference)
 from .stages.gda import GDA
@@ -86,21 +86,22 @@ def _as_dict(name: str, value) -> dict:
     return value
 
 
-class Cascade:
+class Cascade(HasParams):
     """Routed cascade of stages (see the module docstring).
 
     Parameters
     ----------
     transductive : Stage
-        Stage over all classes fitted on the queries; ``fit(X, text=..., support_x=..., support_y=...)``.
+        Stage over all classes fitted on the queries: ``fit(support_x, support_y, text=..., query=...)``.
         Default ``InMaP(n_iter=50)``: 50 proxy steps instead of the authors' 2000 (with the refinement after
         it, more steps change nothing measurable and cost 40x more; see docs/stages.md, "Speed").
     seen_stages : sequence of Stage
-        Inductive stages over the seen classes; ``fit(X, y, text=..., val=...)``. Default
+        Inductive stages over the seen classes, ``fit(X, y, text=..., val=...)``, each one expert of the pool
+        with its own fitted exponent. Default
         ``[LinearProbePP(epochs=100, select="auto")]`` (the authors run 300 epochs, see "Speed"; "auto": the
         last epoch unless the validation rows show a clearly better one, see :mod:`cascade.stages.lpp`).
     refine : Stage, None or "default"
-        Transductive refinement over all classes, ``fit(X, soft_labels, n_classes=C)``; "default":
+        Transductive refinement over all classes, ``fit(X, soft_labels)`` (soft labels [N, C]); "default":
         ``GDA(shrinkage=0.5)``; None: the pooled distribution is the final score.
     prior : "estimate" | "stage"
         "estimate": the router estimates the query set's class marginal (step 2) and sets it as the
@@ -147,6 +148,18 @@ class Cascade:
         specialist only (so an expensive backbone runs on those images alone).
     """
 
+    #: the keys of ``[stages.cascade]`` besides the stage names, checked here and when the config is loaded
+    _parameter_constraints = {
+        "prior": [Options("estimate", "stage")],
+        "routing": [Options("joint", "stage1")],
+        "combine": [Options("pool", "replace")],
+        "calibrate": [BOOL],
+        "cv_folds": [Interval(Integral, 0, None)],
+        "refine_check": [Interval(Real, 0, None), Options(None, False)],
+        "rebalance": [BOOL],
+        "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
+    }
+
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
@@ -168,22 +181,17 @@ class Cascade:
         self.rebalance = rebalance
 
     def _check_params(self):
-        for name, value, allowed in (("combine", self.combine, ("pool", "replace")),
-                                     ("prior", self.prior, ("estimate", "stage")),
-                                     ("routing", self.routing, ("joint", "stage1"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        validate_params(self._parameter_constraints, self.get_params())
+        if not isinstance(self.transductive, Stage):
+            raise ValueError(f"transductive must be a Stage, got {self.transductive!r}")
         if self.refine is not None and not isinstance(self.refine, Stage):
             raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
-        if not isinstance(self.rebalance, (bool, np.bool_)):
-            raise ValueError(f"rebalance must be true or false, got {self.rebalance!r}")
-        if not isinstance(self.cv_folds, (int, np.integer)) or self.cv_folds < 0:
-            raise ValueError(f"cv_folds must be a non-negative integer, got {self.cv_folds!r}")
-        check = self.refine_check
-        if not (check is None or check is False or (isinstance(check, (int, float, np.number))
-                                                     and not isinstance(check, bool) and check >= 0)):
-            raise ValueError(f"refine_check must be a non-negative number of standard errors, None or false, "
-                             f"got {check!r}")
+        for st in self.seen_stages:
+            if not isinstance(st, Stage):
+                raise ValueError(f"seen_stages must be Stages, got {st!r}")
+            if st.transductive:
+                raise ValueError(f"seen stage {stage_name(st)!r} is transductive; the seen experts are fitted on the "
+                                 "support rows before any query is known")
 
     # ------------------------------------------------------------------------------------------------
     def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
@@ -244,11 +252,8 @@ class Cascade:
         for proto in self.seen_stages:
             per_backbone = {}
             for k in keys:
-                st = _clone(proto)
-                kw = {}
-                if val_sets is not None and "val" in _fit_kwargs(st):
-                    kw["val"] = (val_sets[k], vy)
-                per_backbone[k] = st.fit(sups[k], y, text=texts[k][:n_seen], **kw)
+                per_backbone[k] = _clone(proto).fit(sups[k], y, text=texts[k][:n_seen],
+                                                    val=None if val_sets is None else (val_sets[k], vy))
             fitted.append(per_backbone)
         self.seen_fitted_ = fitted
         # held-out labelled rows: the validation rows, or else the support rows scored out of fold
@@ -277,7 +282,7 @@ class Cascade:
         self.inductive_pool_ = None
         if use_val and self.combine == "pool" and fitted:
             lp0v, lp_seen_v = self._val_experts()
-            self.inductive_pool_ = fit_pool_weights([lp0v[:, :n_seen], lp_seen_v], vy).tolist()
+            self.inductive_pool_ = fit_pool_weights([lp0v[:, :n_seen], *lp_seen_v], vy).tolist()
         return self
 
     def _val_experts(self):
@@ -357,32 +362,32 @@ class Cascade:
     def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
         return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
 
-    def _seen_log_proba(self, feats: dict, logits=None):
-        """The seen stages' calibrated log-probabilities over the seen classes, summed over stages (rows
-        normalised); None without seen stages. ``logits``: the stages' combined logits, when already computed."""
-        total = None
+    def _seen_log_proba(self, feats: dict, logits=None) -> list:
+        """Each seen stage's calibrated log-probabilities [N, S] over the seen classes: one expert of the pool
+        per stage (an empty list without seen stages). ``logits``: the stages' combined logits, when already
+        computed."""
+        out = []
         for i, (per_backbone, a) in enumerate(zip(self.seen_fitted_, self.seen_temperatures_)):
             z = self._combined_logits(per_backbone, feats, self.weights_) if logits is None else logits[i]
-            lp = log_softmax(a * z)
-            total = lp if total is None else total + lp
-        return None if total is None else log_softmax(total)
+            out.append(log_softmax(log_softmax(a * z)))      # rows normalised again, as every pool input is
+        return out
 
-    def _pool(self, lp_first: np.ndarray, lp_seen, others=(), weights=None, split=None) -> np.ndarray:
+    def _pool(self, lp_first: np.ndarray, lp_seen: list, others=(), weights=None, split=None) -> np.ndarray:
         """Distribution over all classes: ``split``'s (default ``lp_first``; log-probabilities over all classes),
         with its seen block replaced, at the same total mass, by the log-linear pool ``softmax(w_0 lp_first +
-        w_1 lp_seen + sum_j w_j others_j)`` over the seen classes (``combine="pool"``; ``lp_first``: an expert
-        over all classes; ``others``: more experts' log-probabilities over the seen classes) or by
-        ``softmax(lp_seen)`` (``combine="replace"``)."""
+        sum_i w_i lp_seen_i + sum_j w_j others_j)`` over the seen classes (``combine="pool"``; ``lp_first``: an
+        expert over all classes; ``lp_seen``: one expert per seen stage; ``others``: more experts'
+        log-probabilities over the seen classes) or by ``softmax(sum_i lp_seen_i)`` (``combine="replace"``)."""
         S = self.n_seen_
         out = np.exp(lp_first if split is None else split)
-        if lp_seen is None:
+        if not lp_seen:
             return out
         if self.combine == "pool":
-            experts = [lp_first[:, :S], lp_seen, *others]
+            experts = [lp_first[:, :S], *lp_seen, *others]
             w = np.ones(len(experts)) if weights is None else weights
             block = sum(wj * lp for wj, lp in zip(w, experts))
         else:
-            block = lp_seen
+            block = sum(lp_seen)
         out[:, :S] = out[:, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
         return out
 
@@ -406,7 +411,7 @@ class Cascade:
         C = self.n_classes_
         sj, onehot = self._support_rows()
         X, Y = np.concatenate([xq, sj]), np.concatenate([soft, onehot])
-        g = _clone(self.refine).fit(X, Y, n_classes=C)
+        g = _clone(self.refine).fit(X, Y)
         z = g.decision_function(xq)
         folds = getattr(self, "val_folds_", None)
         if not self.calibrate:
@@ -417,7 +422,7 @@ class Cascade:
             zv = np.empty((len(folds), C))
             for f in np.unique(folds):
                 train = np.concatenate([np.ones(len(xq), bool), support_folds != f])
-                zv[folds == f] = _clone(self.refine).fit(X[train], Y[train], n_classes=C).decision_function(
+                zv[folds == f] = _clone(self.refine).fit(X[train], Y[train]).decision_function(
                     val_joint[folds == f])
             t = fit_temperature(zv, self.val_y_)
         elif val_joint is not None:
@@ -447,7 +452,7 @@ class Cascade:
         if folds is None:
             X = np.concatenate([xq, val_joint, sj])
             Y = np.concatenate([soft, soft_v, onehot])
-            z = _clone(self.refine).fit(X, Y, n_classes=C).decision_function(val_joint)
+            z = _clone(self.refine).fit(X, Y).decision_function(val_joint)
         else:
             support_folds = _folds(self.support_y_, self.cv_folds)
             z = np.empty((len(folds), C))
@@ -455,7 +460,7 @@ class Cascade:
                 train, held = support_folds != f, folds == f
                 X = np.concatenate([xq, sj[train], val_joint[held]])
                 Y = np.concatenate([soft, onehot[train], soft_v[held]])
-                z[held] = _clone(self.refine).fit(X, Y, n_classes=C).decision_function(val_joint[held])
+                z[held] = _clone(self.refine).fit(X, Y).decision_function(val_joint[held])
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))
@@ -507,8 +512,7 @@ class Cascade:
                 q, source = q_zs, "zero-shot"
             stage.set_params(prior=q)
             details.update(prior=q, prior_gain=gain, prior_source=source)
-        kw = {"support_x": sj, "support_y": self.support_y_} if "support_x" in _fit_kwargs(stage) else {}
-        stage.fit(xq, text=tj, **kw)
+        stage.fit(sj, self.support_y_, text=tj, query=xq)
         a1 = (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)
               if self.calibrate else 1.0)
         lp1 = log_softmax(a1 * stage.decision_function(xq).astype(np.float64))
@@ -517,15 +521,15 @@ class Cascade:
         # zero-shot rebalanced on the query set to stage 1's class marginal (biases that score any row alike)
         weights, split_weights, bias = None, None, None
         if (val is not None and getattr(self, "val_folds_", None) is None and self.rebalance
-                and self.combine == "pool" and lp_seen is not None):
+                and self.combine == "pool" and lp_seen):
             marginal = details.get("prior", getattr(stage, "prior_", None))
             bias = balancing_bias(lp0, np.full(C, 1.0 / C) if marginal is None else marginal)
             details["rebalance_bias"] = bias
         if val is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
-            if self.combine == "pool" and lp_seen is not None:
-                experts = [lp1v[:, :S], lp_seen_v, lp0v[:, :S]]
+            if self.combine == "pool" and lp_seen:
+                experts = [lp1v[:, :S], *lp_seen_v, lp0v[:, :S]]
                 if bias is not None:
                     experts.append(log_softmax(lp0v + bias)[:, :S])
                 weights = fit_pool_weights(experts, self.val_y_)
@@ -572,11 +576,19 @@ class Cascade:
         scores /= scores.sum(axis=1, keepdims=True)
         top5 = _topk(scores, min(5, C))
         details.update(transductive_temperature=a1, pool_weights=None if weights is None else list(weights),
+                       pool_experts=self.pool_experts(rebalanced=bias is not None),
                        refine_temperature=t_ref, seen_temperatures=list(self.seen_temperatures_),
                        n_unseen_routed=int(unseen.sum()))
         if hasattr(stage, "n_iter_"):
             details["n_iter"] = stage.n_iter_
         return CascadeResult(scores=scores, top5=top5, route=route, details=details)
+
+    def pool_experts(self, rebalanced: bool = False) -> list:
+        """The names of the seen block's pooled experts, in the order of ``details["pool_weights"]``: the
+        transductive stage, each seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced."""
+        names = [stage_name(self.transductive), *(stage_name(st) for st in self.seen_stages), "zeroshot"]
+        return names + ["zeroshot-rebalanced"] if rebalanced else names
+
     def _apply_specialists(self, scores: np.ndarray, query: dict, route: list) -> np.ndarray:
         if not self.specialists:
             return scores
@@ -629,10 +641,11 @@ class Cascade:
         return p / p.sum(axis=1, keepdims=True)
 
     # ------------------------------------------------------------------------------------------------
-    def save(self, directory) -> Path:
-        """Write the fitted cascade to ``directory`` (cascade.npz: arrays + JSON meta). No pickle."""
+    def state_dict(self) -> tuple[dict, dict]:
+        """(arrays, JSON meta) of the fitted cascade: its settings, its stages (each through its own
+        ``state_dict``) and the labelled rows it keeps for calibration at predict time. No pickle; the model
+        bundle (:mod:`cascade.bundle`) writes them with the rest of a trained model."""
         self._check_fitted()
-        directory = Path(directory)
         arrays = {"support_y": self.support_y_}
         for i, k in enumerate(self.backbones_):
             arrays[f"text/{i}"] = self.text_[k]
@@ -663,24 +676,24 @@ class Cascade:
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
             "backbone_weights": self.backbone_weights,
-            "transductive": _proto(self.transductive),
-            "refine": _proto(self.refine) if self.refine is not None else None,
-            "seen_prototypes": [_proto(s) for s in self.seen_stages],
+            "transductive": describe_stage(self.transductive),
+            "refine": describe_stage(self.refine) if self.refine is not None else None,
+            "seen_prototypes": [describe_stage(s) for s in self.seen_stages],
             "seen_fitted": stages_meta,
         }
-        return save_npz_json(directory / "cascade.npz", arrays, meta)
+        return arrays, meta
 
     @classmethod
-    def load(cls, directory, specialists=()) -> "Cascade":
-        """Read a cascade written by :meth:`save` (specialists are not saved; pass them again)."""
-        path = Path(directory) / "cascade.npz"
-        arrays, meta = load_npz_json(path)
+    def from_state(cls, arrays: dict, meta: dict, specialists=(), source: str = "cascade state") -> "Cascade":
+        """Rebuild a fitted cascade from :meth:`state_dict`'s output (``source`` names it in errors). Its stages
+        are found in the stage registry by the names the state gives. Specialists are not part of it; pass
+        them again."""
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r} (a model written by "
+            raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r} (a model written by "
                              f"another version of cascade); run train again")
 
         def build(m):
-            return Stage.from_state({}, {"class": m["class"], "params": m["params"], "state": {}})
+            return Stage.from_state({}, dict(m, state={}))
 
         if meta["refine"] is not None and meta["refine"]["class"] == "GDA":
             # written before the GDA had a mean prior: its means were the plain weighted means
@@ -723,6 +736,18 @@ class Cascade:
         obj.seen_fitted_ = fitted
         return obj
 
+    def save(self, directory) -> Path:
+        """Write the fitted cascade alone to ``directory``/cascade.npz (arrays + JSON meta, no pickle); a whole
+        trained model is written by :class:`cascade.bundle.Bundle`."""
+        return save_npz_json(Path(directory) / "cascade.npz", *self.state_dict())
+
+    @classmethod
+    def load(cls, directory, specialists=()) -> "Cascade":
+        """Read a cascade written by :meth:`save` (specialists are not saved; pass them again)."""
+        path = Path(directory) / "cascade.npz"
+        arrays, meta = load_npz_json(path)
+        return cls.from_state(arrays, meta, specialists, source=str(path))
+
 
 def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each row, per class round-robin after a seeded shuffle (so every fold holds about the same share
@@ -735,25 +760,6 @@ def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
         if idx.size >= 2:
             fold[idx] = np.arange(idx.size) % min(n_folds, idx.size)
     return fold
-
-
-def _proto(stage: Stage) -> dict:
-    return {"class": type(stage).__name__, "params": _jsonable(stage.get_params())}
-
-
-def _jsonable(params: dict) -> dict:
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        json.dumps(v)  # raises for objects that cannot be saved
-        out[k] = v
-    return out
-
-
-def _fit_kwargs(stage) -> set:
-    import inspect
-    return set(inspect.signature(stage.fit).parameters)
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

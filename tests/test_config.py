@@ -27,8 +27,8 @@ def test_defaults_come_from_the_shipped_toml():
 def test_set_overrides_typed_values_and_nested_tables():
     cfg = load_config(overrides=["stages.lpp.epochs=300", "sampling.seed=7", "paths.data=/x/y z",
                                  "stages.inmap.lr=0.5", "specialist.enabled=false", "models.clip.RN101="])
-    assert cfg.stages.lpp == {"select": "auto", "epochs": 300}          # merged into the shipped table
-    assert cfg.stages.inmap["lr"] == 0.5 and cfg.stages.inmap["n_iter"] == 50
+    assert cfg.stages["lpp"] == {"select": "auto", "epochs": 300}          # merged into the shipped table
+    assert cfg.stages["inmap"]["lr"] == 0.5 and cfg.stages["inmap"]["n_iter"] == 50
     assert cfg.sampling.seed == 7
     assert cfg.paths.data == "/x/y z"
     assert cfg.specialist.enabled is False

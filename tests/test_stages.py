@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from cascade.stages import (GDA, STAGES, InMaP, LinearProbePP, NotFittedError, Stage, ZeroShot, estimate_prior,
-                            fit_pool_weights, fit_temperature, image_opt, marginal_test, sinkhorn)
+from cascade.stages import (GDA, InMaP, LinearProbePP, NotFittedError, Stage, ZeroShot, estimate_prior,
+                            fit_pool_weights, fit_temperature, get_stage, image_opt, marginal_test, sinkhorn,
+                            stage_names)
 from cascade.stages.base import log_softmax
 from cascade.stages.inmap import sharpen_confident
 
@@ -131,7 +132,7 @@ def test_inmap_single_query_and_prior_options():
     np.testing.assert_allclose(m.prior_, [0.25, 0.25, 0.5])
     with pytest.raises(ValueError, match="prior"):
         InMaP(prior="nope").fit(qx, text=text)
-    m = InMaP(n_iter=10, prior="auto").fit(qx, text=text, support_x=sx, support_y=ys)
+    m = InMaP(n_iter=10, prior="auto").fit(sx, ys, text=text, query=qx)
     np.testing.assert_allclose(m.prior_.sum(), 1.0)
 
 
@@ -448,7 +449,8 @@ def test_save_load_roundtrip(tmp_path):
             assert "__meta__" in data.files
     with pytest.raises(FileNotFoundError):
         Stage.load(tmp_path / "missing.npz")
-    assert set(STAGES) >= {"zero-shot", "inmap", "lpp", "gda"}
+    assert set(stage_names()) >= {"zeroshot", "inmap", "lpp", "gda"}
+    assert [get_stage(n) for n in ("zeroshot", "inmap", "lpp", "gda")] == [ZeroShot, InMaP, LinearProbePP, GDA]
 
 
 def test_params_are_stored_unchanged():

@@ -1,31 +1,185 @@
-"""The estimator interface every stage speaks, plus the input checks they share.
+"""The estimator interface every stage speaks, the registry of stages, and the checks they share.
 
 A stage is shaped like a scikit-learn estimator:
 
-* hyperparameters are keyword arguments of ``__init__``, stored unchanged under the same names;
-* ``fit(...)`` learns and returns ``self``; what it learned lives in attributes ending in ``_``;
-* ``decision_function(X)`` gives per-class scores (logits), ``predict_proba(X)`` probabilities and
-  ``predict(X)`` the arg-max class; all refuse to run before ``fit`` with :class:`NotFittedError`;
-* ``save(path)`` / ``Stage.load(path)`` write and read a fitted stage as one ``.npz`` file of plain arrays
-  (read back with ``allow_pickle=False``) whose ``__meta__`` entry is a JSON document (class name,
-  hyperparameters, scalar learned state). No pickled objects.
+* hyperparameters are keyword arguments of ``__init__``, stored unchanged under the same names, and declared
+  as data in ``_parameter_constraints`` (types, intervals, allowed strings); :func:`validate_params` checks
+  them, both when the stage fits and when a configuration file is loaded;
+* one fit signature for every stage: ``fit(X, y=None, *, text=None, val=None, query=None)`` learns and returns
+  ``self``; what it learned lives in attributes ending in ``_`` (numpy arrays or JSON scalars/lists);
+* ``decision_function(X)`` gives per-class scores (logits); ``predict_proba``, ``predict_log_proba`` and
+  ``predict`` follow from it; all refuse to run before ``fit`` with :class:`NotFittedError`;
+* ``state_dict()`` / ``Stage.from_state(...)`` give and rebuild a fitted stage as plain arrays plus a JSON
+  document (hyperparameters and scalar learned state); ``save``/``load`` write them as one ``.npz`` file read
+  back with ``allow_pickle=False``. No pickled objects.
 
-Subclasses register themselves by class name, so ``Stage.load`` can rebuild any stage; adding a stage is
-one new file that subclasses :class:`Stage` and touches no other stage.
+A stage registers itself once with the :func:`register_stage` decorator under a short name; that name is the
+configuration table of its hyperparameters (``[stages.<name>]``) and the name a saved model refers to it by.
+The registry is the only list of stage names: adding a stage is one new file that subclasses :class:`Stage`
+and carries the decorator (docs/extending.md).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import math
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 
-_REGISTRY: dict[str, type["Stage"]] = {}
+_REGISTRY: dict[str, type["Stage"]] = {}        # registered name -> stage class (the only list of names)
+_BY_CLASS: dict[str, type["Stage"]] = {}        # class name -> class, to read files that name the class
 
 
 class NotFittedError(ValueError):
     """A stage was asked to predict before ``fit``."""
+
+
+class UnknownStageError(ValueError):
+    """A stage name that no registered stage has."""
+
+
+class ParameterError(ValueError):
+    """A hyperparameter outside its declared constraints; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------------------- registry
+def register_stage(name: str):
+    """Class decorator: register a :class:`Stage` subclass under ``name`` (its ``[stages.<name>]`` table).
+
+    Registering a second, different class under a taken name is an error; registering the same class again
+    (a module imported twice) is not."""
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"stage name {name!r}: use letters, digits, '-' and '_'")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise TypeError(f"@register_stage({name!r}) decorates Stage subclasses, got {cls!r}")
+        known = _REGISTRY.get(name)
+        if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"stage name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+        cls.stage_name = name
+        _REGISTRY[name] = cls
+        _BY_CLASS[cls.__name__] = cls
+        return cls
+
+    return decorate
+
+
+def get_stage(name: str) -> type["Stage"]:
+    """The stage class registered under ``name``; :class:`UnknownStageError` naming the known ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownStageError(f"unknown stage {name!r} (registered: {', '.join(stage_names())})") from None
+
+
+def stage_names() -> list[str]:
+    """The registered stage names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def stage_name(stage) -> str:
+    """The registered name of a stage (instance or class), or its class name when it is not registered."""
+    cls = stage if isinstance(stage, type) else type(stage)
+    name = cls.__dict__.get("stage_name")
+    return name if name is not None and _REGISTRY.get(name) is cls else cls.__name__
+
+
+# ------------------------------------------------------------------------------------ parameter constraints
+class Interval:
+    """A number of ``kind`` (``Integral`` or ``Real``) between ``left`` and ``right`` (None: unbounded);
+    ``closed`` is "both", "left", "right" or "neither". Booleans are not numbers here."""
+
+    def __init__(self, kind, left=None, right=None, closed: str = "both"):
+        self.kind, self.left, self.right, self.closed = kind, left, right, closed
+
+    def __call__(self, value) -> bool:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, self.kind):
+            return False
+        if isinstance(value, Real) and not math.isfinite(float(value)):
+            return False
+        lo_ok = self.left is None or (value >= self.left if self.closed in ("both", "left") else value > self.left)
+        hi_ok = self.right is None or (value <= self.right if self.closed in ("both", "right")
+                                       else value < self.right)
+        return bool(lo_ok and hi_ok)
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is Integral else "a number"
+        if self.left is None and self.right is None:
+            return what
+        if self.right is None:
+            return f"{what} {'>=' if self.closed in ('both', 'left') else '>'} {self.left}"
+        if self.left is None:
+            return f"{what} {'<=' if self.closed in ('both', 'right') else '<'} {self.right}"
+        lb = "[" if self.closed in ("both", "left") else "("
+        rb = "]" if self.closed in ("both", "right") else ")"
+        return f"{what} in {lb}{self.left}, {self.right}{rb}"
+
+
+class Options:
+    """One of a fixed set of values (strings, or ``None``/``False``)."""
+
+    def __init__(self, *values):
+        self.values = values
+
+    def __call__(self, value) -> bool:
+        return any(value is v or (isinstance(v, str) and isinstance(value, str) and value == v) for v in self.values)
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join("none" if v is None else "false" if v is False else repr(v)
+                                     for v in self.values)
+
+
+class TypeOf:
+    """An instance of ``types`` (e.g. ``bool``; ``Stage``; ``dict``), described by ``what``."""
+
+    def __init__(self, types, what: str):
+        self.types, self.what = types, what
+
+    def __call__(self, value) -> bool:
+        if self.types is bool:
+            return isinstance(value, (bool, np.bool_))
+        return isinstance(value, self.types)
+
+    def __str__(self) -> str:
+        return self.what
+
+
+class ArrayLike:
+    """A non-empty list or 1-D array of finite non-negative numbers (e.g. a class marginal)."""
+
+    def __call__(self, value) -> bool:
+        if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple, np.ndarray)):
+            return False
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            return False
+        return a.ndim == 1 and a.size > 0 and bool(np.all(np.isfinite(a))) and bool(np.all(a >= 0))
+
+    def __str__(self) -> str:
+        return "a list of non-negative numbers"
+
+
+BOOL = TypeOf(bool, "true or false")
+
+
+def describe(constraints) -> str:
+    """What a list of constraints accepts, in words."""
+    return " or ".join(str(c) for c in constraints)
+
+
+def validate_params(constraints: dict, params: dict, prefix: str = "") -> None:
+    """Check each of ``params`` against its entry in ``constraints`` (a list of accepted kinds: any one
+    suffices); a parameter without an entry is not checked. Raises :class:`ParameterError` naming the key as
+    ``prefix + name`` (e.g. ``stages.lpp.epochs``)."""
+    for name, value in params.items():
+        accepted = constraints.get(name)
+        if accepted is None or any(c(value) for c in accepted):
+            continue
+        raise ParameterError(f"{prefix}{name}: expected {describe(accepted)}, got {value!r}")
 
 
 def softmax(z: np.ndarray, axis: int = 1, out: np.ndarray | None = None) -> np.ndarray:
@@ -94,14 +248,10 @@ def check_labels(y, n_rows: int, n_classes: int, name: str = "y", require_all: b
     return y
 
 
-class Stage:
-    """Base class of all stages (see the module docstring for the contract)."""
+class HasParams:
+    """Hyperparameters as scikit-learn keeps them: the keyword arguments of ``__init__``, stored unchanged under
+    the same names (shared by :class:`Stage` and the cascade)."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
-
-    # -- hyperparameters --------------------------------------------------------------------------------
     @classmethod
     def _param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
@@ -111,7 +261,7 @@ class Stage:
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in self._param_names()}
 
-    def set_params(self, **params) -> "Stage":
+    def set_params(self, **params):
         valid = set(self._param_names())
         for key, value in params.items():
             if key not in valid:
@@ -123,6 +273,30 @@ class Stage:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+
+class Stage(HasParams):
+    """Base class of all stages (see the module docstring for the contract)."""
+
+    #: whether ``fit`` uses the ``query`` rows (transductive) or ignores them (inductive)
+    transductive = False
+    #: hyperparameter name -> list of accepted kinds (:class:`Interval`, :class:`Options`, ...)
+    _parameter_constraints: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _BY_CLASS[cls.__name__] = cls
+
+    # -- fitting ----------------------------------------------------------------------------------------
+    def fit(self, X, y=None, *, text=None, val=None, query=None) -> "Stage":  # pragma: no cover - abstract
+        """Learn from support rows ``X`` [Ns, D] (L2-normalised) with labels ``y`` [Ns] in 0..C-1, the classes
+        being the rows of ``text`` [C, D]; ``val``: optional held-out ``(Xv, yv)``; ``query``: optional
+        [Nq, D] query rows (transductive stages learn from them, inductive ones ignore them)."""
+        raise NotImplementedError
+
+    def _validate_params(self) -> None:
+        """Check the hyperparameters against ``_parameter_constraints`` (called by ``fit``)."""
+        validate_params(type(self)._parameter_constraints, self.get_params())
 
     # -- fitted state -----------------------------------------------------------------------------------
     def _fitted_names(self) -> list[str]:
@@ -143,6 +317,9 @@ class Stage:
     def predict_proba(self, X) -> np.ndarray:
         return softmax(np.asarray(self.decision_function(X), dtype=np.float64))
 
+    def predict_log_proba(self, X) -> np.ndarray:
+        return log_softmax(np.asarray(self.decision_function(X), dtype=np.float64))
+
     def predict(self, X) -> np.ndarray:
         return np.argmax(self.decision_function(X), axis=1)
 
@@ -159,15 +336,21 @@ class Stage:
                 scalars[name] = value.item()
             else:
                 scalars[name] = value
-        params = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.get_params().items()}
-        return arrays, {"class": type(self).__name__, "params": params, "state": scalars}
+        return arrays, dict(describe_stage(self), state=scalars)
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "Stage":
-        name = meta.get("class")
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown stage class {name!r} (known: {sorted(_REGISTRY)})")
-        klass = _REGISTRY[name]
+        """Rebuild a stage from :meth:`state_dict`'s output (or an unfitted one from :func:`describe_stage`'s).
+        The stage is found by its registered name (``meta["stage"]``), else by its class name."""
+        if meta.get("stage") is not None:
+            klass = get_stage(meta["stage"])
+        else:
+            name = meta.get("class")
+            if name not in _BY_CLASS:
+                raise UnknownStageError(f"unknown stage class {name!r} (registered stages: "
+                                        f"{', '.join(stage_names())})")
+            klass = _BY_CLASS[name]
+        name = klass.__name__
         if cls is not Stage and not issubclass(klass, cls):
             raise ValueError(f"saved stage is a {name}, not a {cls.__name__}")
         obj = klass(**meta.get("params", {}))
@@ -186,6 +369,19 @@ class Stage:
     def load(cls, path) -> "Stage":
         arrays, meta = load_npz_json(path)
         return cls.from_state(arrays, meta)
+
+
+def describe_stage(stage: Stage) -> dict:
+    """A stage's identity and hyperparameters as JSON: ``{"stage", "class", "params"}`` (``stage``: the registered
+    name, None for an unregistered class)."""
+    params = {}
+    for k, v in stage.get_params().items():
+        v = v.tolist() if isinstance(v, np.ndarray) else v
+        json.dumps(v)  # raises for a value that cannot be saved without pickle
+        params[k] = v
+    registered = stage_name(stage)
+    return {"stage": registered if registered in _REGISTRY else None, "class": type(stage).__name__,
+            "params": params}
 
 
 def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:

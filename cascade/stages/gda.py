@@ -25,11 +25,14 @@ Wang et al., ICLR 2024, made transductive).
 """
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
 
-from .base import Stage, check_features
+from .base import Interval, Options, Stage, check_features, check_labels, register_stage
 
 
+@register_stage("gda")
 class GDA(Stage):
     """Shared-covariance Gaussian classifier fitted on hard or soft labels.
 
@@ -48,6 +51,13 @@ class GDA(Stage):
         row; 0 gives the plain weighted means.
     """
 
+    _parameter_constraints = {
+        "shrinkage": [Interval(Real, 0, 1)],
+        "class_prior": [Options("fit", "uniform")],
+        "target": [Options("identity", "diagonal")],
+        "mean_prior": [Interval(Real, 0, None)],
+    }
+
     def __init__(self, shrinkage: float = 0.5, class_prior: str = "fit", target: str = "identity",
                  mean_prior: float = 1.0):
         self.shrinkage = shrinkage
@@ -55,19 +65,16 @@ class GDA(Stage):
         self.target = target
         self.mean_prior = mean_prior
 
-    def fit(self, X, y, *, n_classes: int | None = None) -> "GDA":
-        """Fit on rows ``X`` [N, D] and labels ``y``: integer labels [N] (``n_classes`` defaults to
-        ``max(y) + 1``) or non-negative class weights [N, C] (soft labels; rows need not sum to one)."""
-        if not 0.0 <= float(self.shrinkage) <= 1.0:
-            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
-        if self.class_prior not in ("fit", "uniform"):
-            raise ValueError(f"class_prior must be 'fit' or 'uniform', got {self.class_prior!r}")
-        if self.target not in ("identity", "diagonal"):
-            raise ValueError(f"target must be 'identity' or 'diagonal', got {self.target!r}")
-        if not float(self.mean_prior) >= 0.0:
-            raise ValueError(f"mean_prior must be a non-negative number of rows, got {self.mean_prior}")
+    def fit(self, X, y=None, *, text=None, val=None, query=None) -> "GDA":
+        """Fit on rows ``X`` [N, D] and labels ``y``: integer labels [N] or non-negative class weights [N, C]
+        (soft labels, as the cascade's refinement gets; rows need not sum to one). The number of classes is the
+        number of rows of ``text`` when given, else the soft labels' width or ``max(y) + 1``. ``val`` and
+        ``query`` are ignored (the cascade passes the queries as soft-labelled rows of ``X``)."""
+        self._validate_params()
+        if y is None:
+            raise ValueError("GDA.fit needs labels y ([N] integers or [N, C] class weights)")
         X = check_features(X, "X", normalised=False)              # float32: the large products run in it
-        A = _label_weights(y, X.shape[0], n_classes)
+        A = _label_weights(y, X.shape[0], None if text is None else np.shape(text)[0])
         N, D = X.shape
         counts = A.sum(axis=0)
         row_w = A.sum(axis=1)
@@ -118,15 +125,13 @@ def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
         if y.shape[0] != n_rows:
             raise ValueError(f"y: expected {n_rows} rows of class weights, got shape {y.shape}")
         if n_classes is not None and y.shape[1] != n_classes:
-            raise ValueError(f"y: {y.shape[1]} class columns but n_classes={n_classes}")
+            raise ValueError(f"y: {y.shape[1]} class columns but {n_classes} classes")
         A = np.asarray(y, dtype=np.float64)
         if not np.all(np.isfinite(A)) or np.any(A < 0):
             raise ValueError("y: class weights must be finite and non-negative")
         if np.any(A.sum(axis=1) <= 0):
             raise ValueError("y: every row needs a positive total class weight")
         return A
-    from .base import check_labels
-
     if y.ndim != 1:
         raise ValueError(f"y: expected labels [N] or class weights [N, C], got shape {y.shape}")
     if n_classes is None:

@@ -16,9 +16,12 @@ independently:
 """
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 
-from .base import Stage, check_features, check_labels, log_softmax, softmax
+from .base import (BOOL, ArrayLike, Interval, Options, Stage, check_features, check_labels, log_softmax,
+                   register_stage, softmax)
 from .calibration import estimate_prior, fit_temperature  # noqa: F401  (re-exported)
 
 
@@ -130,6 +133,7 @@ def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 1
     return W, step, lr
 
 
+@register_stage("inmap")
 class InMaP(Stage):
     """Transductive InMaP stage; ``fit`` sees the (unlabelled) queries and the class text embeddings.
 
@@ -151,6 +155,20 @@ class InMaP(Stage):
     tol : float or None, None  early stop once a step changes no proxy entry by more than tol.
     """
 
+    transductive = True
+    _parameter_constraints = {
+        "tau_t": [Interval(Real, 0, None, closed="neither")],
+        "tau_i": [Interval(Real, 0, None, closed="neither")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "n_iter": [Interval(Integral, 1, None)],
+        "confidence": [Interval(Real, 0, 1)],
+        "sinkhorn": [BOOL],
+        "n_sinkhorn": [Interval(Integral, 1, None)],
+        "gamma": [Interval(Real, 0, None)],
+        "prior": [Options("uniform", "auto"), ArrayLike()],
+        "tol": [Interval(Real, 0, None), Options(None)],
+    }
+
     def __init__(self, tau_t: float = 0.01, tau_i: float = 0.04, lr: float = 10.0, n_iter: int = 2000,
                  confidence: float = 0.6, sinkhorn: bool = True, n_sinkhorn: int = 20, gamma: float = 0.0,
                  prior="uniform", tol: float | None = None):
@@ -165,12 +183,23 @@ class InMaP(Stage):
         self.prior = prior
         self.tol = tol
 
-    def fit(self, X, y=None, *, text, support_x=None, support_y=None) -> "InMaP":
-        """Learn the vision proxies from the queries ``X`` [N, D] (no labels) and ``text`` [C, D].
+    def fit(self, X, y=None, *, text=None, val=None, query=None) -> "InMaP":
+        """Learn the vision proxies from the (unlabelled) queries and ``text`` [C, D].
 
-        ``support_x``/``support_y`` (optional, labelled rows of some classes) are used only to calibrate
-        the zero-shot temperature when ``prior="auto"``.
+        The queries are ``query`` [Nq, D]; then ``X``/``y`` are labelled support rows (of some classes, or None),
+        used only to calibrate the zero-shot temperature when ``prior="auto"``. Without ``query``, ``X`` itself
+        is the query set (and ``y`` must be None). ``val`` is ignored.
         """
+        self._validate_params()
+        if text is None:
+            raise ValueError("InMaP.fit needs the class text embeddings (text=[C, D])")
+        if query is None:
+            if y is not None:
+                raise ValueError("InMaP.fit: labels y without query rows; pass the queries as query=")
+            support_x = support_y = None
+        else:
+            support_x, support_y = (X, y) if X is not None and y is not None else (None, None)
+            X = query
         text = check_features(text, "text")
         X = check_features(X, "queries", dim=text.shape[1])
         logits = X.astype(np.float64) @ text.T.astype(np.float64)

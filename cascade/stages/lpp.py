@@ -26,14 +26,17 @@ validation rows anyway); where the classes are hard to separate, the full-batch 
 """
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 
-from .base import Stage, check_features, check_labels, softmax
+from .base import Interval, Options, Stage, check_features, check_labels, register_stage, softmax
 from .calibration import paired_difference
 
 AUTO_SELECT_Z = 2.0     # select="auto": standard errors by which the best epoch must beat the last on validation
 
 
+@register_stage("lpp")
 class LinearProbePP(Stage):
     """LP++ stage over the classes of ``text`` (each needs at least one support row).
 
@@ -49,6 +52,15 @@ class LinearProbePP(Stage):
     random_state : int, 0         seed of the bias initialisation.
     """
 
+    _parameter_constraints = {
+        "epochs": [Interval(Integral, 1, None)],
+        "alpha_scale": [Interval(Real)],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "alpha_every": [Interval(Integral, 1, None)],
+        "select": [Options("val", "last", "auto")],
+        "random_state": [Interval(Integral), Options(None)],
+    }
+
     def __init__(self, epochs: int = 300, alpha_scale: float = 250.0, momentum: float = 0.9,
                  alpha_every: int = 10, select: str = "val", random_state: int = 0):
         self.epochs = epochs
@@ -58,15 +70,15 @@ class LinearProbePP(Stage):
         self.select = select
         self.random_state = random_state
 
-    def fit(self, X, y, *, text, val=None) -> "LinearProbePP":
+    def fit(self, X, y=None, *, text=None, val=None, query=None) -> "LinearProbePP":
         """Train on support features ``X`` [N, D] with labels ``y`` in 0..K-1 and ``text`` [K, D].
 
         ``val``: optional ``(val_x, val_y)`` used only to choose the epoch (``select="val"`` or ``"auto"``).
+        ``query`` is ignored (an inductive stage).
         """
-        if self.select not in ("val", "last", "auto"):
-            raise ValueError(f"select must be 'val', 'last' or 'auto', got {self.select!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        self._validate_params()
+        if y is None or text is None:
+            raise ValueError("LinearProbePP.fit needs labels y and the class text embeddings (text=[K, D])")
         text = check_features(text, "text")
         X = check_features(X, "support_x", dim=text.shape[1])
         K, D = text.shape

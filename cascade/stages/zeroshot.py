@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Stage, check_features
+from numbers import Real
+
+from .base import Interval, Stage, check_features, register_stage
 
 
+@register_stage("zeroshot")
 class ZeroShot(Stage):
     """Zero-shot classifier ``logits = x . t_c / temperature``.
 
@@ -15,13 +18,16 @@ class ZeroShot(Stage):
         Softmax temperature of the probabilities (CLIP's learned logit scale is 100, i.e. 0.01).
     """
 
+    _parameter_constraints = {"temperature": [Interval(Real, 0, None, closed="neither")]}
+
     def __init__(self, temperature: float = 0.01):
         self.temperature = temperature
 
-    def fit(self, X=None, y=None, *, text) -> "ZeroShot":
-        """Store the class text embeddings ``text`` [C, D] (X and y are accepted and ignored)."""
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    def fit(self, X=None, y=None, *, text=None, val=None, query=None) -> "ZeroShot":
+        """Store the class text embeddings ``text`` [C, D] (the other arguments are accepted and ignored)."""
+        self._validate_params()
+        if text is None:
+            raise ValueError("ZeroShot.fit needs the class text embeddings (text=[C, D])")
         self.text_ = check_features(text, "text")
         return self
 

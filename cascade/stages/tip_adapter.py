@@ -66,7 +66,7 @@ class _Cache:
 
     def class_sum(self, E: np.ndarray) -> np.ndarray:
         """``E @ onehot(labels)``: [N, Ns] -> [N, C], summing each class's columns."""
-        out = np.zeros((E.shape[0], self.n_classes), dtype=np.float32)
+        out = np.zeros((E.shape[0], self.n_classes), dtype=E.dtype)
         out[:, self.present] = np.add.reduceat(E[:, self.order], self.starts, axis=1)
         return out
 
@@ -133,10 +133,11 @@ class TipAdapter(Stage):
         best = (-1.0, 0.0, 0.0)
         for beta in search_grid(float(self.search_scale[0]), int(self.search_step[0])):
             c = cache.logits(affinity, beta)
-            for alpha in alphas:
-                acc = float(np.mean(np.argmax(clip_logits + alpha * c, axis=1) == vy)) * 100.0
-                if acc > best[0]:
-                    best = (acc, float(beta), float(alpha))
+            z = clip_logits[None] + alphas[:, None, None] * c[None]          # [n_alpha, Nv, C]
+            acc = (np.argmax(z, axis=2) == vy).mean(axis=1) * 100.0
+            i = int(np.argmax(acc))                                         # first best alpha of this beta
+            if acc[i] > best[0]:                                            # strictly better: earlier wins
+                best = (float(acc[i]), float(beta), float(alphas[i]))
         return best[1], best[2], best[0]
 
     def _finish(self, keys, y, text, val) -> None:
@@ -232,16 +233,7 @@ class TipAdapterF(TipAdapter):
             perm = rng.permutation(N)
             for start in range(0, N, int(self.batch_size)):
                 idx = perm[start:start + int(self.batch_size)]
-                xb, yb = X[idx], y[idx]
-                B = idx.shape[0]
-                A = xb @ keys.T                                       # [B, Ns] affinities
-                E = np.exp(beta * (A - np.float32(1.0)))
-                z = clip_logits[idx] + alpha * cache.class_sum(E)
-                G = softmax(z)
-                G[np.arange(B), yb] -= 1.0
-                G *= np.float32(1.0 / B)                              # dLoss/dlogits (mean cross-entropy)
-                dA = (alpha * beta) * G[:, y] * E                     # d/dA of alpha * E @ onehot(y)
-                grad = dA.T @ xb                                      # [Ns, D]
+                grad = self._grad(keys, X[idx], y[idx], clip_logits[idx], cache, y, beta, alpha)
                 # torch AdamW: decoupled decay, then Adam with bias correction; lr from the cosine schedule
                 lr = 0.5 * self.lr * (1.0 + np.cos(np.pi * step / total))
                 step += 1
@@ -253,3 +245,14 @@ class TipAdapterF(TipAdapter):
                 denom = np.sqrt(v) / np.float32(np.sqrt(1.0 - b2 ** step)) + np.float32(self.eps)
                 keys -= np.float32(lr / (1.0 - b1 ** step)) * m / denom
         return keys
+
+    @staticmethod
+    def _grad(keys, xb, yb, clip_b, cache: _Cache, labels, beta, alpha) -> np.ndarray:
+        """Gradient [Ns, D] of the batch's mean cross-entropy with respect to the keys."""
+        A = xb @ keys.T                                       # [B, Ns] affinities
+        E = np.exp(beta * (A - 1.0))
+        G = softmax(clip_b + alpha * cache.class_sum(E))
+        G[np.arange(xb.shape[0]), yb] -= 1.0
+        G /= xb.shape[0]                                      # dLoss/dlogits
+        dA = (alpha * beta) * G[:, labels] * E                # through alpha * E @ onehot(labels)
+        return dA.T @ xb

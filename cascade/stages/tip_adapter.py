@@ -129,7 +129,8 @@ class TipAdapter(Stage):
         vx, vy = val
         clip_logits = np.float32(self.logit_scale) * (vx @ self.text_.T)
         affinity = vx @ keys.T
-        alphas = search_grid(float(self.search_scale[1]), int(self.search_step[1])).astype(np.float32)
+        alpha_grid = search_grid(float(self.search_scale[1]), int(self.search_step[1]))
+        alphas = alpha_grid.astype(np.float32)
         best = (-1.0, 0.0, 0.0)
         for beta in search_grid(float(self.search_scale[0]), int(self.search_step[0])):
             c = cache.logits(affinity, beta)
@@ -137,7 +138,7 @@ class TipAdapter(Stage):
             acc = (np.argmax(z, axis=2) == vy).mean(axis=1) * 100.0
             i = int(np.argmax(acc))                                         # first best alpha of this beta
             if acc[i] > best[0]:                                            # strictly better: earlier wins
-                best = (float(acc[i]), float(beta), float(alphas[i]))
+                best = (float(acc[i]), float(beta), float(alpha_grid[i]))
         return best[1], best[2], best[0]
 
     def _finish(self, keys, y, text, val) -> None:

@@ -7,6 +7,9 @@ embeddings and optionally ``n_seen``. For each task this prints top-1/top-5 (%) 
   inmap              InMaP, authors' defaults (Sinkhorn with a uniform class marginal)
   inmap-nosinkhorn   InMaP without Sinkhorn
   lpp                LP++ over the seen classes, authors' protocol (300 epochs, epoch chosen on val rows)
+  tip-adapter        Tip-Adapter over the seen classes, authors' imagenet.yaml grid, beta/alpha searched on val rows
+  tip-adapter-f      Tip-Adapter-F over the seen classes (keys fine-tuned 20 epochs, read after the last), as above
+  clip-adapter       CLIP-Adapter over the seen classes (residual ratio 0.2, CoOp's SGD recipe, 200 epochs, lr 0.002)
   seed-cascade       the seeds' routing: InMaP (Sinkhorn) over all classes, predicted-unseen queries keep
                      its ranking, the rest LP++ (as above)
   cascade            the default Cascade (cascade.router: zero-shot + LP++ + InMaP pooled, refined by a
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade")
+ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "tip-adapter", "tip-adapter-f", "clip-adapter",
+        "seed-cascade", "cascade")
 BACKBONE = "ViT-B/32"
 
 
@@ -63,7 +67,10 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
     """Scores [Nq, C] of each method. Never reads ``task['query_y']``. ``cascade``: keyword arguments of the
     ``cascade`` row's :class:`~cascade.router.Cascade` (default: none, the default cascade)."""
     from .router import Cascade
-    from .stages import InMaP, LinearProbePP, ZeroShot
+    from .stages import CLIPAdapter, InMaP, LinearProbePP, TipAdapter, TipAdapterF, ZeroShot
+
+    seen_only = {"lpp": LinearProbePP, "tip-adapter": TipAdapter, "tip-adapter-f": TipAdapterF,
+                 "clip-adapter": CLIPAdapter}        # fitted on the seen classes only (text[:n_seen])
 
     X, T = task["query_x"], task["text_x"]
     C, S = T.shape[0], task["n_seen"]
@@ -77,8 +84,8 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
             out[name] = InMaP().fit(X, text=T).decision_function(X)
         elif name == "inmap-nosinkhorn":
             out[name] = InMaP(sinkhorn=False).fit(X, text=T).decision_function(X)
-        elif name == "lpp":
-            m = LinearProbePP().fit(sx, sy, text=T[:S], val=val)
+        elif name in seen_only:
+            m = seen_only[name]().fit(sx, sy, text=T[:S], val=val)
             z = np.full((X.shape[0], C), -np.inf, dtype=np.float64)
             z[:, :S] = m.decision_function(X)
             out[name] = z

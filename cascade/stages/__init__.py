@@ -13,9 +13,11 @@ from importlib import metadata
 from .base import (NotFittedError, ParameterError, Stage, UnknownStageError, check_features, check_labels,
                    get_stage, register_stage, stage_name, stage_names, validate_params)
 from .calibration import compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature, marginal_test
+from .clip_adapter import CLIPAdapter
 from .gda import GDA
 from .inmap import InMaP, image_opt, sinkhorn
 from .lpp import LinearProbePP
+from .tip_adapter import TipAdapter, TipAdapterF
 from .zeroshot import ZeroShot
 
 
@@ -33,5 +35,5 @@ _import_stage_modules()
 
 __all__ = ["Stage", "NotFittedError", "ParameterError", "UnknownStageError", "check_features", "check_labels",
            "register_stage", "get_stage", "stage_names", "stage_name", "validate_params", "ZeroShot", "InMaP",
-           "LinearProbePP", "GDA", "sinkhorn", "image_opt", "estimate_prior", "fit_temperature",
+           "LinearProbePP", "GDA", "TipAdapter", "TipAdapterF", "CLIPAdapter", "sinkhorn", "image_opt", "estimate_prior", "fit_temperature",
            "fit_pool_weights", "marginal_test", "compatible_marginal"]

@@ -19,6 +19,11 @@ Formats read by :func:`read_checkpoint` (recognised from the file's bytes, not i
 
 torch is imported lazily, only when a PyTorch or TorchScript file is read. All failures raise
 :class:`CheckpointError`, whose message names the file and the problem.
+
+Converted weights are also checked before use (:func:`check_weights`): every member is read once to verify the
+zip's CRC-32 and the SHA-256 the converter recorded (a truncated, damaged or edited file is called damaged), and
+the architecture the meta names must be the one the arrays' shapes describe and the one the caller expects
+(the CLIP backbone a file is configured for, the ConvNeXt-V2 size a specialist is named after).
 """
 from __future__ import annotations
 
@@ -32,13 +37,13 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
-    "state_sha256",
+    "state_sha256", "read_header", "verify_weights", "check_weights", "WeightsInfo", "OPENAI_CLIP_MODELS",
 ]
 
 FORMAT_NAME = "cascade-weights"
@@ -485,3 +490,206 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
                 with z.open(key + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, arr, allow_pickle=False)
     return full_meta
+
+
+# ------------------------------------------------------------------------------------------ checking files
+# the CLIP models OpenAI released, by the names cascade.models.clip.arch_name gives them
+OPENAI_CLIP_MODELS = frozenset({"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
+                                "ViT-L/14", "ViT-L/14@336px"})
+CONVNEXT_SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
+
+
+class WeightsInfo(NamedTuple):
+    """What a converted weights file holds, read without loading its arrays."""
+
+    meta: dict                           # the stored metadata (arch, model, config, sha256, ...)
+    shapes: dict[str, tuple[int, ...]]   # array name -> shape
+    dtypes: dict[str, np.dtype]          # array name -> dtype
+
+
+def _damaged(path, detail: str) -> CheckpointError:
+    return CheckpointError(f"damaged weights file: {detail}; convert the checkpoint again "
+                           f"(python -m cascade.convert SRC {path})", path)
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)  # (shape, fortran_order, dtype)
+
+
+def read_header(path: str | os.PathLike) -> WeightsInfo:
+    """The metadata and array shapes of converted weights (:func:`save_weights`), read from the zip's directory
+    and each array's header only. A file that is not converted weights, or whose structure is broken, raises
+    :class:`CheckpointError` (a damaged file is called damaged)."""
+    p = Path(path)
+    try:
+        fmt = detect_format(p)
+    except CheckpointError as exc:
+        if "truncated" in exc.problem or "corrupt" in exc.problem:
+            raise _damaged(p, exc.problem) from None
+        raise
+    if fmt not in ("cascade", "npz"):
+        raise CheckpointError(f"is a {fmt} file, not converted weights: convert it first with "
+                              f"`python -m cascade.convert {p} OUT.npz`", p)
+    meta: dict = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if info.filename == META_MEMBER:
+                    meta = json.loads(z.read(info).decode("utf-8"))
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", p)
+                with z.open(info) as f:
+                    shape, _, dtype = _npy_header(f)
+                shapes[info.filename[:-4]] = tuple(int(n) for n in shape)
+                dtypes[info.filename[:-4]] = dtype
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise _damaged(p, f"unreadable archive member ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(p, "its metadata is not a JSON object")
+    if meta.get("format") not in (None, FORMAT_NAME):
+        raise CheckpointError(f"unknown weights format {meta.get('format')!r}", p)
+    if not shapes:
+        raise CheckpointError("not a checkpoint: the archive holds no arrays", p)
+    return WeightsInfo(meta, shapes, dtypes)
+
+
+def verify_weights(path: str | os.PathLike, chunk: int = 1 << 22) -> WeightsInfo:
+    """Read every array of converted weights once, streamed (memory stays bounded): the zip checks each
+    member's CRC-32, and the SHA-256 of the arrays (:func:`state_sha256`, computed from the file's bytes) must
+    be the one recorded in the metadata. A truncated, damaged or edited file raises :class:`CheckpointError`
+    calling it damaged; returns the file's :class:`WeightsInfo`."""
+    p = Path(path)
+    info = read_header(p)
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(p) as z:
+            for key in sorted(info.shapes):
+                with z.open(key + ".npy") as f:
+                    shape, fortran, dtype = _npy_header(f)
+                    if fortran:  # bytes in Fortran order: hash the C-ordered array instead
+                        f.seek(0)
+                        arr = _c_contiguous(np.lib.format.read_array(f, allow_pickle=False))
+                        h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
+                        h.update(memoryview(arr).cast("B"))
+                        continue
+                    h.update(f"{key}|{dtype.str}|{tuple(shape)}\n".encode())
+                    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    got = 0
+                    for block in iter(lambda: f.read(chunk), b""):
+                        h.update(block)
+                        got += len(block)
+                    if got != want:
+                        raise _damaged(p, f"array {key} holds {got} bytes, its header says {want}")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise _damaged(p, f"{exc}") from None
+    recorded = info.meta.get("sha256")
+    if recorded and recorded != h.hexdigest():
+        raise _damaged(p, "its arrays do not match the SHA-256 recorded in its metadata (the file was edited or "
+                          "corrupted after conversion)")
+    return info
+
+
+def _stub_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Arrays of the given shapes that take no memory (for the models' config-from-shapes functions)."""
+    zero = np.zeros((), np.float32)
+    return {k: np.broadcast_to(zero, s) for k, s in shapes.items()}
+
+
+def _clip_model(info: WeightsInfo, path: Path) -> str:
+    """OpenAI's name of the CLIP model the arrays describe (e.g. 'RN101'), checked against the metadata."""
+    from .clip import arch_name, config_from_state, map_openai_keys
+
+    state = map_openai_keys(_stub_state(info.shapes))
+    held = arch_name(config_from_state(state, path))
+    claimed = info.meta.get("model")
+    cfg = info.meta.get("config")
+    if (claimed and claimed != held) or (isinstance(cfg, dict) and _safe_arch_name(arch_name, cfg) != held):
+        said = claimed or _safe_arch_name(arch_name, cfg)
+        raise _damaged(path, f"its metadata says CLIP {said} but its arrays are CLIP {held} (the metadata was "
+                             "edited)")
+    return held
+
+
+def _safe_arch_name(arch_name, cfg: dict) -> str:
+    try:
+        return arch_name(cfg)
+    except (KeyError, TypeError, ValueError):
+        return "(unreadable config)"
+
+
+def _convnext_size(info: WeightsInfo, path: Path) -> str:
+    """The ConvNeXt-V2 size the arrays describe ('base', ... or 'depths [..] dims [..]'), checked against the
+    metadata."""
+    from .convnextv2 import config_from_state
+
+    try:
+        cfg = config_from_state(_stub_state(info.shapes))
+    except ValueError as exc:
+        raise CheckpointError(f"not ConvNeXt-V2 weights ({exc})", path) from None
+    held = cfg["name"] or f"depths {cfg['depths']} dims {cfg['dims']}"
+    claimed = info.meta.get("config")
+    if isinstance(claimed, dict) and (list(claimed.get("depths") or []) != list(cfg["depths"])
+                                      or list(claimed.get("dims") or []) != list(cfg["dims"])):
+        said = claimed.get("name") or f"depths {claimed.get('depths')} dims {claimed.get('dims')}"
+        raise _damaged(path, f"its metadata says ConvNeXt-V2 {said} but its arrays are ConvNeXt-V2 {held} (the "
+                             "metadata was edited)")
+    return held
+
+
+def _family(name: str) -> str | None:
+    n = name.upper()
+    return "ViT" if n.startswith("VIT") else "ResNet" if n.startswith("RN") else None
+
+
+def expected_convnext_size(name: str) -> str | None:
+    """The ConvNeXt-V2 size a feature key or model name mentions (``convnextv2_base`` -> ``base``), else None."""
+    import re
+
+    m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_SIZES) + r")(?![a-z])", name.lower())
+    return m.group(1) if m else None
+
+
+def check_weights(path: str | os.PathLike, arch: str, expected: str | None = None, where: str = "",
+                  verify: bool = True) -> WeightsInfo:
+    """Check converted weights before use and return their :class:`WeightsInfo`.
+
+    ``arch`` is 'clip' or 'convnextv2'. ``expected`` is the model the caller will use them as: a CLIP backbone
+    name ('ViT-B/32', 'RN101') or a name mentioning a ConvNeXt-V2 size ('convnextv2_base'); ``where`` is the
+    setting that chose the file, for the message. The meta's architecture must be ``arch`` and agree with the
+    arrays' shapes. CLIP: a released model must be the one named (a size OpenAI never released, such as a small
+    test model, only needs the same family, ViT or ResNet). ConvNeXt-V2: a released size must be the one named.
+    With ``verify`` every array is read once (:func:`verify_weights`), so a damaged file is found before use."""
+    p = Path(path)
+    info = verify_weights(p) if verify else read_header(p)
+    held_arch = info.meta.get("arch")
+    want = {"clip": "CLIP", "convnextv2": "ConvNeXt-V2"}[arch]
+    for_what = f" for {expected!r}" if expected else ""
+    setting = f" ({where})" if where else ""
+    if held_arch not in (None, arch):
+        what = {"clip": "CLIP", "convnextv2": "ConvNeXt-V2"}.get(held_arch, repr(held_arch))
+        raise CheckpointError(f"holds a {what} model, expected {want}{for_what}{setting}", p)
+    if arch == "clip":
+        held = _clip_model(info, p)
+        if expected:
+            both_released = held in OPENAI_CLIP_MODELS and expected in OPENAI_CLIP_MODELS
+            fam_held, fam_want = _family(held), _family(expected)
+            if (both_released and held != expected) or (fam_held and fam_want and fam_held != fam_want):
+                raise CheckpointError(f"holds CLIP {held}, expected CLIP {expected}{setting}: point the setting at "
+                                      f"the {expected} weights", p)
+    else:
+        held = _convnext_size(info, p)
+        size = expected_convnext_size(expected or "")
+        if size and held in CONVNEXT_SIZES and held != size:
+            raise CheckpointError(f"holds ConvNeXt-V2-{held}, expected ConvNeXt-V2-{size} for {expected!r}"
+                                  f"{setting}: use the {size} weights, or name the specialist after what the file "
+                                  f"holds (--set specialist.feature_key=convnextv2_{held})", p)
+    return info

@@ -306,9 +306,12 @@ class FeatureCache:
             if hashlib.sha256(raw).hexdigest() != rec["feats_sha256"]:
                 problem = "checksum mismatch: the file was changed or damaged after it was written"
             else:
-                feats = np.load(io.BytesIO(raw), mmap_mode=None, allow_pickle=False)
-                if feats.shape != (int(rec["rows"]), int(rec["dim"])):
-                    problem = f"shape {feats.shape}, expected {(rec['rows'], rec['dim'])}"
+                f = io.BytesIO(raw)
+                version = np.lib.format.read_magic(f)
+                shape = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)(f)[0]
+                if tuple(shape) != (int(rec["rows"]), int(rec["dim"])):
+                    problem = f"shape {tuple(shape)}, expected {(rec['rows'], rec['dim'])}"
         except FileNotFoundError:
             problem = "file missing"
         except (OSError, ValueError) as exc:
@@ -738,9 +741,8 @@ def weights_identity(path) -> str:
     try:
         fmt = detect_format(p)
     except CheckpointError as exc:
-        if "truncated" not in exc.problem and "corrupt" not in exc.problem:
-            raise
-        fmt = "cascade"  # a broken zip: read_header says it is damaged
+        # a broken zip: read_header says it is damaged; other files are refused when the model is loaded
+        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
     if fmt in ("cascade", "npz"):
         meta = read_header(p).meta
         if meta.get("sha256"):
@@ -754,15 +756,14 @@ def weights_identity(path) -> str:
 
 def _check_converted(path: Path, arch: str, expected: str, where: str | None) -> None:
     """Converted weights are verified (every array read once) and must hold the expected model
-    (:func:`cascade.models.weights.check_weights`); other checkpoint formats are read as they are."""
+    (:func:`cascade.models.weights.check_weights`); other files are read as they are when the model is loaded
+    (a file that is no checkpoint at all is refused then, by name)."""
     from .models.weights import CheckpointError, check_weights, detect_format
 
     try:
         fmt = detect_format(path)
     except CheckpointError as exc:
-        if "truncated" not in exc.problem and "corrupt" not in exc.problem:
-            raise
-        fmt = "cascade"
+        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
     if fmt in ("cascade", "npz"):
         check_weights(path, arch, expected, where or "")
 

@@ -158,7 +158,8 @@ def _specialist_setup(cfg, classes):
     from .features import convnext_encoder
 
     stage = _new_specialist(cfg)
-    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage)), present
+    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage),
+                            where="specialist.weights"), present
 
 
 def _new_specialist(cfg):
@@ -308,7 +309,8 @@ def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, 
         elif hasattr(sp, "backbone_state_"):
             enc = _finetuned_encoder(sp, base_encoder.preprocess)
         else:
-            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess)
+            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess,
+                                   where=f"the fine-tuned backbone saved with the model in {model_dir}")
         encoders.append(enc)
         out[key] = _on_demand(enc, paths, cfg, progress, what)
     return out, encoders
@@ -629,25 +631,26 @@ def test(cfg, progress: bool = True) -> dict:
     # every output is written in full beside its target first (a full disk fails here, leaving the previous
     # outputs as they were), then renamed into place, the submission last
     with _writing(result_path.parent):
-        stage = Path(tempfile.mkdtemp(prefix=f".{result_path.name}.", dir=result_path.parent))
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{result_path.name}.", dir=result_path.parent))
     try:
-        with _writing(stage / routes_path.name):
-            write_routes_csv(stage / routes_path.name, names, routes, top5, top_scores, status)
+        with _writing(routes_path):
+            write_routes_csv(staging / routes_path.name, names, routes, top5, top_scores, status)
         if failures:
-            with _writing(stage / fail_path.name):
-                atomic_write_text(stage / fail_path.name,
+            with _writing(fail_path):
+                atomic_write_text(staging / fail_path.name,
                                   "".join(f"{names[i]}\t{r}\n" for i, (_, r) in sorted(failures.items())))
-        with _writing(stage / result_path.name):
-            write_result(stage / result_path.name, names, top5)
+        with _writing(result_path):
+            write_result(staging / result_path.name, names, top5)
         with _writing(result_path.parent):
-            os.replace(stage / routes_path.name, routes_path)
+            os.replace(staging / routes_path.name, routes_path)
             if failures:
-                os.replace(stage / fail_path.name, fail_path)
+                os.replace(staging / fail_path.name, fail_path)
             elif fail_path.exists():
                 fail_path.unlink()
-            os.replace(stage / result_path.name, result_path)
+            os.replace(staging / result_path.name, result_path)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {"images": len(names), "unreadable": len(failures), "result": str(result_path),
                "routes": _count(routes), "seconds": round(time.time() - t0, 1)}
     _log(f"wrote {result_path} ({len(names)} images; routes: "

@@ -44,6 +44,7 @@ import numpy as np
 __all__ = [
     "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
     "state_sha256", "read_header", "verify_weights", "check_weights", "WeightsInfo", "OPENAI_CLIP_MODELS",
+    "clip_model_name", "convnext_size", "expected_convnext_size",
 ]
 
 FORMAT_NAME = "cascade-weights"
@@ -496,7 +497,6 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
 # the CLIP models OpenAI released, by the names cascade.models.clip.arch_name gives them
 OPENAI_CLIP_MODELS = frozenset({"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
                                 "ViT-L/14", "ViT-L/14@336px"})
-CONVNEXT_SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 
 
 class WeightsInfo(NamedTuple):
@@ -598,47 +598,80 @@ def verify_weights(path: str | os.PathLike, chunk: int = 1 << 22) -> WeightsInfo
     return info
 
 
-def _stub_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Arrays of the given shapes that take no memory (for the models' config-from-shapes functions)."""
-    zero = np.zeros((), np.float32)
-    return {k: np.broadcast_to(zero, s) for k, s in shapes.items()}
+# Names of the models' sizes, read from array shapes alone (cascade.models.clip and .convnextv2 import Jittor,
+# which a fully cached run never needs). tests/test_failures.py checks these against the models' own tables.
+_CLIP_RESNETS = {(3, 4, 6, 3): "RN50", (3, 4, 23, 3): "RN101", (4, 6, 10, 6): "RN50x4", (6, 8, 18, 8): "RN50x16",
+                 (3, 15, 36, 10): "RN50x64"}
+_CLIP_VIT_WIDTHS = {768: "B", 1024: "L"}
+CONVNEXT_CONFIGS = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)), "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)), "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)), "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)), "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def _count(shapes, pattern: str) -> int:
+    import re
+
+    found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
+    return 1 + max(found) if found else 0
+
+
+def clip_model_name(shapes: dict[str, tuple[int, ...]]) -> str:
+    """OpenAI's name of the CLIP image tower that arrays of these shapes (OpenAI's names) make ('ViT-B/32',
+    'RN101', ...), or a description of a size they never released (as ``cascade.models.clip.arch_name``)."""
+    try:
+        if "visual.proj" in shapes:
+            conv = shapes["visual.conv1.weight"]
+            width, patch = conv[0], conv[-1]
+            grid = round((shapes["visual.positional_embedding"][0] - 1) ** 0.5)
+            name = f"ViT-{_CLIP_VIT_WIDTHS.get(width, f'w{width}')}/{patch}"
+            return name if patch * grid == 224 else f"{name}@{patch * grid}px"
+        layers = tuple(_count(shapes, rf"visual\.layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
+        if not all(layers) or "visual.attnpool.positional_embedding" not in shapes:
+            raise KeyError("visual.proj or visual.attnpool")
+        return _CLIP_RESNETS.get(layers, f"RN{list(layers)}")
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"not a CLIP image tower (missing or malformed {exc})") from None
+
+
+def convnext_size(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, list[int], list[int]]:
+    """(size name or None, depths, dims) of ConvNeXt-V2 arrays (official names)."""
+    n_stages = _count(shapes, r"stages\.(\d+)\.")
+    if not n_stages or "downsample_layers.0.0.weight" not in shapes:
+        raise ValueError("not ConvNeXt-V2 weights (no stages.* or downsample_layers.0.0.weight arrays)")
+    depths = [_count(shapes, rf"stages\.{i}\.(\d+)\.") for i in range(n_stages)]
+    dims = [int(shapes.get(f"stages.{i}.0.dwconv.weight", (0,))[0]) for i in range(n_stages)]
+    name = next((n for n, (d, w) in CONVNEXT_CONFIGS.items() if list(d) == depths and list(w) == dims), None)
+    return name, depths, dims
 
 
 def _clip_model(info: WeightsInfo, path: Path) -> str:
-    """OpenAI's name of the CLIP model the arrays describe (e.g. 'RN101'), checked against the metadata."""
-    from .clip import arch_name, config_from_state, map_openai_keys
-
-    state = map_openai_keys(_stub_state(info.shapes))
-    held = arch_name(config_from_state(state, path))
+    """The CLIP model the arrays describe (e.g. 'RN101'), checked against the model the metadata names."""
+    try:
+        held = clip_model_name(info.shapes)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), path) from None
     claimed = info.meta.get("model")
-    cfg = info.meta.get("config")
-    if (claimed and claimed != held) or (isinstance(cfg, dict) and _safe_arch_name(arch_name, cfg) != held):
-        said = claimed or _safe_arch_name(arch_name, cfg)
-        raise _damaged(path, f"its metadata says CLIP {said} but its arrays are CLIP {held} (the metadata was "
+    if claimed and claimed != held:
+        raise _damaged(path, f"its metadata says CLIP {claimed} but its arrays are CLIP {held} (the metadata was "
                              "edited)")
     return held
-
-
-def _safe_arch_name(arch_name, cfg: dict) -> str:
-    try:
-        return arch_name(cfg)
-    except (KeyError, TypeError, ValueError):
-        return "(unreadable config)"
 
 
 def _convnext_size(info: WeightsInfo, path: Path) -> str:
     """The ConvNeXt-V2 size the arrays describe ('base', ... or 'depths [..] dims [..]'), checked against the
     metadata."""
-    from .convnextv2 import config_from_state
-
     try:
-        cfg = config_from_state(_stub_state(info.shapes))
+        name, depths, dims = convnext_size(info.shapes)
     except ValueError as exc:
-        raise CheckpointError(f"not ConvNeXt-V2 weights ({exc})", path) from None
-    held = cfg["name"] or f"depths {cfg['depths']} dims {cfg['dims']}"
+        raise CheckpointError(str(exc), path) from None
+    held = name or f"depths {depths} dims {dims}"
     claimed = info.meta.get("config")
-    if isinstance(claimed, dict) and (list(claimed.get("depths") or []) != list(cfg["depths"])
-                                      or list(claimed.get("dims") or []) != list(cfg["dims"])):
+    if isinstance(claimed, dict) and (list(claimed.get("depths") or []) != depths
+                                      or list(claimed.get("dims") or []) != dims
+                                      or claimed.get("name", name) != name):
         said = claimed.get("name") or f"depths {claimed.get('depths')} dims {claimed.get('dims')}"
         raise _damaged(path, f"its metadata says ConvNeXt-V2 {said} but its arrays are ConvNeXt-V2 {held} (the "
                              "metadata was edited)")
@@ -654,7 +687,7 @@ def expected_convnext_size(name: str) -> str | None:
     """The ConvNeXt-V2 size a feature key or model name mentions (``convnextv2_base`` -> ``base``), else None."""
     import re
 
-    m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_SIZES) + r")(?![a-z])", name.lower())
+    m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_CONFIGS) + r")(?![a-z])", name.lower())
     return m.group(1) if m else None
 
 
@@ -688,7 +721,7 @@ def check_weights(path: str | os.PathLike, arch: str, expected: str | None = Non
     else:
         held = _convnext_size(info, p)
         size = expected_convnext_size(expected or "")
-        if size and held in CONVNEXT_SIZES and held != size:
+        if size and held in CONVNEXT_CONFIGS and held != size:
             raise CheckpointError(f"holds ConvNeXt-V2-{held}, expected ConvNeXt-V2-{size} for {expected!r}"
                                   f"{setting}: use the {size} weights, or name the specialist after what the file "
                                   f"holds (--set specialist.feature_key=convnextv2_{held})", p)

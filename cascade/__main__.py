@@ -7,6 +7,7 @@ imported only to build the parser, so they must stay cheap to import (no Jittor 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -21,6 +22,30 @@ COMMAND_MODULES = (
 
 class CascadeError(Exception):
     """An expected failure (bad input, missing file): reported as one line, exit status 2."""
+
+
+# what to do about the filesystem faults a user can fix
+_OS_HINTS = {
+    errno.ENOSPC: "free some space and rerun (outputs written before are unchanged)",
+    errno.EDQUOT: "free some space and rerun (outputs written before are unchanged)",
+    errno.EROFS: "choose a writable folder (--out)",
+    errno.EACCES: "check the permissions, or choose another folder (--out)",
+    errno.EPERM: "check the permissions, or choose another folder (--out)",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: ``<path>: <problem> (errno N NAME); <what to do>``. Errors raised with a
+    message of their own (no errno) keep it."""
+    if exc.errno is None or not exc.strerror:
+        return str(exc)
+    name = errno.errorcode.get(exc.errno, "")
+    text = f"{exc.strerror} (errno {exc.errno}{' ' + name if name else ''})"
+    if exc.filename is not None:
+        where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        text = f"{where}: {text}"
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{text}; {hint}" if hint else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CascadeError, FileNotFoundError, ValueError) as exc:
+    except (CascadeError, ValueError) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a filesystem fault (missing file, read-only folder, full disk): one line, the path
+        print(f"cascade {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cascade {args.command}: interrupted", file=sys.stderr)

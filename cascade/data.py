@@ -384,9 +384,12 @@ def write_split(split: Split, folder) -> dict:
 
 # -------------------------------------------------------------------------------------------- test folders
 def list_test_images(folder) -> tuple[list[str], list[str]]:
-    """File names of the images in a flat folder, sorted by name; and the names of other entries that were
-    skipped (sub-folders, hidden files, files without an image extension). Raises DataError when the folder is
-    missing or holds no image."""
+    """File names of the images in a flat folder, sorted by name; and the names of the other entries, which
+    are skipped (sub-folders, hidden files, names without an image extension, names with a line break or tab,
+    which cannot be written on one result line). Every entry whose name has an image extension and is not a
+    folder counts as an image, whatever it is (a broken symbolic link, an empty or unreadable file): it gets
+    its line in the result and is reported as unreadable there, never dropped. Raises DataError when the folder
+    is missing or holds no image."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: test image folder not found")
@@ -395,7 +398,11 @@ def list_test_images(folder) -> tuple[list[str], list[str]]:
     images, skipped = [], []
     for entry in os.scandir(folder):
         name = entry.name
-        if name.startswith(".") or not entry.is_file() or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            is_dir = entry.is_dir()  # follows symbolic links: a broken one is not a folder
+        except OSError:
+            is_dir = False
+        if name.startswith(".") or is_dir or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(name)
         elif any(ch in name for ch in "\n\r\t"):
             skipped.append(name)  # cannot be written on one result line

@@ -67,7 +67,12 @@ def worst_classes(top1: np.ndarray, labels: np.ndarray, class_names: Sequence[st
 
 def read_labels(path) -> dict[str, int]:
     """``<file name or path> <index>`` lines -> {name: index}; errors name the file and line."""
-    out: dict[str, int] = {}
+    return {name: idx for name, (idx, _) in _read_labels(path).items()}
+
+
+def _read_labels(path) -> dict[str, tuple[int, int]]:
+    """{name: (index, line number)} of a labels file; errors name the file and line."""
+    out: dict[str, tuple[int, int]] = {}
     problems = []
     for line_no, line in read_lines(path, "labels file", LabelError, comments=False):
         try:
@@ -78,7 +83,7 @@ def read_labels(path) -> dict[str, int]:
         if name in out:
             problems.append(f"line {line_no}: {name} appears twice")
             continue
-        out[name] = idx
+        out[name] = (idx, line_no)
     raise_many(problems, f"{path}: malformed labels file:", LabelError)
     if not out:
         raise LabelError(f"{path}: labels file has no lines")
@@ -115,13 +120,26 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
     from .output import read_result
 
     names = read_class_file(classes_path) if classes_path else None
-    result = read_result(result_path, n_classes=len(names) if names else None)
-    labels = read_labels(labels_path)
+    labelled = _read_labels(labels_path)
+    labels = {name: idx for name, (idx, _) in labelled.items()}
     if names is not None:
+        result = read_result(result_path, n_classes=len(names))
         bad = [f"{k} {v}" for k, v in labels.items() if v >= len(names)]
         if bad:
             raise LabelError(f"{labels_path}: {len(bad)} label(s) out of range for {classes_path} "
                              f"({len(names)} classes), e.g. {bad[0]}")
+    else:
+        # without a class list, each file bounds the other: an index beyond every index of the other file
+        # cannot be a class of this task (negative indices are refused by both readers)
+        top_label = max(labels.values())
+        result = read_result(result_path, n_classes=top_label + 1,
+                             bound=f"larger than every label in {labels_path} (at most {top_label}); give the "
+                                   "class list with --classes if the labels do not cover every class")
+        top_result = max(i for idx in result.values() for i in idx)
+        bad = [f"line {line}: label {idx} of {name} is larger than every class index in {result_path} (at most "
+               f"{top_result})" for name, (idx, line) in labelled.items() if idx > top_result]
+        raise_many(bad, f"{labels_path}: label(s) out of range (give the class list with --classes if the result "
+                        "file does not show every class):", LabelError)
     keys, missing = _match(result, labels, result_path, labels_path)
     if missing and not allow_missing:
         raise LabelError(f"{result_path}: {len(missing)} labelled image(s) have no result line, e.g. "

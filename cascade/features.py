@@ -18,6 +18,7 @@ An *encoder* is any object with ``cache_key`` (a string identifying the weights)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ import numpy as np
 from .data import ImageError, load_image
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "FeatureCache", "Failure",
+    "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "FeatureCache", "CacheError", "Failure",
     "FeatureResult", "extract_features", "ModelEncoder", "clip_encoder", "convnext_encoder", "weights_identity",
     "text_features", "l2_normalize",
 ]
@@ -162,11 +163,23 @@ def file_key(path) -> str:
     return hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class CacheError(ValueError):
+    """A feature cache folder that cannot be used as it is; the message names the folder to delete."""
+
+
 class FeatureCache:
     """Features of one (model weights, preprocessing) pair: append-only shards of ``<id>.feats.npy`` (float32
-    [n, D]) and ``<id>.keys.npy`` (file keys). A shard counts once its keys file exists; both are written
-    atomically (features first), so an interrupted write leaves at most an ignored temporary file. Several
-    processes may write the same cache; duplicate rows are harmless."""
+    [n, D]), ``<id>.keys.npy`` (file keys) and ``<id>.sum.json`` (the SHA-256 of both files' bytes, the row
+    count and width). All three are written atomically, the checksum last: a shard counts once its checksum
+    file exists, so an interrupted write leaves at most an ignored temporary file or an unfinished shard.
+    Several processes may write the same cache; duplicate rows are harmless.
+
+    Every shard is verified against its checksum when it is first used: a damaged or edited shard is reported
+    by path, removed and its images are encoded again (if it cannot be removed, the warning says which folder
+    to delete). Shards without a checksum (an older cache format, or a write interrupted before the checksum)
+    are ignored and, once a minute old, removed."""
+
+    SUM_SUFFIX = ".sum.json"
 
     def __init__(self, root, key: str):
         self.key = key
@@ -176,6 +189,42 @@ class FeatureCache:
         self._pending_keys: list[str] = []
         self._pending_feats: list[np.ndarray] = []
         self._loaded = False
+        self._shards: dict[str, dict] = {}       # shard id -> its checksum record (+ "keys": list of keys)
+        self._verified: set[str] = set()         # shards whose features file matched its checksum
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _warn_bad(self, sid: str, path: Path, problem: str, n: int | None = None) -> None:
+        """Report a bad shard by path and remove its files (or say which folder to delete)."""
+        removed = self._remove_shard(sid)
+        what = f"its {n} image(s) are encoded again" if n is not None else "its images are encoded again"
+        tail = "" if removed is None else (f"; it could not be removed ({removed}): delete the folder {self.dir} "
+                                           "if this warning repeats")
+        print(f"warning: ignoring damaged feature cache shard {path} ({problem}); {what}{tail}", file=sys.stderr)
+
+    def _remove_shard(self, sid: str) -> str | None:
+        problem = None
+        for suffix in (self.SUM_SUFFIX, ".keys.npy", ".feats.npy"):
+            try:
+                (self.dir / f"{sid}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+        return problem
+
+    def _check_folder(self) -> None:
+        info = self.dir / "key.json"
+        if not info.is_file():
+            return
+        try:
+            data = json.loads(info.read_text(encoding="utf-8"))
+            ok = isinstance(data, dict) and data.get("key") == self.key
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise CacheError(f"{info}: the feature cache folder {self.dir} does not belong to these weights and "
+                             f"preprocessing (its key.json is damaged or another's); delete the folder {self.dir} "
+                             "and rerun (its features are encoded again)")
 
     def _load_index(self) -> None:
         if self._loaded:
@@ -183,46 +232,130 @@ class FeatureCache:
         self._loaded = True
         if not self.dir.is_dir():
             return
-        for kf in sorted(self.dir.glob("*.keys.npy")):
-            sid = kf.name[: -len(".keys.npy")]
-            ff = self.dir / f"{sid}.feats.npy"
+        self._check_folder()
+        summed = set()
+        for sf in sorted(self.dir.glob(f"*{self.SUM_SUFFIX}")):
+            sid = sf.name[: -len(self.SUM_SUFFIX)]
+            summed.add(sid)
+            kf = self.dir / f"{sid}.keys.npy"
             try:
-                keys = np.load(kf, allow_pickle=False)
-                feats = np.load(ff, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:  # a damaged shard: ignore it (its images are recomputed)
-                print(f"warning: ignoring damaged feature cache shard {kf} ({exc})", file=sys.stderr)
+                rec = json.loads(sf.read_text(encoding="utf-8"))
+                if not isinstance(rec, dict) or not {"feats_sha256", "keys_sha256", "rows", "dim"} <= set(rec):
+                    raise ValueError("incomplete checksum record")
+            except (OSError, ValueError) as exc:
+                self._warn_bad(sid, sf, f"unreadable checksum: {exc}")
                 continue
-            if feats.ndim != 2 or len(feats) != len(keys):
-                print(f"warning: ignoring inconsistent feature cache shard {ff}", file=sys.stderr)
+            try:
+                raw = kf.read_bytes()
+                if hashlib.sha256(raw).hexdigest() != rec["keys_sha256"]:
+                    self._warn_bad(sid, kf, "checksum mismatch", rec.get("rows"))
+                    continue
+                keys = np.load(io.BytesIO(raw), allow_pickle=False)
+            except FileNotFoundError:
+                self._warn_bad(sid, kf, "file missing")
+                continue
+            except (OSError, ValueError) as exc:
+                self._warn_bad(sid, kf, f"unreadable: {exc}")
+                continue
+            if keys.ndim != 1 or len(keys) != int(rec["rows"]):
+                self._warn_bad(sid, kf, f"{len(keys)} keys for {rec['rows']} rows")
                 continue
             if self.dim is None:
-                self.dim = int(feats.shape[1])
-            elif feats.shape[1] != self.dim:
-                print(f"warning: ignoring feature cache shard {ff} of width {feats.shape[1]} != {self.dim}",
-                      file=sys.stderr)
+                self.dim = int(rec["dim"])
+            elif int(rec["dim"]) != self.dim:
+                self._warn_bad(sid, self.dir / f"{sid}.feats.npy", f"width {rec['dim']} != {self.dim}")
                 continue
-            for row, k in enumerate(keys.tolist()):
-                self.index[k.decode() if isinstance(k, bytes) else k] = (sid, row)
+            rec["keys"] = [k.decode() if isinstance(k, bytes) else str(k) for k in keys.tolist()]
+            self._shards[sid] = rec
+            for row, k in enumerate(rec["keys"]):
+                self.index[k] = (sid, row)
+        self._drop_unsummed(summed)
+
+    def _drop_unsummed(self, summed: set) -> None:
+        """Shards without a checksum: ignored; removed once old enough not to be another process's write in
+        progress."""
+        import time
+
+        stale = []
+        for kf in self.dir.glob("*.keys.npy"):
+            sid = kf.name[: -len(".keys.npy")]
+            if sid in summed:
+                continue
+            try:
+                old = time.time() - kf.stat().st_mtime > 60
+            except OSError:
+                continue
+            if old:
+                stale.append(sid)
+        if stale:
+            problems = [p for p in (self._remove_shard(sid) for sid in stale) if p]
+            tail = (f"; some could not be removed ({problems[0]}): delete the folder {self.dir}" if problems else "")
+            print(f"warning: {self.dir}: ignored {len(stale)} feature cache shard(s) without a checksum (an older "
+                  f"cache format or an interrupted write); their images are encoded again{tail}", file=sys.stderr)
+
+    def _verify(self, sid: str) -> bool:
+        """Check a shard's features file against its checksum (once); a bad shard is reported, removed and its
+        keys dropped from the index."""
+        if sid in self._verified:
+            return True
+        rec = self._shards[sid]
+        ff = self.dir / f"{sid}.feats.npy"
+        problem = None
+        try:
+            raw = ff.read_bytes()
+            if hashlib.sha256(raw).hexdigest() != rec["feats_sha256"]:
+                problem = "checksum mismatch: the file was changed or damaged after it was written"
+            else:
+                f = io.BytesIO(raw)
+                version = np.lib.format.read_magic(f)
+                shape = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)(f)[0]
+                if tuple(shape) != (int(rec["rows"]), int(rec["dim"])):
+                    problem = f"shape {tuple(shape)}, expected {(rec['rows'], rec['dim'])}"
+        except FileNotFoundError:
+            problem = "file missing"
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable: {exc}"
+        if problem is None:
+            self._verified.add(sid)
+            return True
+        self._warn_bad(sid, ff, problem, int(rec["rows"]))
+        del self._shards[sid]
+        self.index = {}
+        for other, r in self._shards.items():
+            for row, k in enumerate(r["keys"]):
+                self.index[k] = (other, row)
+        return False
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """Boolean mask: which keys are cached."""
+        """Boolean mask: which keys are cached (in shards that match their checksums)."""
         self._load_index()
+        while True:
+            needed = {self.index[k][0] for k in keys if k in self.index} - self._verified
+            if all(self._verify(sid) for sid in sorted(needed)):
+                break
         return np.array([k in self.index for k in keys], dtype=bool)
 
     def gather(self, keys: Sequence[str], out: np.ndarray, rows: Sequence[int]) -> None:
-        """Copy the cached features of ``keys`` into ``out[rows]`` (reading shards memory-mapped)."""
+        """Copy the cached features of ``keys`` (found by :meth:`lookup`) into ``out[rows]``."""
         self._load_index()
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for k, r in zip(keys, rows):
             sid, srow = self.index[k]
             by_shard.setdefault(sid, []).append((r, srow))
         for sid, pairs in by_shard.items():
-            feats = np.load(self.dir / f"{sid}.feats.npy", mmap_mode="r", allow_pickle=False)
+            ff = self.dir / f"{sid}.feats.npy"
+            try:
+                feats = np.load(ff, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise CacheError(f"{ff}: feature cache shard became unreadable during the run ({exc}); delete the "
+                                 f"folder {self.dir} and rerun") from None
             dst = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
             src = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
             order = np.argsort(src)
             out[dst[order]] = feats[src[order]]
 
+    # ------------------------------------------------------------------------------------------ writing
     def add(self, keys: Sequence[str], feats: np.ndarray) -> None:
         self._pending_keys.extend(keys)
         self._pending_feats.append(np.asarray(feats, dtype=np.float32))
@@ -231,29 +364,97 @@ class FeatureCache:
     def pending(self) -> int:
         return len(self._pending_keys)
 
+    @staticmethod
+    def _npy_bytes(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+
     def flush(self) -> None:
+        """Write the pending rows as one shard (features, keys, then their checksum). A failed write (e.g. a
+        full disk) raises OSError naming the file."""
         if not self._pending_keys:
             return
-        from .output import atomic_open
+        from .output import atomic_open, atomic_write_json
 
         feats = np.concatenate(self._pending_feats, axis=0)
         keys = np.array(self._pending_keys, dtype="S40")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        info = self.dir / "key.json"
-        if not info.exists():
-            from .output import atomic_write_json
-
-            atomic_write_json(info, {"format": CACHE_FORMAT, "key": self.key, "dim": int(feats.shape[1])})
+        feats_raw, keys_raw = self._npy_bytes(feats), self._npy_bytes(keys)
         sid = f"{uuid.uuid4().hex[:16]}"
-        with atomic_open(self.dir / f"{sid}.feats.npy", "wb") as f:
-            np.save(f, feats, allow_pickle=False)
-        with atomic_open(self.dir / f"{sid}.keys.npy", "wb") as f:
-            np.save(f, keys, allow_pickle=False)
+        target = self.dir
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            info = self.dir / "key.json"
+            if not info.exists():
+                target = info
+                atomic_write_json(info, {"format": CACHE_FORMAT, "key": self.key, "dim": int(feats.shape[1])})
+            for suffix, raw in ((".feats.npy", feats_raw), (".keys.npy", keys_raw)):
+                target = self.dir / f"{sid}{suffix}"
+                with atomic_open(target, "wb") as f:
+                    f.write(raw)
+            target = self.dir / f"{sid}{self.SUM_SUFFIX}"
+            atomic_write_json(target, {"format": CACHE_FORMAT, "rows": int(len(keys)), "dim": int(feats.shape[1]),
+                                       "feats_sha256": hashlib.sha256(feats_raw).hexdigest(),
+                                       "keys_sha256": hashlib.sha256(keys_raw).hexdigest()})
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(target)
+            raise
+        rec = {"rows": int(len(keys)), "dim": int(feats.shape[1]), "keys": list(self._pending_keys)}
+        self._shards[sid] = rec
+        self._verified.add(sid)
         for row, k in enumerate(self._pending_keys):
             self.index[k] = (sid, row)
         if self.dim is None:
             self.dim = int(feats.shape[1])
         self._pending_keys, self._pending_feats = [], []
+
+    # ---------------------------------------------------------------------------- single checked arrays
+    @staticmethod
+    def save_array(path, arr: np.ndarray) -> None:
+        """Write one array (``path``, .npy) with its checksum beside it (``path`` + ``.sha256``), atomically."""
+        from .output import atomic_open, atomic_write_text
+
+        raw = FeatureCache._npy_bytes(np.asarray(arr))
+        path = Path(path)
+        target = path
+        try:
+            with atomic_open(path, "wb") as f:
+                f.write(raw)
+            target = path.with_name(path.name + ".sha256")
+            atomic_write_text(target, hashlib.sha256(raw).hexdigest() + "\n")
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(target)
+            raise
+
+    @staticmethod
+    def load_array(path) -> np.ndarray | None:
+        """An array written by :meth:`save_array`, or None when it is absent or fails its checksum (reported by
+        path and removed, so that it is computed again)."""
+        path = Path(path)
+        sf = path.with_name(path.name + ".sha256")
+        if not path.is_file():
+            return None
+        problem = None
+        try:
+            raw = path.read_bytes()
+            want = sf.read_text(encoding="utf-8").strip() if sf.is_file() else None
+            if want is None:
+                problem = "no checksum (an older cache format)"
+            elif hashlib.sha256(raw).hexdigest() != want:
+                problem = "checksum mismatch: the file was changed or damaged after it was written"
+            else:
+                return np.load(io.BytesIO(raw), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable: {exc}"
+        for f in (path, sf):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        print(f"warning: ignoring cached features {path} ({problem}); they are computed again", file=sys.stderr)
+        return None
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -529,23 +730,42 @@ def _to_numpy(y) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- encoders
 def weights_identity(path) -> str:
     """A string that changes whenever the weights change: the SHA-256 stored in our converted format's
-    metadata, else the SHA-256 of the file's bytes."""
+    metadata, else the SHA-256 of the file's bytes. Converted weights that cannot be read (truncated, damaged)
+    raise :class:`~cascade.models.weights.CheckpointError` saying so, never a different identity."""
+    from .models.weights import CheckpointError, detect_format, read_header
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: weights file not found (convert the checkpoint first: "
                                 f"python -m cascade.convert SRC {p})")
     try:
-        with zipfile.ZipFile(p) as z:
-            meta = json.loads(z.read("__meta__.json"))
-        if isinstance(meta, dict) and meta.get("sha256"):
+        fmt = detect_format(p)
+    except CheckpointError as exc:
+        # a broken zip: read_header says it is damaged; other files are refused when the model is loaded
+        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
+    if fmt in ("cascade", "npz"):
+        meta = read_header(p).meta
+        if meta.get("sha256"):
             return f"sha256:{meta['sha256']}"
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError):
-        pass
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return f"file-sha256:{h.hexdigest()}"
+
+
+def _check_converted(path: Path, arch: str, expected: str, where: str | None) -> None:
+    """Converted weights are verified (every array read once) and must hold the expected model
+    (:func:`cascade.models.weights.check_weights`); other files are read as they are when the model is loaded
+    (a file that is no checkpoint at all is refused then, by name)."""
+    from .models.weights import CheckpointError, check_weights, detect_format
+
+    try:
+        fmt = detect_format(path)
+    except CheckpointError as exc:
+        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
+    if fmt in ("cascade", "npz"):
+        check_weights(path, arch, expected, where or "")
 
 
 class ModelEncoder:
@@ -600,11 +820,14 @@ class ModelEncoder:
         return out
 
 
-def clip_encoder(name: str, weights_path, resolution: int | None = None) -> ModelEncoder:
+def clip_encoder(name: str, weights_path, resolution: int | None = None, where: str | None = None) -> ModelEncoder:
     """A lazily loaded CLIP image tower (``cascade.models.load_clip``) with CLIP's preprocessing at the model's
-    input resolution (read from the converted weights' metadata or shapes without building the model)."""
+    input resolution (read from the converted weights' metadata or shapes without building the model).
+    Converted weights are checked first: undamaged, and holding the CLIP model ``name`` says (a released
+    model by that name, else the same family); ``where`` names the setting for the message."""
     path = Path(weights_path)
     identity = weights_identity(path)
+    _check_converted(path, "clip", name, where or f"models.clip.{name}")
     res = resolution or _peek_resolution(path) or 224
 
     def loader():
@@ -619,10 +842,14 @@ def clip_encoder(name: str, weights_path, resolution: int | None = None) -> Mode
     return ModelEncoder(name, loader, identity, Preprocess.clip(res))
 
 
-def convnext_encoder(name: str, weights_path, preprocess: Preprocess | None = None) -> ModelEncoder:
-    """A lazily loaded ConvNeXt-V2 (``cascade.models.load_convnextv2``); ImageNet preprocessing by default."""
+def convnext_encoder(name: str, weights_path, preprocess: Preprocess | None = None,
+                     where: str | None = None) -> ModelEncoder:
+    """A lazily loaded ConvNeXt-V2 (``cascade.models.load_convnextv2``); ImageNet preprocessing by default.
+    The weights are checked first: undamaged, ConvNeXt-V2, and of the size ``name`` mentions (``convnextv2_base``
+    -> base) if it mentions one; ``where`` names the setting for the message."""
     path = Path(weights_path)
     identity = weights_identity(path)
+    _check_converted(path, "convnextv2", name, where)
 
     def loader():
         from .models import load_convnextv2
@@ -674,20 +901,14 @@ def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache
     (a prompt ensemble) and normalised again. Cached under the weights' identity and the prompts."""
     from tqdm import tqdm
 
-    from .output import atomic_open
-
     prompts = [list(p) for p in prompts]
     if not prompts or any(not p for p in prompts):
         raise ValueError("text_features: every class needs at least one prompt")
     digest = hashlib.sha256(json.dumps([encoder.cache_key, prompts], ensure_ascii=False).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "text" / f"{digest}.npy"
-    if path.is_file():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.shape[0] == len(prompts):
-                return arr
-        except (OSError, ValueError):
-            pass
+    arr = FeatureCache.load_array(path)
+    if arr is not None and arr.ndim == 2 and arr.shape[0] == len(prompts):
+        return arr
     from .models import tokenize
     from .runtime import jittor
 
@@ -705,6 +926,5 @@ def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache
     sums = np.zeros((len(prompts), emb.shape[1]), np.float64)
     np.add.at(sums, owner, emb)
     out = l2_normalize(sums.astype(np.float32))
-    with atomic_open(path, "wb") as f:
-        np.save(f, out, allow_pickle=False)
+    FeatureCache.save_array(path, out)
     return out

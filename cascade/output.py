@@ -113,10 +113,10 @@ def write_result(path, names: Sequence[str], top5: np.ndarray) -> None:
     atomic_write_text(path, format_result(names, top5))
 
 
-def read_result(path, k: int = 5, n_classes: int | None = None) -> dict[str, list[int]]:
+def read_result(path, k: int = 5, n_classes: int | None = None, bound: str | None = None) -> dict[str, list[int]]:
     """Parse a result file into {file name: [k class indices]}. Every malformed line is an error naming the
     file and line (wrong number of fields, non-integers, negative or out-of-range indices, repeated indices,
-    duplicate names)."""
+    duplicate names). ``bound`` says where ``n_classes`` came from, for the message (default: the range)."""
     out: dict[str, list[int]] = {}
     problems = []
     for line_no, line in read_lines(path, "result file", ResultError, comments=False):
@@ -133,8 +133,11 @@ def read_result(path, k: int = 5, n_classes: int | None = None) -> dict[str, lis
             continue
         bad = [i for i in idx if i < 0 or (n_classes is not None and i >= n_classes)]
         if bad:
-            rng = f" (0..{n_classes - 1})" if n_classes is not None else ""
-            problems.append(f"line {line_no}: class index {bad[0]} out of range{rng}")
+            if bad[0] >= 0 and bound:
+                problems.append(f"line {line_no}: class index {bad[0]} is {bound}")
+            else:
+                rng = f" (0..{n_classes - 1})" if n_classes is not None else ""
+                problems.append(f"line {line_no}: class index {bad[0]} out of range{rng}")
             continue
         if len(set(idx)) != len(idx):
             problems.append(f"line {line_no}: a class index is repeated in {idx}")

@@ -16,9 +16,13 @@ where it stopped. No output file is written until its content is complete.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +61,62 @@ def _log_refinement(details: dict) -> None:
 
 def _log(msg: str) -> None:
     print(f"[cascade] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- filesystem faults
+LOW_SPACE = 64 << 20  # below this many free bytes in an output folder, a warning says the run may fail
+
+
+def _os_problem(exc: OSError) -> str:
+    """``'Read-only file system (errno 30 EROFS)'``: an OSError's problem, without its path."""
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" (errno {exc.errno} {name})" if name else "")
+
+
+def _check_outputs(folders) -> None:
+    """Fail at once, before any long work, when an output folder cannot be used: a file where a folder should
+    be (e.g. ``--out`` naming a file), or a folder that cannot be written (read-only file system, no
+    permission). ``folders`` are (path, setting) pairs. Nothing is created: a folder that does not exist yet is
+    checked through the nearest existing folder above it. A nearly full disk gets a warning."""
+    probed = set()
+    for folder, setting in folders:
+        folder = Path(folder)
+        p = folder
+        while not (p.exists() or p.is_symlink()) and p.parent != p:
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            where = "" if p == folder else f" (on the way to {folder})"
+            raise PipelineError(f"{p}: is a file, not a folder{where}; {setting} must name a folder")
+        if p.is_symlink() and not p.exists():
+            raise PipelineError(f"{p}: is a broken symbolic link, not a folder; {setting} must name a folder")
+        key = p.resolve()
+        if key in probed:
+            continue
+        probed.add(key)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".cascade-write-check-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PipelineError(f"{p}: cannot write to this folder: {_os_problem(exc)}; {setting} must name a "
+                                "writable folder (nothing was changed)") from None
+        try:
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        if free < LOW_SPACE:
+            _log(f"warning: only {free / 2**20:.1f} MiB free in {p}; the run may fail with a full disk")
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError raised while writing ``path`` names it (a failed write() or fsync() carries no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            exc.filename = str(path)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -98,7 +158,8 @@ def _specialist_setup(cfg, classes):
     from .features import convnext_encoder
 
     stage = _new_specialist(cfg)
-    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage)), present
+    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage),
+                            where="specialist.weights"), present
 
 
 def _new_specialist(cfg):
@@ -234,7 +295,8 @@ def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, 
         elif hasattr(sp, "backbone_state_"):
             enc = _finetuned_encoder(sp, base_encoder.preprocess)
         else:
-            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess)
+            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess,
+                                   where=f"the fine-tuned backbone saved with the model in {model_dir}")
         encoders.append(enc)
         out[key] = _on_demand(enc, paths, cfg, progress, what)
     return out, encoders
@@ -314,6 +376,9 @@ def train(cfg, progress: bool = True) -> dict:
     from .output import atomic_write_json, format_table, replace_dir, write_table_csv
 
     t0 = time.time()
+    _check_outputs([(cfg.out_dir, "--out (paths.out)"), (cfg.cache_dir, "features.cache"),
+                    (cfg.split_dir, "--out (paths.out)"), (cfg.report_dir, "--out (paths.out)"),
+                    (cfg.model_dir, "--out (paths.out)")])
     encoders = _clip_encoders(cfg)  # first: a missing weights file is reported before any long work
     classes = _classes(cfg)
     _log(f"{len(classes)} classes ({classes.n_seen} seen, {classes.n_unseen} unseen) in domains "
@@ -348,7 +413,8 @@ def train(cfg, progress: bool = True) -> dict:
             raise DataError(f"{cfg.data_path(s.list)}: {len(bad_support)} selected image(s) cannot be read:\n  "
                             + "\n  ".join(bad_support[:20]))
         split.check(classes)
-    split_info = write_split(split, cfg.split_dir)
+    with _writing(cfg.split_dir):
+        split_info = write_split(split, cfg.split_dir)
     n_sup = len(support)
     _log(f"split: {n_sup} support images, {len(val)} validation images (written to {cfg.split_dir})")
 
@@ -456,6 +522,11 @@ def test(cfg, progress: bool = True) -> dict:
     from .router import Cascade
 
     t0 = time.time()
+    result_path = cfg.out_path(cfg.paths.result)
+    if result_path.is_dir():
+        raise PipelineError(f"{result_path}: is a folder; --result (paths.result) must name a file")
+    _check_outputs([(cfg.out_dir, "--out (paths.out)"), (result_path.parent, "--result (paths.result)"),
+                    (cfg.cache_dir, "features.cache")])
     model_dir = cfg.model_dir
     info_path = model_dir / "pipeline.json"
     if not info_path.is_file():
@@ -475,8 +546,8 @@ def test(cfg, progress: bool = True) -> dict:
     test_dir = cfg.data_path(cfg.paths.test_dir)
     names, skipped = list_test_images(test_dir)
     if skipped:
-        _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}: "
-             + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'} (no image "
+             "extension, hidden, a folder, or a line break in the name): " + ", ".join(map(repr, skipped)))
     _log(f"{len(names)} test images in {test_dir}")
 
     encoders = _clip_encoders(cfg)
@@ -541,15 +612,31 @@ def test(cfg, progress: bool = True) -> dict:
     top_scores = np.take_along_axis(scores, top5, axis=1)
     status = ["ok" if ok[i] else f"unreadable: {failures[i][1]}" for i in range(len(names))]
 
-    result_path = cfg.out_path(cfg.paths.result)
     routes_path = result_path.with_name(result_path.stem + "_routes.csv")
-    write_routes_csv(routes_path, names, routes, top5, top_scores, status)
     fail_path = result_path.with_name(result_path.stem + "_unreadable.txt")
-    if failures:
-        atomic_write_text(fail_path, "".join(f"{names[i]}\t{r}\n" for i, (_, r) in sorted(failures.items())))
-    elif fail_path.exists():
-        fail_path.unlink()
-    write_result(result_path, names, top5)  # last: the submission appears only when everything succeeded
+    # every output is written in full beside its target first (a full disk fails here, leaving the previous
+    # outputs as they were), then renamed into place, the submission last
+    with _writing(result_path.parent):
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{result_path.name}.", dir=result_path.parent))
+    try:
+        with _writing(routes_path):
+            write_routes_csv(staging / routes_path.name, names, routes, top5, top_scores, status)
+        if failures:
+            with _writing(fail_path):
+                atomic_write_text(staging / fail_path.name,
+                                  "".join(f"{names[i]}\t{r}\n" for i, (_, r) in sorted(failures.items())))
+        with _writing(result_path):
+            write_result(staging / result_path.name, names, top5)
+        with _writing(result_path.parent):
+            os.replace(staging / routes_path.name, routes_path)
+            if failures:
+                os.replace(staging / fail_path.name, fail_path)
+            elif fail_path.exists():
+                fail_path.unlink()
+            os.replace(staging / result_path.name, result_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {"images": len(names), "unreadable": len(failures), "result": str(result_path),
                "routes": _count(routes), "seconds": round(time.time() - t0, 1)}
     _log(f"wrote {result_path} ({len(names)} images; routes: "
@@ -600,7 +687,8 @@ def _run_train(args) -> int:
 
     cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
                                   "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
-    train(cfg, progress=not args.quiet)
+    with _writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
+        train(cfg, progress=not args.quiet)
     return 0
 
 
@@ -609,5 +697,6 @@ def _run_test(args) -> int:
 
     cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
                                   "paths.all_classes": args.all_classes})
-    test(cfg, progress=not args.quiet)
+    with _writing(cfg.out_dir):
+        test(cfg, progress=not args.quiet)
     return 0

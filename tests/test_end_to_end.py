@@ -84,8 +84,10 @@ def workspace(tmp_path_factory):
 
 # small settings for a 2-core CI machine: one validation image per class, the specialist on cached features
 # (one view per support image) with a fixed regularisation and few solver iterations
+# the specialist is a ConvNeXt-V2-atto here: its feature key names that size (the weights are checked against it)
+ATTO = ["--set", "specialist.feature_key=convnextv2_atto"]
 FAST = ["--set", "sampling.val_per_class=1", "--set", "specialist.params.n_views=1", "--set", "specialist.params.C=0.1",
-        "--set", "specialist.params.max_iter=30"]
+        "--set", "specialist.params.max_iter=30"] + ATTO
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +252,7 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
         shutil.copy(f, out / "weights" / f.name)
     ft = ["--out", str(out), "--quiet", "--set", f"features.cache={root / 'out' / 'cache'}",
           "--set", "sampling.val_per_class=1", "--set", "specialist.params.finetune=last_stage",
-          "--set", "specialist.params.finetune_epochs=1", "--set", "specialist.params.weight=0.5"]
+          "--set", "specialist.params.finetune_epochs=1", "--set", "specialist.params.weight=0.5"] + ATTO
     r = _run([sys.executable, "-m", "cascade", "train", "--all-classes", "classes_b.txt"] + ft, root)
     assert r.returncode == 0, r.stderr
     model = out / "model"
@@ -299,7 +301,7 @@ def test_specialist_views_are_cached_so_a_second_train_encodes_nothing(workspace
         shutil.copy(f, out / "weights" / f.name)
     args = [sys.executable, "-m", "cascade", "train", "--all-classes", "classes_b.txt", "--out", str(out), "--quiet",
             "--set", f"features.cache={root / 'out' / 'cache'}", "--set", "sampling.val_per_class=0",
-            "--set", "specialist.params.n_views=2", "--set", "specialist.params.C=0.1"]
+            "--set", "specialist.params.n_views=2", "--set", "specialist.params.C=0.1"] + ATTO
     r = _run(args, root)
     assert r.returncode == 0, r.stderr
     shards = sorted((root / "out/cache").rglob("*.keys.npy"))

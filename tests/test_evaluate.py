@@ -59,7 +59,7 @@ def test_eval_command_per_domain_with_real_class_list(tmp_path, capsys):
 
 
 def test_eval_missing_lines_are_an_error_unless_allowed(tmp_path):
-    r, l = _files(tmp_path, ["a.jpg 0 1 2 3 4\n"], ["a.jpg 0\n", "b.jpg 1\n"])
+    r, l = _files(tmp_path, ["a.jpg 0 1 2 3 4\n"], ["a.jpg 0\n", "b.jpg 4\n"])
     with pytest.raises(LabelError, match=r"1 labelled image\(s\) have no result line, e.g. b.jpg"):
         evaluate_files(r, l)
     rows, _, info = evaluate_files(r, l, allow_missing=True)

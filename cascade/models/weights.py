@@ -19,6 +19,11 @@ Formats read by :func:`read_checkpoint` (recognised from the file's bytes, not i
 
 torch is imported lazily, only when a PyTorch or TorchScript file is read. All failures raise
 :class:`CheckpointError`, whose message names the file and the problem.
+
+Converted weights are also checked before use (:func:`check_weights`): every member is read once to verify the
+zip's CRC-32 and the SHA-256 the converter recorded (a truncated, damaged or edited file is called damaged), and
+the architecture the meta names must be the one the arrays' shapes describe and the one the caller expects
+(the CLIP backbone a file is configured for, the ConvNeXt-V2 size a specialist is named after).
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
-    "state_sha256",
+    "state_sha256", "read_header", "verify_weights", "check_weights", "WeightsInfo", "OPENAI_CLIP_MODELS",
+    "clip_model_name", "convnext_size", "expected_convnext_size",
 ]
 
 FORMAT_NAME = "cascade-weights"
@@ -485,3 +491,238 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
                 with z.open(key + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, arr, allow_pickle=False)
     return full_meta
+
+
+# ------------------------------------------------------------------------------------------ checking files
+# the CLIP models OpenAI released, by the names cascade.models.clip.arch_name gives them
+OPENAI_CLIP_MODELS = frozenset({"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
+                                "ViT-L/14", "ViT-L/14@336px"})
+
+
+class WeightsInfo(NamedTuple):
+    """What a converted weights file holds, read without loading its arrays."""
+
+    meta: dict                           # the stored metadata (arch, model, config, sha256, ...)
+    shapes: dict[str, tuple[int, ...]]   # array name -> shape
+    dtypes: dict[str, np.dtype]          # array name -> dtype
+
+
+def _damaged(path, detail: str) -> CheckpointError:
+    return CheckpointError(f"damaged weights file: {detail}; convert the checkpoint again "
+                           f"(python -m cascade.convert SRC {path})", path)
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)  # (shape, fortran_order, dtype)
+
+
+def read_header(path: str | os.PathLike) -> WeightsInfo:
+    """The metadata and array shapes of converted weights (:func:`save_weights`), read from the zip's directory
+    and each array's header only. A file that is not converted weights, or whose structure is broken, raises
+    :class:`CheckpointError` (a damaged file is called damaged)."""
+    p = Path(path)
+    try:
+        fmt = detect_format(p)
+    except CheckpointError as exc:
+        if "truncated" in exc.problem or "corrupt" in exc.problem:
+            raise _damaged(p, exc.problem) from None
+        raise
+    if fmt not in ("cascade", "npz"):
+        raise CheckpointError(f"is a {fmt} file, not converted weights: convert it first with "
+                              f"`python -m cascade.convert {p} OUT.npz`", p)
+    meta: dict = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if info.filename == META_MEMBER:
+                    meta = json.loads(z.read(info).decode("utf-8"))
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", p)
+                with z.open(info) as f:
+                    shape, _, dtype = _npy_header(f)
+                shapes[info.filename[:-4]] = tuple(int(n) for n in shape)
+                dtypes[info.filename[:-4]] = dtype
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise _damaged(p, f"unreadable archive member ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(p, "its metadata is not a JSON object")
+    if meta.get("format") not in (None, FORMAT_NAME):
+        raise CheckpointError(f"unknown weights format {meta.get('format')!r}", p)
+    if not shapes:
+        raise CheckpointError("not a checkpoint: the archive holds no arrays", p)
+    return WeightsInfo(meta, shapes, dtypes)
+
+
+def verify_weights(path: str | os.PathLike, chunk: int = 1 << 22) -> WeightsInfo:
+    """Read every array of converted weights once, streamed (memory stays bounded): the zip checks each
+    member's CRC-32, and the SHA-256 of the arrays (:func:`state_sha256`, computed from the file's bytes) must
+    be the one recorded in the metadata. A truncated, damaged or edited file raises :class:`CheckpointError`
+    calling it damaged; returns the file's :class:`WeightsInfo`."""
+    p = Path(path)
+    info = read_header(p)
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(p) as z:
+            for key in sorted(info.shapes):
+                with z.open(key + ".npy") as f:
+                    shape, fortran, dtype = _npy_header(f)
+                    if fortran:  # bytes in Fortran order: hash the C-ordered array instead
+                        f.seek(0)
+                        arr = _c_contiguous(np.lib.format.read_array(f, allow_pickle=False))
+                        h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
+                        h.update(memoryview(arr).cast("B"))
+                        continue
+                    h.update(f"{key}|{dtype.str}|{tuple(shape)}\n".encode())
+                    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    got = 0
+                    for block in iter(lambda: f.read(chunk), b""):
+                        h.update(block)
+                        got += len(block)
+                    if got != want:
+                        raise _damaged(p, f"array {key} holds {got} bytes, its header says {want}")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise _damaged(p, f"{exc}") from None
+    recorded = info.meta.get("sha256")
+    if recorded and recorded != h.hexdigest():
+        raise _damaged(p, "its arrays do not match the SHA-256 recorded in its metadata (the file was edited or "
+                          "corrupted after conversion)")
+    return info
+
+
+# Names of the models' sizes, read from array shapes alone (cascade.models.clip and .convnextv2 import Jittor,
+# which a fully cached run never needs). tests/test_failures.py checks these against the models' own tables.
+_CLIP_RESNETS = {(3, 4, 6, 3): "RN50", (3, 4, 23, 3): "RN101", (4, 6, 10, 6): "RN50x4", (6, 8, 18, 8): "RN50x16",
+                 (3, 15, 36, 10): "RN50x64"}
+_CLIP_VIT_WIDTHS = {768: "B", 1024: "L"}
+CONVNEXT_CONFIGS = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)), "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)), "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)), "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)), "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def _count(shapes, pattern: str) -> int:
+    import re
+
+    found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
+    return 1 + max(found) if found else 0
+
+
+def clip_model_name(shapes: dict[str, tuple[int, ...]]) -> str:
+    """OpenAI's name of the CLIP image tower that arrays of these shapes (OpenAI's names) make ('ViT-B/32',
+    'RN101', ...), or a description of a size they never released (as ``cascade.models.clip.arch_name``)."""
+    try:
+        if "visual.proj" in shapes:
+            conv = shapes["visual.conv1.weight"]
+            width, patch = conv[0], conv[-1]
+            grid = round((shapes["visual.positional_embedding"][0] - 1) ** 0.5)
+            name = f"ViT-{_CLIP_VIT_WIDTHS.get(width, f'w{width}')}/{patch}"
+            return name if patch * grid == 224 else f"{name}@{patch * grid}px"
+        layers = tuple(_count(shapes, rf"visual\.layer{b}\.(\d+)\.") for b in (1, 2, 3, 4))
+        if not all(layers) or "visual.attnpool.positional_embedding" not in shapes:
+            raise KeyError("visual.proj or visual.attnpool")
+        return _CLIP_RESNETS.get(layers, f"RN{list(layers)}")
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"not a CLIP image tower (missing or malformed {exc})") from None
+
+
+def convnext_size(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, list[int], list[int]]:
+    """(size name or None, depths, dims) of ConvNeXt-V2 arrays (official names)."""
+    n_stages = _count(shapes, r"stages\.(\d+)\.")
+    if not n_stages or "downsample_layers.0.0.weight" not in shapes:
+        raise ValueError("not ConvNeXt-V2 weights (no stages.* or downsample_layers.0.0.weight arrays)")
+    depths = [_count(shapes, rf"stages\.{i}\.(\d+)\.") for i in range(n_stages)]
+    dims = [int(shapes.get(f"stages.{i}.0.dwconv.weight", (0,))[0]) for i in range(n_stages)]
+    name = next((n for n, (d, w) in CONVNEXT_CONFIGS.items() if list(d) == depths and list(w) == dims), None)
+    return name, depths, dims
+
+
+def _clip_model(info: WeightsInfo, path: Path) -> str:
+    """The CLIP model the arrays describe (e.g. 'RN101'), checked against the model the metadata names."""
+    try:
+        held = clip_model_name(info.shapes)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), path) from None
+    claimed = info.meta.get("model")
+    if claimed and claimed != held:
+        raise _damaged(path, f"its metadata says CLIP {claimed} but its arrays are CLIP {held} (the metadata was "
+                             "edited)")
+    return held
+
+
+def _convnext_size(info: WeightsInfo, path: Path) -> str:
+    """The ConvNeXt-V2 size the arrays describe ('base', ... or 'depths [..] dims [..]'), checked against the
+    metadata."""
+    try:
+        name, depths, dims = convnext_size(info.shapes)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), path) from None
+    held = name or f"depths {depths} dims {dims}"
+    claimed = info.meta.get("config")
+    if isinstance(claimed, dict) and (list(claimed.get("depths") or []) != depths
+                                      or list(claimed.get("dims") or []) != dims
+                                      or claimed.get("name", name) != name):
+        said = claimed.get("name") or f"depths {claimed.get('depths')} dims {claimed.get('dims')}"
+        raise _damaged(path, f"its metadata says ConvNeXt-V2 {said} but its arrays are ConvNeXt-V2 {held} (the "
+                             "metadata was edited)")
+    return held
+
+
+def _family(name: str) -> str | None:
+    n = name.upper()
+    return "ViT" if n.startswith("VIT") else "ResNet" if n.startswith("RN") else None
+
+
+def expected_convnext_size(name: str) -> str | None:
+    """The ConvNeXt-V2 size a feature key or model name mentions (``convnextv2_base`` -> ``base``), else None."""
+    import re
+
+    m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_CONFIGS) + r")(?![a-z])", name.lower())
+    return m.group(1) if m else None
+
+
+def check_weights(path: str | os.PathLike, arch: str, expected: str | None = None, where: str = "",
+                  verify: bool = True) -> WeightsInfo:
+    """Check converted weights before use and return their :class:`WeightsInfo`.
+
+    ``arch`` is 'clip' or 'convnextv2'. ``expected`` is the model the caller will use them as: a CLIP backbone
+    name ('ViT-B/32', 'RN101') or a name mentioning a ConvNeXt-V2 size ('convnextv2_base'); ``where`` is the
+    setting that chose the file, for the message. The meta's architecture must be ``arch`` and agree with the
+    arrays' shapes. CLIP: a released model must be the one named (a size OpenAI never released, such as a small
+    test model, only needs the same family, ViT or ResNet). ConvNeXt-V2: a released size must be the one named.
+    With ``verify`` every array is read once (:func:`verify_weights`), so a damaged file is found before use."""
+    p = Path(path)
+    info = verify_weights(p) if verify else read_header(p)
+    held_arch = info.meta.get("arch")
+    want = {"clip": "CLIP", "convnextv2": "ConvNeXt-V2"}[arch]
+    for_what = f" for {expected!r}" if expected else ""
+    setting = f" ({where})" if where else ""
+    if held_arch not in (None, arch):
+        what = {"clip": "CLIP", "convnextv2": "ConvNeXt-V2"}.get(held_arch, repr(held_arch))
+        raise CheckpointError(f"holds a {what} model, expected {want}{for_what}{setting}", p)
+    if arch == "clip":
+        held = _clip_model(info, p)
+        if expected:
+            both_released = held in OPENAI_CLIP_MODELS and expected in OPENAI_CLIP_MODELS
+            fam_held, fam_want = _family(held), _family(expected)
+            if (both_released and held != expected) or (fam_held and fam_want and fam_held != fam_want):
+                raise CheckpointError(f"holds CLIP {held}, expected CLIP {expected}{setting}: point the setting at "
+                                      f"the {expected} weights", p)
+    else:
+        held = _convnext_size(info, p)
+        size = expected_convnext_size(expected or "")
+        if size and held in CONVNEXT_CONFIGS and held != size:
+            raise CheckpointError(f"holds ConvNeXt-V2-{held}, expected ConvNeXt-V2-{size} for {expected!r}"
+                                  f"{setting}: use the {size} weights, or name the specialist after what the file "
+                                  f"holds (--set specialist.feature_key=convnextv2_{held})", p)
+    return info

@@ -29,10 +29,14 @@ only to score, as in ``python -m cascade bench``):
 epoch, the cascade calibrates on its support rows out of fold), as for a submission that may use only the few
 labelled shots.
 
-``--set`` changes the ``cascade`` row (an ablation): ``refine=none``, ``gda.shrinkage=0.3``, ``gda.target=diagonal``,
-``gda.mean_prior=0``, ``inmap.n_iter=2000``, ``lpp.epochs=300``, ``lpp.select=last``, ``prior=stage``,
-``routing=stage1``, ``combine=replace``, ``calibrate=false``, ``cv_folds=0``, ``refine_check=none``,
-``rebalance=false``.
+``--set`` changes the ``cascade`` row (an ablation), in the configuration's own dialect (``--set`` of train/test;
+values read as TOML, checked like a config): a stage's keyword ``stages.<stage>.<key>=VALUE``, e.g.
+``stages.gda.shrinkage=0.3``, ``stages.gda.target=diagonal``, ``stages.gda.mean_prior=0``, ``stages.inmap.n_iter=2000``,
+``stages.lpp.epochs=300``, ``stages.lpp.select=last``; the cascade's own keys ``stages.cascade.<key>=VALUE``, e.g.
+``stages.cascade.refine=""`` (no refinement), ``stages.cascade.seen=["lpp", "zeroshot"]``, ``stages.cascade.prior=stage``,
+``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
+``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``. The
+stages start from the default cascade's own settings (``Cascade()``).
 
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group
 their mean top-1 and the paired difference (changed minus default: mean +- standard error over the tasks, and on
@@ -68,42 +72,36 @@ SINGLE = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp")
 
 
 def cascade_kwargs(settings) -> dict:
-    """Cascade keyword arguments from ``KEY=VALUE`` strings (see the module docstring)."""
+    """Cascade keyword arguments from ``--set`` strings in the configuration's dialect (see the module docstring),
+    applied over the default cascade's own stages and checked against the stage registry and the declared
+    constraints as a configuration file is."""
+    from cascade.config import (CASCADE_STAGE_KEYS, CASCADE_TABLE, ConfigError, cascade_stage_names, parse_override,
+                                validate_stages)
     from cascade.router import Cascade
-    from cascade.stages import GDA, InMaP, LinearProbePP
-
-    def value(text):
-        low = text.strip().lower()
-        if low in ("true", "false"):
-            return low == "true"
-        for cast in (int, float):
-            try:
-                return cast(text)
-            except ValueError:
-                pass
-        return text.strip()
+    from cascade.stages import get_stage, stage_name
 
     default = Cascade()            # the stages' settings start from the default cascade's own (one source)
-    stages = {"inmap": default.transductive.get_params(), "lpp": default.seen_stages[0].get_params(),
-              "gda": default.refine.get_params()}
-    kw, refine = {}, True
-    for item in settings:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        head, _, param = key.strip().partition(".")
-        if param and head in stages:
-            stages[head][param] = value(val)
-        elif key == "refine":
-            refine = str(val).lower() not in ("none", "", "false")
-        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds", "rebalance"):
-            kw[key] = value(val)
-        elif key == "refine_check":
-            kw[key] = None if str(val).strip().lower() in ("none", "false", "") else value(val)
-        else:
-            raise SystemExit(f"--set {item!r}: unknown key {key!r}")
-    kw.update(transductive=InMaP(**stages["inmap"]), seen_stages=[LinearProbePP(**stages["lpp"])],
-              refine=GDA(**stages["gda"]) if refine else None)
+    tables = {stage_name(st): st.get_params() for st in (default.transductive, *default.seen_stages, default.refine)}
+    changed: dict = {CASCADE_TABLE: {}}
+    try:
+        for item in settings:
+            parts, value = parse_override(item)
+            if len(parts) != 3 or parts[0] != "stages":
+                raise ConfigError(f"--set {item}: expected stages.<stage>.<key>=VALUE or stages.cascade.<key>=VALUE")
+            changed.setdefault(parts[1], {})[parts[2]] = value
+        validate_stages(changed)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    for name, table in changed.items():
+        if name != CASCADE_TABLE:
+            tables[name] = dict(tables.get(name, {}), **table)
+    trans, seen, refine = cascade_stage_names(changed[CASCADE_TABLE])
+
+    def build(name):
+        return get_stage(name)(**tables.get(name, {}))
+
+    kw = {k: v for k, v in changed[CASCADE_TABLE].items() if k not in CASCADE_STAGE_KEYS}
+    kw.update(transductive=build(trans), seen_stages=[build(n) for n in seen], refine=build(refine) if refine else None)
     return kw
 
 
@@ -202,7 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--harder", default="", help="class-overlap levels s in [0, 1) of the 'harder images' group, "
                                                 "comma-separated, e.g. 0.5,0.8 (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change the cascade row (repeatable), e.g. --set refine=none --set inmap.n_iter=2000")
+                   help="change the cascade row (repeatable), e.g. --set 'stages.cascade.refine=\"\"' --set "
+                        "stages.inmap.n_iter=2000")
     p.add_argument("--compare", action="store_true",
                    help="only the default cascade and the --set one: their paired difference per group")
     p.add_argument("--by-task", action="store_true",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import sys
@@ -57,6 +56,23 @@ def _log_refinement(details: dict) -> None:
     verdict = ("dropped: held-out rows find it worse than the pooled experts"
                if details["refine_dropped"] else "kept")
     _log(f"GDA refinement {verdict} (held-out log-likelihood gain {gain:+.3f} +- {se:.3f} per row)")
+
+
+def _pool_summary(details: dict) -> dict | None:
+    """The seen block's pooled experts and their fitted exponents, by name (None when the pool had unit
+    weights)."""
+    weights = details.get("pool_weights")
+    if weights is None:
+        return None
+    return {name: round(float(w), 4) for name, w in zip(details["pool_experts"], weights)}
+
+
+def _log_pool(details: dict) -> None:
+    """One line naming each pooled expert with its exponent fitted on the held-out rows."""
+    pool = _pool_summary(details)
+    if pool:
+        _log("pooled experts (exponents fitted on held-out rows): "
+             + ", ".join(f"{name} {w:.3f}" for name, w in pool.items()))
 
 
 def _log(msg: str) -> None:
@@ -318,45 +334,6 @@ def _on_demand(encoder, paths, cfg, progress, what):
     return features
 
 
-def _save_specialists(folder: Path, specialists, base_identity=None) -> list:
-    from .stages.base import save_npz_json
-
-    names = []
-    for i, sp in enumerate(specialists):
-        arrays, meta = sp.to_arrays()
-        meta = dict(meta, name=sp.name)
-        if hasattr(sp, "backbone_state_"):
-            from .models.convnextv2 import config_from_state
-            from .models.weights import save_weights
-
-            meta["backbone_file"] = f"specialist-{i}-backbone.npz"
-            save_weights(folder / meta["backbone_file"], sp.backbone_state_, {
-                "arch": "convnextv2", "config": config_from_state(sp.backbone_state_),
-                "fine_tuned_from": base_identity, "fine_tune": sp.finetune, "domain": sp.name})
-        save_npz_json(folder / f"specialist-{i}.npz", arrays, meta)
-        names.append(sp.name)
-    return names
-
-
-def _load_specialists(folder: Path, names) -> list:
-    from .stages.base import load_npz_json
-    from .stages.specialist import SpecialistStage
-
-    out = []
-    for i, name in enumerate(names):
-        path = folder / f"specialist-{i}.npz"
-        arrays, meta = load_npz_json(path)
-        sp = SpecialistStage.from_arrays(arrays, meta)
-        sp.name = name
-        if sp.finetune != "none":
-            sp.backbone_file = meta.get("backbone_file")
-            if not sp.backbone_file or not (folder / sp.backbone_file).is_file():
-                raise PipelineError(f"{path}: the fine-tuned backbone {sp.backbone_file or '(not recorded)'} is "
-                                    f"missing from {folder}; retrain")
-        out.append(sp)
-    return out
-
-
 def _report_failures(failures: dict, what: str) -> None:
     if not failures:
         return
@@ -370,10 +347,7 @@ def _report_failures(failures: dict, what: str) -> None:
 # -------------------------------------------------------------------------------------------------- train
 def train(cfg, progress: bool = True) -> dict:
     """Fit the cascade on the few-shot split and save it; returns a summary (also out/report/train.json)."""
-    from .data import DataError, read_image_list, sample_split, split_from_list, write_split
-    from .evaluate import topk_table, worst_classes
-    from .features import text_features
-    from .output import atomic_write_json, format_table, replace_dir, write_table_csv
+    from .data import DataError, read_image_list, sample_split, split_from_list
 
     t0 = time.time()
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (cfg.cache_dir, "features.cache"),
@@ -413,10 +387,29 @@ def train(cfg, progress: bool = True) -> dict:
             raise DataError(f"{cfg.data_path(s.list)}: {len(bad_support)} selected image(s) cannot be read:\n  "
                             + "\n  ".join(bad_support[:20]))
         split.check(classes)
+    # the split is written beside out/split/ and swapped in with the model: a run that fails leaves no new split
+    split_tmp = cfg.out_dir / f".split.tmp-{os.getpid()}"
+    try:
+        summary = _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0)
+    finally:
+        shutil.rmtree(split_tmp, ignore_errors=True)
+    return summary
+
+
+def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0) -> dict:
+    """train, once the split is final: features, text embeddings, the cascade and the specialists, the validation
+    report; then the model bundle and the split replace the previous ones (only when everything succeeded)."""
+    from .bundle import Bundle
+    from .data import DataError, write_split
+    from .evaluate import topk_table, worst_classes
+    from .features import text_features
+    from .output import atomic_write_json, format_table, replace_dir, write_table_csv
+
+    support, val = split.support, split.val
     with _writing(cfg.split_dir):
-        split_info = write_split(split, cfg.split_dir)
+        split_info = write_split(split, split_tmp)
     n_sup = len(support)
-    _log(f"split: {n_sup} support images, {len(val)} validation images (written to {cfg.split_dir})")
+    _log(f"split: {n_sup} support images, {len(val)} validation images")
 
     prompts = classes.prompts(cfg.templates_for)
     text = {}
@@ -458,35 +451,9 @@ def train(cfg, progress: bool = True) -> dict:
                                                            progress, "validation")
             val_feats.update(lazy)
 
-    # save atomically: a complete folder replaces the old one
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out_dir / f".model.tmp-{os.getpid()}"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        cascade.save(tmp)
-        sp_names = _save_specialists(tmp, cascade.specialists, sp_encoder.identity if sp_encoder else None)
-        (tmp / "classes.txt").write_text(classes.to_lines(), encoding="utf-8")
-        atomic_write_json(tmp / "pipeline.json", {
-            "n_seen": classes.n_seen, "backbones": list(encoders), "clip_weights": {
-                k: enc.identity for k, enc in encoders.items()},
-            "specialist": {"feature_key": cfg.specialist.feature_key, "domains": sp_domains, "saved": sp_names,
-                           "identity": sp_encoder.identity if sp_encoder else None,
-                           "preprocess": (sp_encoder.preprocess.cache_key if sp_encoder else None)},
-            "split": split_info})
-        replace_dir(tmp, cfg.model_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _log(f"model saved to {cfg.model_dir}")
-
     summary = {"classes": len(classes), "n_seen": classes.n_seen, "n_support": n_sup, "n_val": int(len(y_val)),
                "seconds": None}
+    report = None
     if len(y_val):
         pred = cascade.predict(val_feats)
         for enc in sp_encoders:
@@ -494,13 +461,28 @@ def train(cfg, progress: bool = True) -> dict:
         top5 = np.asarray(pred.top5)
         rows = topk_table(top5, y_val, classes.domains)
         worst = worst_classes(top5[:, 0], y_val, classes.names, n=10)
+        report = (rows, {"accuracy": rows, "worst_classes": worst, "routes": _count(pred.route)})
+        summary["val"] = rows
+        _log_pool(pred.details)
+        summary["pool"] = _pool_summary(pred.details)
+
+    # the model bundle is written beside out/model/, validated by loading it, then swapped in as a whole
+    bundle = Bundle(cascade=cascade, classes=classes, encoders={k: enc.identity for k, enc in encoders.items()},
+                    specialist={"feature_key": cfg.specialist.feature_key, "domains": sp_domains,
+                                "identity": sp_encoder.identity if sp_encoder else None,
+                                "preprocess": (sp_encoder.preprocess.cache_key if sp_encoder else None)},
+                    split=split_info)
+    bundle.save(cfg.model_dir)
+    replace_dir(split_tmp, cfg.split_dir)
+    _log(f"model saved to {cfg.model_dir} (split in {cfg.split_dir})")
+
+    if report is not None:
+        rows, metrics = report
         cfg.report_dir.mkdir(parents=True, exist_ok=True)
         write_table_csv(cfg.report_dir / "val_metrics.csv", rows, ["domain", "n", "top1", "top5"])
-        atomic_write_json(cfg.report_dir / "val_metrics.json", {"accuracy": rows, "worst_classes": worst,
-                                                                 "routes": _count(pred.route)})
+        atomic_write_json(cfg.report_dir / "val_metrics.json", metrics)
         print("\nvalidation (held-out images of the training pool):\n" + format_table(rows, ["domain", "n", "top1",
               "top5"]) + "\n", file=sys.stderr)
-        summary["val"] = rows
     summary["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(cfg.report_dir / "train.json", summary)
     _log(f"train done in {summary['seconds']} s")
@@ -517,9 +499,9 @@ def _count(routes) -> dict:
 # --------------------------------------------------------------------------------------------------- test
 def test(cfg, progress: bool = True) -> dict:
     """Write the submission file for the test folder; returns a summary."""
-    from .data import ClassList, list_test_images, read_class_file
+    from .bundle import Bundle
+    from .data import list_test_images
     from .output import atomic_write_text, write_result, write_routes_csv
-    from .router import Cascade
 
     t0 = time.time()
     result_path = cfg.out_path(cfg.paths.result)
@@ -528,11 +510,8 @@ def test(cfg, progress: bool = True) -> dict:
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (result_path.parent, "--result (paths.result)"),
                     (cfg.cache_dir, "features.cache")])
     model_dir = cfg.model_dir
-    info_path = model_dir / "pipeline.json"
-    if not info_path.is_file():
-        raise PipelineError(f"{model_dir}: no trained model (run `bash train.sh` first, with the same --out)")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    trained = ClassList(read_class_file(model_dir / "classes.txt"), int(info["n_seen"]), str(model_dir / "classes.txt"))
+    bundle = Bundle.load(model_dir)          # the whole model, checked before any image is read
+    trained = bundle.classes
     # the model's own class list (saved by train, incl. unseen classes) is the one the result refers to; the
     # configured list must agree with it (the seen classes, and all classes when an all-classes file is set)
     configured = _classes(cfg)
@@ -551,14 +530,14 @@ def test(cfg, progress: bool = True) -> dict:
     _log(f"{len(names)} test images in {test_dir}")
 
     encoders = _clip_encoders(cfg)
-    if set(encoders) != set(info["backbones"]):
+    if set(encoders) != set(bundle.encoders):
         raise PipelineError(f"configured backbones {sorted(encoders)} differ from the trained model's "
-                            f"{sorted(info['backbones'])}")
-    changed = [k for k, enc in encoders.items() if enc.identity != info["clip_weights"].get(k)]
+                            f"{sorted(bundle.encoders)}")
+    changed = [k for k, enc in encoders.items() if enc.identity != bundle.encoders.get(k)]
     if changed:
         raise PipelineError(f"the weights of {', '.join(changed)} differ from those the model was trained with; "
                             "retrain")
-    sp = info.get("specialist") or {}
+    sp = bundle.specialist
     sp_encoder = None
     if sp.get("domains"):
         sp_encoder, _ = _specialist_setup(cfg, classes)
@@ -566,7 +545,8 @@ def test(cfg, progress: bool = True) -> dict:
                 sp_encoder.preprocess.cache_key != sp.get("preprocess"):
             raise PipelineError("the specialist's configuration or weights differ from those the model was trained "
                                 "with; retrain")
-    specialists = _load_specialists(model_dir, sp.get("saved") or [])
+    cascade = bundle.cascade
+    specialists = cascade.specialists
 
     paths = [test_dir / n for n in names]
     feats, failures = _extract(encoders, paths, cfg, progress, "test")
@@ -574,7 +554,6 @@ def test(cfg, progress: bool = True) -> dict:
     ok = np.ones(len(names), dtype=bool)
     ok[list(failures)] = False
 
-    cascade = Cascade.load(model_dir, specialists=specialists)
     n_classes = len(classes)
     scores = np.zeros((len(names), n_classes), dtype=np.float64)
     routes = ["unreadable"] * len(names)
@@ -587,6 +566,7 @@ def test(cfg, progress: bool = True) -> dict:
                                                            model_dir)
             query.update(lazy)
         pred = cascade.predict(query)
+        _log_pool(pred.details)
         _log_marginal(pred.details)
         _log_refinement(pred.details)
         for enc in sp_encoders:

@@ -121,14 +121,14 @@ def test_generalisation_compare_pairs_the_default_with_the_change():
     """--compare: per task the default cascade and the --set one on the same task, and per group their paired
     difference; noisy-text tasks are drawn --noise-seeds times. The default row is the bench's cascade row."""
     cmd = [sys.executable, "benchmarks/generalisation.py", str(TASKS / "food101.npz"), str(TASKS / "caltech101.npz"),
-           "--redraws", "1", "--noise", "1.0", "--noise-seeds", "2", "--no-merge", "--compare", "--set", "refine=none",
+           "--redraws", "1", "--noise", "1.0", "--noise-seeds", "2", "--no-merge", "--compare", "--set", 'stages.cascade.refine=""',
            "--by-task"]
     out = subprocess.run(cmd + ["--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     tasks, last = records[:-1], records[-1]
     assert [t["task"] for t in tasks] == ["food101", "caltech101", "food101@0", "caltech101@0", "food101~1#0",
                                           "food101~1#1", "caltech101~1#0", "caltech101~1#1"]
-    assert last["change"] == "refine=none"
+    assert last["change"] == 'stages.cascade.refine=""'
     from cascade.bench import evaluate_task, load_task
     from cascade.metrics import top1_top5
     task = load_task(TASKS / "food101.npz")

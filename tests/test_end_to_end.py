@@ -256,7 +256,7 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
     r = _run([sys.executable, "-m", "cascade", "train", "--all-classes", "classes_b.txt"] + ft, root)
     assert r.returncode == 0, r.stderr
     model = out / "model"
-    meta = json.loads((model / "pipeline.json").read_text())
+    meta = json.loads((model / "bundle.json").read_text())
     assert meta["specialist"]["saved"] == ["Thu-dog"]
     tuned, tmeta = load_weights(model / "specialist-0-backbone.npz")
     base, _ = load_weights(out / "weights/convnextv2_base.npz")

@@ -1,0 +1,132 @@
+"""The model bundle: one owner of the trained model, versioned, replaced as a whole. A train that fails at any point
+(a setting refused when the config is loaded, a failure after fitting, a bundle that does not read back) leaves the
+previous model folder and split byte-identical and no temporary folder behind."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from _tiny_workspace import make_workspace, overrides
+from cascade.__main__ import main
+from cascade.bundle import Bundle, BundleError
+from cascade.config import load_config
+from cascade.pipeline import train
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(root, *more):
+    args = []
+    for item in overrides(root, *more):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("bundle"))
+    train(load_config(overrides=overrides(root, "stages.lpp.epochs=20")), progress=False)
+    return root
+
+
+def test_bundle_holds_the_whole_model(trained):
+    model = trained / "out/model"
+    info = json.loads((model / "bundle.json").read_text())
+    assert info["format"] == "cascade.bundle" and info["version"] == 1
+    assert info["n_classes"] == 6 and info["n_seen"] == 6 and info["backbones"] == ["ViT-B/32"]
+    assert info["stages"] == {"transductive": "inmap", "seen": ["lpp"], "refine": "gda"}
+    assert info["split"]["n_support"] == 12
+    bundle = Bundle.load(model)
+    assert bundle.classes.names[0] == "Animal_Bear" and bundle.encoders == info["clip_weights"]
+    assert bundle.cascade.n_classes_ == 6 and bundle.cascade.specialists == []
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("stages.gda.shrinkage=5", "stages.gda.shrinkage: expected a number in [0, 1], got 5"),
+    ("stages.lpp.epochs=abc", "stages.lpp.epochs: expected an integer >= 1, got 'abc'"),
+    ("stages.inmap.n_iter=-1", "stages.inmap.n_iter: expected an integer >= 1, got -1"),
+    ("stages.lpp.epochs=-5", "stages.lpp.epochs: expected an integer >= 1, got -5"),
+    ("stages.cascade.cv_folds=two", "stages.cascade.cv_folds: expected an integer >= 0, got 'two'"),
+])
+def test_a_bad_stage_setting_fails_at_load_in_one_line_and_changes_nothing(trained, tmp_path, capsys, setting,
+                                                                          message):
+    before = _snapshot(trained / "out")
+    assert main(["train", "--quiet", *_cli(trained, setting)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cascade train: error: --set {setting}: {message}"]
+    assert _snapshot(trained / "out") == before
+    # checked before any image is read: a fresh output folder gets no split, no cache, no model
+    fresh = tmp_path / "fresh"
+    args = _cli(trained, setting) + ["--set", f'paths.out="{fresh}"']
+    assert main(["train", "--quiet", *args]) == 2
+    assert not fresh.exists()
+
+
+def test_a_failure_after_fitting_leaves_the_previous_model_and_split_byte_identical(trained, monkeypatch,
+                                                                                     tmp_path):
+    from cascade.router import Cascade
+
+    out = trained / "out"
+    before = _snapshot(out / "model"), _snapshot(out / "split")
+
+    def broken(self, query):
+        raise RuntimeError("injected failure after fitting")
+
+    monkeypatch.setattr(Cascade, "predict", broken)
+    # a different split (seed 1): had anything been written, the files would differ
+    cfg = load_config(overrides=overrides(trained, "stages.lpp.epochs=20", "sampling.seed=1"))
+    with pytest.raises(RuntimeError, match="injected"):
+        train(cfg, progress=False)
+    assert (_snapshot(out / "model"), _snapshot(out / "split")) == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]        # no temporary folder left
+    # into a fresh output folder: the features are cached, but no split and no model appear
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="injected"):
+        train(load_config(overrides=overrides(trained, "stages.lpp.epochs=20", f'paths.out="{fresh}"')),
+              progress=False)
+    assert (fresh / "cache").is_dir() and not (fresh / "split").exists() and not (fresh / "model").exists()
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")]
+
+
+def test_a_bundle_that_does_not_read_back_is_never_swapped_in(trained, monkeypatch):
+    out = trained / "out"
+    before = _snapshot(out / "model"), _snapshot(out / "split")
+
+    def unreadable(cls, folder):
+        raise BundleError(f"{folder}: injected failure while validating the written bundle")
+
+    monkeypatch.setattr(Bundle, "load", classmethod(unreadable))
+    cfg = load_config(overrides=overrides(trained, "stages.lpp.epochs=20", "sampling.seed=1"))
+    with pytest.raises(BundleError, match="injected"):
+        train(cfg, progress=False)
+    assert (_snapshot(out / "model"), _snapshot(out / "split")) == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_incompatible_or_old_model_folders_are_refused_by_name(trained, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(trained / "out/model", model)
+    info = json.loads((model / "bundle.json").read_text())
+    (model / "bundle.json").write_text(json.dumps(dict(info, version=99)))
+    with pytest.raises(BundleError, match=r"bundle.json: model format 'cascade.bundle' version 99, this version of "
+                                          r"cascade reads 'cascade.bundle' version 1; run train again"):
+        Bundle.load(model)
+    (model / "bundle.json").unlink()                     # a folder written before the bundle existed
+    with pytest.raises(BundleError, match="older version of cascade .no bundle.json.; run train again"):
+        Bundle.load(model)
+    with pytest.raises(BundleError, match="no trained model"):
+        Bundle.load(tmp_path / "nothing")
+    # through the command: one line naming the file, exit 2, no result written
+    out = tmp_path / "out"
+    shutil.copytree(trained / "out/model", out / "model")
+    (out / "model/bundle.json").write_text(json.dumps(dict(info, version=0)))
+    args = _cli(trained) + ["--set", f'paths.out="{out}"', "--set",
+                            f'models.clip={{"ViT-B/32"="{trained / "out/weights/ViT-B-32.npz"}"}}']
+    assert main(["test", "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bundle.json" in err[0] and "version 0" in err[0] and "run train again" in err[0]
+    assert not (out / "result.txt").exists()

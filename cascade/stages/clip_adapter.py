@@ -135,29 +135,23 @@ class CLIPAdapter(Stage):
                 first = False
 
     def _grads(self, xb, yb, W1, W2, T):
-        """Gradients of the mean cross-entropy of one batch with respect to W1 and W2 (``T`` pre-scaled)."""
-        r = np.asarray(self.ratio, dtype=xb.dtype)
+        """Gradients of the mean cross-entropy of one batch with respect to W1 and W2."""
+        r = np.float32(self.ratio)
         h = xb @ W1.T
         np.maximum(h, 0, out=h)
         a = h @ W2.T
         np.maximum(a, 0, out=a)
-        mask = a > 0
-        f = a
-        f *= r
-        f += (1 - r) * xb
-        inv = 1.0 / np.sqrt(np.einsum("ij,ij->i", f, f))[:, None]
-        u = f
-        u *= inv                                                       # f / ||f||
+        f = r * a + (np.float32(1.0) - r) * xb
+        norm = np.sqrt(np.einsum("ij,ij->i", f, f))[:, None]
+        u = f / norm
         G = softmax(u @ T.T)
         G[np.arange(xb.shape[0]), yb] -= 1.0
-        G *= np.asarray(1.0 / xb.shape[0], dtype=xb.dtype)              # dLoss/dlogits
-        d = G @ T                                                      # dLoss/du
-        d -= u * np.einsum("ij,ij->i", u, d)[:, None]                  # through u = f / ||f||
-        d *= r * inv
-        d *= mask                                                      # dLoss/d(pre-ReLU output)
-        dW2 = d.T @ h
-        dh = d @ W2
-        dh *= h > 0
+        G *= np.float32(1.0 / xb.shape[0])
+        du = G @ T
+        df = (du - u * np.einsum("ij,ij->i", u, du)[:, None]) / norm      # through f / ||f||
+        da = r * df * (a > 0)
+        dW2 = da.T @ h
+        dh = (da @ W2) * (h > 0)
         dW1 = dh.T @ xb
         return dW1, dW2
 

@@ -289,3 +289,19 @@ def test_input_errors(klass, toy):
     m = _small(klass).fit(toy["X"], toy["y"], text=toy["text"])
     with pytest.raises(ValueError, match="dimension"):
         m.decision_function(toy["Q"][:, :5])
+
+
+# -- the bench rows ------------------------------------------------------------------------------------------
+def test_bench_rows_fit_the_seen_classes_only():
+    from cascade.bench import ALL_ROWS, evaluate_task, load_task
+
+    assert {"tip-adapter", "tip-adapter-f", "clip-adapter"} <= set(ALL_ROWS)
+    task = load_task(TASKS / "food101-open.npz")
+    labels = task.pop("query_y")
+    S, C = task["n_seen"], task["text_x"].shape[0]
+    scores = evaluate_task(task, ("tip-adapter", "tip-adapter-f", "clip-adapter"))
+    for name, z in scores.items():
+        assert z.shape == (labels.size, C) and np.all(np.isneginf(z[:, S:])), name
+        assert np.all(np.isfinite(z[:, :S])), name
+        seen = labels < S                                   # on the seen-class queries they are real classifiers
+        assert np.mean(np.argmax(z[seen], 1) == labels[seen]) > 0.85, name

@@ -60,14 +60,24 @@ class _Cache:
         present, starts = np.unique(labels[self.order], return_index=True)
         self.present, self.starts, self.n_classes = present, starts, n_classes
 
+    def affinity(self, X: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``X . keys^T`` [N, Ns] with the columns sorted by class (the order ``logits`` expects)."""
+        return X @ keys[self.order].T
+
     def logits(self, affinity: np.ndarray, beta: float) -> np.ndarray:
-        """[N, C] cache logits (alpha 1) from the affinities [N, Ns] (columns in key order)."""
-        return self.class_sum(np.exp(np.float32(beta) * (affinity - np.float32(1.0))))
+        """[N, C] cache logits (alpha 1) from class-sorted affinities (``affinity``); computed in one buffer."""
+        E = np.subtract(affinity, np.float32(1.0), dtype=np.float32)
+        E *= np.float32(beta)
+        np.exp(E, out=E)
+        return self._sum_sorted(E)
 
     def class_sum(self, E: np.ndarray) -> np.ndarray:
-        """``E @ onehot(labels)``: [N, Ns] -> [N, C], summing each class's columns."""
+        """``E @ onehot(labels)``: [N, Ns] -> [N, C], summing each class's columns (columns in key order)."""
+        return self._sum_sorted(E[:, self.order])
+
+    def _sum_sorted(self, E: np.ndarray) -> np.ndarray:
         out = np.zeros((E.shape[0], self.n_classes), dtype=E.dtype)
-        out[:, self.present] = np.add.reduceat(E[:, self.order], self.starts, axis=1)
+        out[:, self.present] = np.add.reduceat(E, self.starts, axis=1)
         return out
 
 
@@ -128,7 +138,7 @@ class TipAdapter(Stage):
             return float(self.init_beta), float(self.init_alpha), None
         vx, vy = val
         clip_logits = np.float32(self.logit_scale) * (vx @ self.text_.T)
-        affinity = vx @ keys.T
+        affinity = cache.affinity(vx, keys)
         alpha_grid = search_grid(float(self.search_scale[1]), int(self.search_step[1]))
         alphas = alpha_grid.astype(np.float32)
         best = (-1.0, 0.0, 0.0)
@@ -165,7 +175,7 @@ class TipAdapter(Stage):
         X = check_features(X, "X", dim=self.text_.shape[1])
         cache = _Cache(np.asarray(self.cache_labels_), self.text_.shape[0])
         z = np.float32(self.logit_scale) * (X @ self.text_.T)
-        z += np.float32(self.alpha_) * cache.logits(X @ self.cache_keys_.T, self.beta_)
+        z += np.float32(self.alpha_) * cache.logits(cache.affinity(X, self.cache_keys_), self.beta_)
         return z
 
 

@@ -477,7 +477,10 @@ class FeatureResult(NamedTuple):
 
 
 def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """One decoding process per core, at most 8; under mpirun the node's cores are shared by its ranks."""
+    from .runtime import mpi_local
+
+    return max(1, min(8, (os.cpu_count() or 1) // mpi_local()[1]))
 
 
 def _decode(preprocess: Preprocess, path: str):
@@ -492,14 +495,59 @@ def _decode(preprocess: Preprocess, path: str):
 
 def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None = None,
                      batch_size: int = 32, workers: int = 0, chunk: int = 1024, progress: bool = True,
-                     desc: str | None = None, pad_batches: bool = True) -> FeatureResult:
+                     desc: str | None = None, pad_batches: bool = True, distributed: bool = False) -> FeatureResult:
     """Features of ``paths`` (L2-normalised float32 [N, D]) and the files that could not be read.
 
     Cached features are reused. The others are decoded by ``workers`` processes (0: one per core, at most 8;
     threads for small jobs) while ``encoder`` encodes batches of ``batch_size`` in this process, and written
     to the cache every ``chunk`` images and on interruption. Decoding runs in separate processes because
     Jittor holds the GIL while it computes, which would stall decoding threads. With ``pad_batches`` the last
-    batch is padded to ``batch_size`` so the model always sees one input shape."""
+    batch is padded to ``batch_size`` so the model always sees one input shape.
+
+    ``distributed=True`` under ``mpirun`` (every rank makes the same call): the images not yet cached are split
+    among the ranks in contiguous blocks balanced by count, each rank encodes its block into its own cache
+    shards, and after all ranks are done every rank reads the complete cache. Only rank 0 gets the features;
+    the other ranks get zero-width rows, and every rank gets the same failures. Outside MPI it changes
+    nothing."""
+    from . import runtime
+
+    rank, size = runtime.mpi_world() if distributed else (0, 1)
+    args = dict(preprocess=preprocess, batch_size=batch_size, workers=workers, chunk=chunk,
+                pad_batches=pad_batches)
+    if size <= 1:
+        return _extract(encoder, paths, cache_dir, progress=progress, desc=desc, **args)
+    paths = [str(p) for p in paths]
+    preprocess = preprocess or getattr(encoder, "preprocess", None) or Preprocess.clip()
+    args["preprocess"] = preprocess
+    # 1. every rank lists the same uncached rows: nothing is written to the cache between two barriers' ends
+    runtime.barrier()
+    cache = FeatureCache(cache_dir, f"{encoder.cache_key}|{preprocess.cache_key}")
+    todo = []
+    for i, p in enumerate(paths):
+        try:
+            k = file_key(p)
+        except OSError:
+            continue                         # reported by the final pass below
+        todo.append((i, k))
+    hit = cache.lookup([k for _, k in todo])
+    todo = np.array([i for (i, _), h in zip(todo, hit) if not h], dtype=np.int64)
+    # 2. this rank's block: a contiguous share of the uncached rows, written to this rank's own shards
+    mine = np.array_split(todo, size)[rank]
+    label = desc or str(getattr(encoder, "name", "features"))
+    if mine.size:
+        _extract(encoder, [paths[i] for i in mine], cache_dir, progress=progress and rank == 0,
+                 desc=f"{label} (rank {rank} of {size}: {mine.size} of {todo.size} images)", **args)
+    # 3. once every rank is done, the cache holds every readable image: the ordinary pass only gathers (rank 0)
+    # and decodes the unreadable ones again to report them alike on every rank
+    runtime.barrier()
+    return _extract(encoder, paths, cache_dir, progress=False, desc=desc, gather=rank == 0, **args)
+
+
+def _extract(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None = None, batch_size: int = 32,
+             workers: int = 0, chunk: int = 1024, progress: bool = True, desc: str | None = None,
+             pad_batches: bool = True, gather: bool = True) -> FeatureResult:
+    """:func:`extract_features` in this process alone. ``gather=False``: the cached rows are not read (the
+    features returned have zero width), only missing rows are encoded and cached."""
     from tqdm import tqdm
 
     preprocess = preprocess or getattr(encoder, "preprocess", None) or Preprocess.clip()
@@ -581,6 +629,8 @@ def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess
     finally:
         cache.flush()  # also on Ctrl-C: what was computed is kept for the next run
         bar.close()
+    if not gather:
+        return FeatureResult(np.zeros((n, 0), np.float32), sorted(failures, key=lambda f: f.index))
     if not out:
         out.append(np.zeros((n, cache.dim or 0), dtype=np.float32))
     if cached_rows:

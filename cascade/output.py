@@ -93,24 +93,43 @@ class ResultError(ValueError):
     """A result file is malformed; the message names the file and line."""
 
 
-def format_result(names: Sequence[str], top5: np.ndarray) -> str:
+def _name_order(names: Sequence[str]) -> np.ndarray:
+    """Row indices sorted by name (Python's string order), as one int64 array: 8 bytes a row."""
+    arr = np.empty(len(names), dtype=object)
+    arr[:] = list(names) if not isinstance(names, list) else names
+    return np.argsort(arr, kind="stable")
+
+
+def _result_lines(names: Sequence[str], top5: np.ndarray):
+    """Check ``names``/``top5`` (shape, duplicate names) up front, then yield the result file's lines one by one,
+    sorted by name (a line break inside a name is an error when its line comes)."""
     top5 = np.asarray(top5)
     if top5.ndim != 2 or top5.shape[0] != len(names) or top5.shape[1] < 1:
         raise ValueError(f"top5 has shape {top5.shape}, expected [{len(names)}, 5]")
     if len(set(names)) != len(names):
         raise ValueError("duplicate image names in the result")
-    order = sorted(range(len(names)), key=lambda i: names[i])
-    lines = []
-    for i in order:
-        if any(ch in names[i] for ch in "\n\r"):
-            raise ValueError(f"image name {names[i]!r} contains a line break")
-        lines.append(names[i] + " " + " ".join(str(int(c)) for c in top5[i]) + "\n")
-    return "".join(lines)
+    order = _name_order(names)
+
+    def lines():
+        for i in order:
+            if any(ch in names[i] for ch in "\n\r"):
+                raise ValueError(f"image name {names[i]!r} contains a line break")
+            yield names[i] + " " + " ".join(str(int(c)) for c in top5[i]) + "\n"
+
+    return lines()
+
+
+def format_result(names: Sequence[str], top5: np.ndarray) -> str:
+    """The result file's text (small sets; :func:`write_result` streams it instead)."""
+    return "".join(_result_lines(names, top5))
 
 
 def write_result(path, names: Sequence[str], top5: np.ndarray) -> None:
-    """The submission file: one line per image, sorted by name, written atomically."""
-    atomic_write_text(path, format_result(names, top5))
+    """The submission file: one line per image, sorted by name, streamed line by line into the atomic temporary
+    file (memory does not grow with the text), so it appears complete or not at all."""
+    lines = _result_lines(names, top5)          # shape and duplicates are checked before anything is written
+    with atomic_open(path, "w", newline="\n") as f:
+        f.writelines(lines)
 
 
 def read_result(path, k: int = 5, n_classes: int | None = None, bound: str | None = None) -> dict[str, list[int]]:
@@ -155,16 +174,15 @@ def read_result(path, k: int = 5, n_classes: int | None = None, bound: str | Non
 def write_routes_csv(path, names: Sequence[str], routes: Sequence[str], top5: np.ndarray, top5_scores: np.ndarray,
                      status: Sequence[str] | None = None) -> None:
     """Per image: its route through the cascade, top-5 classes and their scores, and a status ('ok' or why it
-    could not be read). Sorted by name like the result file."""
+    could not be read). Sorted by name like the result file; written row by row, atomically."""
     k = top5.shape[1]
     header = ["image", "route", "status"] + [f"top{i + 1}" for i in range(k)] + [f"score{i + 1}" for i in range(k)]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for i in sorted(range(len(names)), key=lambda j: names[j]):
-        w.writerow([names[i], routes[i], status[i] if status is not None else "ok"]
-                   + [int(c) for c in top5[i]] + [f"{float(s):.6g}" for s in top5_scores[i]])
-    atomic_write_text(path, buf.getvalue())
+    with atomic_open(path, "w", newline="") as f:     # streamed row by row into the atomic temporary file
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for i in _name_order(names):
+            w.writerow([names[i], routes[i], status[i] if status is not None else "ok"]
+                       + [int(c) for c in top5[i]] + [f"{float(s):.6g}" for s in top5_scores[i]])
 
 
 # ------------------------------------------------------------------------------------------------- tables

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime import is_main, mpi_world, run_ranked
+
 __all__ = ["add_parser", "train", "test", "PipelineError"]
 
 
@@ -76,7 +78,8 @@ def _log_pool(details: dict) -> None:
 
 
 def _log(msg: str) -> None:
-    print(f"[cascade] {msg}", file=sys.stderr, flush=True)
+    if is_main():   # under mpirun, rank 0 speaks for the run
+        print(f"[cascade] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------- filesystem faults
@@ -202,19 +205,20 @@ def _specialist_preprocess(stage):
 
 def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
     """Features of ``paths`` for every encoder: ({key: [N, D]}, failures {index: (path, reason)}). Backbones
-    run one after the other and each model is released when done (``then(key, encoder)`` runs first), so only
-    one model is in memory at a time."""
+    run one after the other and each model is released when done (``then(key, encoder)`` runs first, on rank
+    0 only), so only one model is in memory at a time. Under mpirun every rank makes this call and encodes its
+    share of the images (``extract_features(distributed=True)``); only rank 0 gets the features."""
     from .features import extract_features
 
     feats, failures = {}, {}
     for key, enc in encoders.items():
         res = extract_features(enc, paths, cfg.cache_dir, batch_size=cfg.features.batch_size,
                                workers=cfg.features.workers, chunk=cfg.features.chunk, progress=progress,
-                               desc=f"{key} {what}")
+                               desc=f"{key} {what}", distributed=True)
         feats[key] = res.features
         for f in res.failures:
             failures.setdefault(f.index, (f.path, f.reason))
-        if then is not None:
+        if then is not None and is_main():
             then(key, enc)
         enc.release()
     return feats, failures
@@ -335,7 +339,7 @@ def _on_demand(encoder, paths, cfg, progress, what):
 
 
 def _report_failures(failures: dict, what: str) -> None:
-    if not failures:
+    if not failures or not is_main():
         return
     _log(f"{len(failures)} {what} image(s) could not be read:")
     for i, (p, reason) in sorted(failures.items())[:20]:
@@ -407,7 +411,7 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domai
 
     support, val = split.support, split.val
     with _writing(cfg.split_dir):
-        split_info = write_split(split, split_tmp)
+        split_info = write_split(split, split_tmp) if is_main() else None
     n_sup = len(support)
     _log(f"split: {n_sup} support images, {len(val)} validation images")
 
@@ -425,16 +429,9 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domai
     support_feats = {k: v[:n_sup] for k, v in feats.items()}
     val_feats = {k: v[n_sup:] for k, v in feats.items()}
     y_sup, y_val = y_all[:n_sup], y_all[n_sup:]
-
-
-    cascade = _make_cascade(cfg)
-    _log(f"fitting the cascade on {n_sup} support images")
-    cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
-
-    sp_encoders = []
+    # the specialist's backbone encodes the support images (one view each) here, where every rank takes part;
+    # its own augmented views and the routed validation images are encoded by rank 0 below
     if sp_encoder is not None:
-        # the specialist's backbone encodes the support images (one view each, or its own augmented views), then
-        # only the validation images the cascade routes to its domain (on demand, below)
         key = cfg.specialist.feature_key
         proto = _new_specialist(cfg)
         if proto.finetune == "none" and int(proto.n_views) <= 1:
@@ -443,6 +440,17 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domai
                 _report_failures(sp_fail, "training")
                 raise DataError("training images became unreadable during the run; rerun train")
             support_feats[key] = sp_feats[key]
+    if not is_main():   # under mpirun: this rank's share of the images is encoded; rank 0 fits and writes
+        return {"rank": mpi_world()[0], "seconds": round(time.time() - t0, 1)}
+
+    cascade = _make_cascade(cfg)
+    _log(f"fitting the cascade on {n_sup} support images")
+    cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
+
+    sp_encoders = []
+    if sp_encoder is not None:
+        # the specialist fits on the support images' features (above, or its own augmented views), then encodes
+        # only the validation images the cascade routes to its domain (on demand, below)
         oof = cascade.support_oof_proba()
         cascade.specialists = _fit_specialists(cfg, classes, sp_domains, sp_encoder, support, y_sup, support_feats,
                                                oof, progress)
@@ -550,6 +558,8 @@ def test(cfg, progress: bool = True) -> dict:
 
     paths = [test_dir / n for n in names]
     feats, failures = _extract(encoders, paths, cfg, progress, "test")
+    if not is_main():   # under mpirun: this rank's share of the images is encoded; rank 0 predicts and writes
+        return {"rank": mpi_world()[0], "images": len(names), "seconds": round(time.time() - t0, 1)}
     _report_failures(failures, "test")
     ok = np.ones(len(names), dtype=bool)
     ok[list(failures)] = False
@@ -667,9 +677,12 @@ def _run_train(args) -> int:
 
     cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
                                   "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
-    with _writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
-        train(cfg, progress=not args.quiet)
-    return 0
+    def work():
+        with _writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
+            train(cfg, progress=not args.quiet)
+        return 0
+
+    return run_ranked("train", work)
 
 
 def _run_test(args) -> int:
@@ -677,6 +690,9 @@ def _run_test(args) -> int:
 
     cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
                                   "paths.all_classes": args.all_classes})
-    with _writing(cfg.out_dir):
-        test(cfg, progress=not args.quiet)
-    return 0
+    def work():
+        with _writing(cfg.out_dir):
+            test(cfg, progress=not args.quiet)
+        return 0
+
+    return run_ranked("test", work)

@@ -16,6 +16,12 @@ Also handled here:
   skipping every clean-up (cache flushes, temporary files); Python's handler is put back, so Ctrl-C raises
   KeyboardInterrupt and the callers clean up.
 * No download is ever attempted: if the wiring is impossible, oneDNN is switched off with one warning.
+* Under ``mpirun`` (Open MPI; Jittor's own MPI runtime: ``jittor.in_mpi``, ``jittor.rank``,
+  ``jittor.world_size`` and its ``mpi_all_reduce`` op): each rank gets its share of the node's cores
+  (``OMP_NUM_THREADS``, unless set), waiting ranks yield their core (``mpi_yield_when_idle``), and with GPUs
+  rank r uses GPU ``r mod n`` (its node-local rank; ``CUDA_VISIBLE_DEVICES``, unless set). :func:`barrier` waits
+  for every rank; :func:`run_ranked` runs a command so that a failure on any rank ends the whole run with one
+  error instead of leaving the other ranks waiting.
 
 Use :func:`jittor` to get the configured module.
 """
@@ -26,9 +32,13 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 DNNL_DIRNAME = "dnnl_lnx_2.2.0_cpu_gomp"  # the folder name Jittor's compile_extern.install_mkl checks for
 _SYSTEM_DNNL_INCLUDE = Path("/usr/include")
@@ -116,6 +126,105 @@ def _python_sigint() -> None:
             pass
 
 
+# ------------------------------------------------------------------------------------------------------ MPI
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def mpi_world() -> tuple[int, int]:
+    """(rank, number of ranks) of this process under Open MPI's ``mpirun``; (0, 1) otherwise. Read from the
+    environment mpirun sets (the variable Jittor itself checks), so it is known before Jittor is imported."""
+    size = _env_int("OMPI_COMM_WORLD_SIZE", 1)
+    if size <= 1:
+        return 0, 1
+    return _env_int("OMPI_COMM_WORLD_RANK", 0), size
+
+
+def mpi_local() -> tuple[int, int]:
+    """(rank on this machine, ranks on this machine) under mpirun; (0, 1) otherwise."""
+    if mpi_world()[1] <= 1:
+        return 0, 1
+    return _env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0), max(1, _env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+
+
+def is_main() -> bool:
+    """True on the one process that fits the stages and writes outputs (rank 0, or the only process)."""
+    return mpi_world()[0] == 0
+
+
+def gpu_count() -> int:
+    """Number of NVIDIA GPUs of this machine (0 when there is no driver)."""
+    gpus = glob.glob("/proc/driver/nvidia/gpus/*")
+    if gpus:
+        return len(gpus)
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            return 0
+    return 0
+
+
+def _configure_rank() -> None:
+    """Per-rank settings made before Jittor (and with it MPI) starts; the user's own settings win."""
+    rank, size = mpi_world()
+    if size <= 1:
+        return
+    local, local_size = mpi_local()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_size)))
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and cuda_usable():
+        n = gpu_count()
+        if n:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(local % n)
+    status["rank"], status["world_size"] = rank, size
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (an all-reduce of one number with Jittor's MPI op); nothing outside
+    mpirun. A rank that fails instead ends the run (see :func:`run_ranked`), so no rank waits forever."""
+    if mpi_world()[1] <= 1:
+        return
+    jt = jittor()
+    if not getattr(jt, "in_mpi", False):
+        raise RuntimeError("running under mpirun but Jittor has no MPI support: install Open MPI's mpicc "
+                           "(`bash scripts/setup.sh`) so Jittor builds its MPI ops")
+    jt.array(np.ones(1, np.float32)).mpi_all_reduce("add").sync()
+
+
+def run_ranked(command: str, fn, expected=(ValueError, FileNotFoundError)) -> int:
+    """Run ``fn()`` (a command's body) as this rank's part of an MPI run; outside mpirun, just ``fn()``.
+
+    On success every rank waits for the others (rank 0 fits and writes while the others wait) and 0 is
+    returned. On a failure the rank prints one error line naming itself (a traceback for unexpected errors)
+    and leaves at once without MPI's collective shutdown: ``mpirun`` sees the non-zero status and stops the
+    other ranks, so a failure anywhere ends the run instead of leaving ranks waiting for it."""
+    rank, size = mpi_world()
+    if size <= 1:
+        return int(fn() or 0)
+    try:
+        rc = int(fn() or 0)
+    except BaseException as exc:  # noqa: BLE001  (every failure must end this rank without MPI's shutdown)
+        if isinstance(exc, KeyboardInterrupt):
+            msg, rc = "interrupted", 130
+        elif isinstance(exc, SystemExit):
+            msg, rc = f"exit status {exc.code}", exc.code if isinstance(exc.code, int) and exc.code else 1
+        elif isinstance(exc, expected):
+            msg, rc = f"error: {exc}", 2
+        else:
+            traceback.print_exc()
+            msg, rc = f"error: {type(exc).__name__}: {exc}", 1
+        print(f"cascade {command} (rank {rank} of {size}): {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(rc)
+    barrier()
+    return rc
+
+
 def jittor():
     """Import and configure Jittor once; return the module."""
     global _jt
@@ -125,6 +234,7 @@ def jittor():
         _jt = sys.modules["jittor"]
         return _jt
     verbose = os.environ.get("CASCADE_VERBOSE") == "1"
+    _configure_rank()
     status["onednn"] = wire_onednn()
     use_gpu = cuda_usable()
     if not use_gpu:

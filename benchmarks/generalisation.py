@@ -96,7 +96,7 @@ def cascade_kwargs(settings) -> dict:
             stages[head][param] = value(val)
         elif key == "refine":
             refine = str(val).lower() not in ("none", "", "false")
-        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds", "rebalance"):
+        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds", "rebalance", "balance"):
             kw[key] = value(val)
         elif key == "refine_check":
             kw[key] = None if str(val).strip().lower() in ("none", "false", "") else value(val)

@@ -32,7 +32,7 @@ labelled shots.
 ``--set`` changes the ``cascade`` row (an ablation): ``refine=none``, ``gda.shrinkage=0.3``, ``gda.target=diagonal``,
 ``gda.mean_prior=0``, ``inmap.n_iter=2000``, ``lpp.epochs=300``, ``lpp.select=last``, ``prior=stage``,
 ``routing=stage1``, ``combine=replace``, ``calibrate=false``, ``cv_folds=0``, ``refine_check=none``,
-``rebalance=false``.
+``rebalance=false``, ``balance=none|always|check``, ``balance_min_gain=0.05``.
 
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group
 their mean top-1 and the paired difference (changed minus default: mean +- standard error over the tasks, and on
@@ -96,7 +96,7 @@ def cascade_kwargs(settings) -> dict:
             stages[head][param] = value(val)
         elif key == "refine":
             refine = str(val).lower() not in ("none", "", "false")
-        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds", "rebalance", "balance"):
+        elif key in ("prior", "routing", "combine", "calibrate", "cv_folds", "rebalance", "balance", "balance_min_gain"):
             kw[key] = value(val)
         elif key == "refine_check":
             kw[key] = None if str(val).strip().lower() in ("none", "false", "") else value(val)

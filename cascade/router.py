@@ -140,6 +140,17 @@ class Cascade:
         With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
         them as soft-labelled rows, see step 4) falls more than this many standard errors (of the paired
         per-row difference) below the pooled distribution's. None or False: always keep it.
+    balance : "check" | "always" | "none"
+        Balance the final distribution of the queries to the class marginal of step 2 (per-class biases that make
+        its mean over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its
+        pseudo-labels). "check": only when the held-out rows, joining the queries in the balanced set so that they
+        are scored in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their
+        labels (never without held-out rows). Balancing forces the class counts of the query set; it pays where
+        the query set is balanced and the experts' class bias is the error (many overlapping classes, few queries
+        per class) and costs where the counts of a sampled query set deviate from the marginal.
+    balance_min_gain : float
+        The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md: the
+        measured gains on balanced ImageNet tasks and on sampled Food-101 / Caltech-101 query sets).
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -150,7 +161,7 @@ class Cascade:
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True, balance: str = "none"):
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
@@ -167,6 +178,7 @@ class Cascade:
         self.refine_check = refine_check
         self.rebalance = rebalance
         self.balance = balance
+        self.balance_min_gain = balance_min_gain
 
     def _check_params(self):
         for name, value, allowed in (("combine", self.combine, ("pool", "replace")),
@@ -177,6 +189,10 @@ class Cascade:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.refine is not None and not isinstance(self.refine, Stage):
             raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
+        if (isinstance(self.balance_min_gain, bool) or not isinstance(self.balance_min_gain, (int, float, np.number))
+                or not self.balance_min_gain >= 0):
+            raise ValueError(f"balance_min_gain must be a non-negative number of nats per row, got "
+                             f"{self.balance_min_gain!r}")
         if not isinstance(self.rebalance, (bool, np.bool_)):
             raise ValueError(f"rebalance must be true or false, got {self.rebalance!r}")
         if not isinstance(self.cv_folds, (int, np.integer)) or self.cv_folds < 0:
@@ -592,7 +608,7 @@ class Cascade:
             keep = self.balance == "always"
             if self.balance == "check" and scores_v is not None:
                 gain, se = self._balance_gain(scores, scores_v, marginal)
-                keep = bool(gain > 0)
+                keep = bool(gain > float(self.balance_min_gain))
                 details.update(balance_gain=gain, balance_gain_se=se)
             details["balanced"] = keep
             if keep:
@@ -704,6 +720,7 @@ class Cascade:
             "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
+            "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
             "backbone_weights": self.backbone_weights,
             "transductive": _proto(self.transductive),
             "refine": _proto(self.refine) if self.refine is not None else None,
@@ -735,7 +752,9 @@ class Cascade:
                   # written before the check existed: the refinement was always kept
                   refine_check=meta.get("refine_check"),
                   # written before the rebalanced zero-shot expert existed: the pool had none
-                  rebalance=bool(meta.get("rebalance", False)))
+                  rebalance=bool(meta.get("rebalance", False)),
+                  # written before the balancing existed: the final distribution was never balanced
+                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

@@ -35,7 +35,8 @@ values read as TOML, checked like a config): a stage's keyword ``stages.<stage>.
 ``stages.lpp.epochs=300``, ``stages.lpp.select=last``; the cascade's own keys ``stages.cascade.<key>=VALUE``, e.g.
 ``stages.cascade.refine=""`` (no refinement), ``stages.cascade.seen=["lpp", "zeroshot"]``, ``stages.cascade.prior=stage``,
 ``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
-``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``. The
+``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``,
+``stages.cascade.balance=none|always|check``, ``stages.cascade.balance_min_gain=0.05``. The
 stages start from the default cascade's own settings (``Cascade()``).
 
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group
@@ -164,7 +165,69 @@ def harder_images(task: dict, s: float) -> dict:
     return out
 
 
-def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noise_seeds: int = 1, harder=()):
+def class_family(task: dict, n_classes: int, seed: int, n_seen: int | None = None) -> dict:
+    """A task drawn from a closed task's pool of rows: ``n_classes`` of its classes (a seeded random subset, in
+    random order), every row of them (support, validation and query rows together) dealt again per class into
+    as many support, validation and query rows as the source has for that class (so the counts stay those of
+    the source: 4 / 1 / 2 per class for imagenet_dev), and, with ``n_seen``, only the first ``n_seen`` classes
+    keeping support and validation rows (an open task; its other classes are unseen, text only)."""
+    if task["n_seen"] != task["text_x"].shape[0]:
+        raise ValueError("class families are drawn from a closed task (every class seen)")
+    rng = np.random.default_rng(seed)
+    C = task["text_x"].shape[0]
+    if not 2 <= n_classes <= C:
+        raise ValueError(f"a class family needs 2..{C} classes, got {n_classes}")
+    n_seen = n_classes if n_seen is None else int(n_seen)
+    if not 1 <= n_seen <= n_classes:
+        raise ValueError(f"n_seen must lie in 1..{n_classes}, got {n_seen}")
+    parts = ("support", "val", "query")
+    X = np.concatenate([task[f"{k}_x"] for k in parts])
+    y = np.concatenate([task[f"{k}_y"] for k in parts])
+    classes = rng.permutation(C)[:n_classes]
+    rows = {k: ([], []) for k in parts}
+    for new, c in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        start = 0
+        for k in parts:
+            n = int(np.sum(task[f"{k}_y"] == c))
+            if k != "query" and new >= n_seen:      # an unseen class: its support and val rows are dropped
+                start += n
+                continue
+            take = idx[start:start + n]
+            start += n
+            rows[k][0].append(take)
+            rows[k][1].append(np.full(take.size, new, dtype=np.int64))
+    out = {"text_x": task["text_x"][classes], "n_seen": n_seen}
+    for k in parts:
+        idx = np.concatenate(rows[k][0])
+        out[f"{k}_x"], out[f"{k}_y"] = X[idx], np.concatenate(rows[k][1])
+    return out
+
+
+def class_families(paths, sizes, draws: int, open_frac: float = 2 / 3):
+    """The class-subset families of every closed task among ``paths`` with at least the largest size's classes:
+    per size, ``draws`` closed tasks (group ``classes``) and ``draws`` open ones with ``round(open_frac * n)``
+    seen classes (group ``classes open``), each from another seed (other classes, other rows, another seen/unseen
+    split). Names: ``<task>/<size>@<draw>`` and ``<task>/<size>o@<draw>``."""
+    suite = []
+    for path in paths:
+        task = load_task(path)
+        C = task["text_x"].shape[0]
+        if task["n_seen"] != C or "val_x" not in task or C < max(sizes):
+            continue
+        name = Path(path).stem
+        for n in sizes:
+            for r in range(draws):
+                suite.append(("classes", f"{name}/{n}@{r}", class_family(task, n, 3000 + 97 * n + r)))
+        for n in sizes:
+            for r in range(draws):
+                seen = max(1, int(round(open_frac * n)))
+                suite.append(("classes open", f"{name}/{n}o@{r}", class_family(task, n, 4000 + 97 * n + r, seen)))
+    return suite
+
+
+def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noise_seeds: int = 1, harder=(),
+                family_sizes=(), family_draws: int = 0, family_paths=None):
     base = [(Path(p).stem, load_task(p)) for p in paths]
     closed = [t for _, t in base if t["n_seen"] == t["text_x"].shape[0]]
     if merged and len(closed) >= 2 and len({t["text_x"].shape[1] for t in closed}) == 1:
@@ -183,6 +246,8 @@ def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noi
             for r in range(noise_seeds):
                 label = f"{name}^{s:g}" + (f"#{r}" if noise_seeds > 1 else "")
                 suite.append(("harder images", label, harder_images(redraw(t, 500 + r, query_frac), s)))
+    if family_sizes and family_draws > 0:
+        suite.extend(class_families(paths if family_paths is None else family_paths, family_sizes, family_draws))
     return suite
 
 
@@ -199,6 +264,16 @@ def main(argv=None) -> int:
                    help="noisy-text (and harder-image) tasks per level and task (default 1)")
     p.add_argument("--harder", default="", help="class-overlap levels s in [0, 1) of the 'harder images' group, "
                                                 "comma-separated, e.g. 0.5,0.8 (default: none)")
+    p.add_argument("--families", type=int, default=2,
+                   help="class-subset tasks per size and kind (closed, open) drawn from each closed task with "
+                        "enough classes, e.g. imagenet_dev (default 2; 0: none)")
+    p.add_argument("--family-sizes", default="40,80,131",
+                   help="class counts of the class-subset families, comma-separated (default 40,80,131)")
+    p.add_argument("--family-source", action="append", default=None, metavar="TASK.npz",
+                   help="closed task(s) the families are drawn from (default: the task files given)")
+    p.add_argument("--groups", default="",
+                   help="keep only these groups, comma-separated (given, redrawn, noisy text, harder images, "
+                        "classes, classes open); default: all")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the cascade row (repeatable), e.g. --set 'stages.cascade.refine=\"\"' --set "
                         "stages.inmap.n_iter=2000")
@@ -220,14 +295,27 @@ def main(argv=None) -> int:
         p.error("--query-frac must lie in (0, 1]")
     if args.noise_seeds < 1:
         p.error("--noise-seeds must be at least 1")
+    try:
+        sizes = [int(s) for s in args.family_sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        p.error(f"--family-sizes: {exc}")
+    if args.families < 0 or any(n < 2 for n in sizes):
+        p.error("--families must be >= 0 and --family-sizes at least 2 classes each")
     if args.compare and not args.set:
         p.error("--compare needs a change to compare with the default (--set KEY=VALUE)")
     kwargs = cascade_kwargs(args.set)
     try:
         suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge, args.noise_seeds,
-                            harder)
+                            harder, sizes, args.families, args.family_source)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if groups:
+        known = {g for g, _, _ in suite}
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            p.error(f"--groups: no task in group(s) {unknown} (this suite has {sorted(known)})")
+        suite = [item for item in suite if item[0] in groups]
     if args.no_val:
         for _, _, task in suite:
             task.pop("val_x"), task.pop("val_y")

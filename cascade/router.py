@@ -141,6 +141,17 @@ class Cascade(HasParams):
         With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
         them as soft-labelled rows, see step 4) falls more than this many standard errors (of the paired
         per-row difference) below the pooled distribution's. None or False: always keep it.
+    balance : "check" | "always" | "none"
+        Balance the final distribution of the queries to the class marginal of step 2 (per-class biases that make
+        its mean over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its
+        pseudo-labels). "check": only when the held-out rows, joining the queries in the balanced set so that they
+        are scored in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their
+        labels (never without held-out rows). Balancing forces the class counts of the query set; it pays where
+        the query set is balanced and the experts' class bias is the error (many overlapping classes, few queries
+        per class) and costs where the counts of a sampled query set deviate from the marginal.
+    balance_min_gain : float
+        The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md: the
+        measured gains on balanced ImageNet tasks and on sampled Food-101 / Caltech-101 query sets).
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -158,12 +169,14 @@ class Cascade(HasParams):
         "refine_check": [Interval(Real, 0, None), Options(None, False)],
         "rebalance": [BOOL],
         "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
+        "balance": [Options("none", "check", "always")],
+        "balance_min_gain": [Interval(Real, 0, None)],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True):
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
@@ -179,6 +192,8 @@ class Cascade(HasParams):
         self.specialists = list(specialists)
         self.refine_check = refine_check
         self.rebalance = rebalance
+        self.balance = balance
+        self.balance_min_gain = balance_min_gain
 
     def _check_params(self):
         validate_params(self._parameter_constraints, self.get_params())
@@ -414,6 +429,7 @@ class Cascade(HasParams):
         g = _clone(self.refine).fit(X, Y)
         z = g.decision_function(xq)
         folds = getattr(self, "val_folds_", None)
+        zv = None
         if not self.calibrate:
             t = 1.0
         elif val_joint is not None and folds is not None:
@@ -426,9 +442,11 @@ class Cascade(HasParams):
                     val_joint[folds == f])
             t = fit_temperature(zv, self.val_y_)
         elif val_joint is not None:
-            t = fit_temperature(g.decision_function(val_joint), self.val_y_)
+            zv = g.decision_function(val_joint)
+            t = fit_temperature(zv, self.val_y_)
         else:
             t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
+        self._refined_val = None if zv is None else np.exp(log_softmax(t * zv))
         return np.exp(log_softmax(t * z)), t
 
     def _refinement_gain(self, xq: np.ndarray, soft: np.ndarray, val_joint: np.ndarray, soft_v: np.ndarray):
@@ -464,6 +482,30 @@ class Cascade(HasParams):
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))
+        return paired_difference(d)
+
+    def _balance_gain(self, scores: np.ndarray, scores_v: np.ndarray, marginal: np.ndarray):
+        """Mean and standard error of the per-row gain in log-likelihood of the held-out rows' labels when the
+        final distribution is balanced to ``marginal``. The held-out rows join the queries in the balanced set, so
+        they are scored in sample as the queries are; being rows of the seen classes, their share of the target
+        marginal is ``marginal`` restricted to the seen classes (no label of theirs is used). At most as many
+        held-out rows as queries take part (a seeded random subset), so the set stays mostly the queries'."""
+        y = self.val_y_
+        n, S = len(scores), self.n_seen_
+        if len(y) > n:
+            keep = np.sort(np.random.default_rng(0).permutation(len(y))[:n])
+            scores_v, y = scores_v[keep], y[keep]
+        seen = np.zeros_like(marginal)
+        seen[:S] = marginal[:S]
+        if seen.sum() <= 0:
+            return 0.0, float("inf")
+        target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
+        tiny = np.finfo(np.float64).tiny
+        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), tiny))
+        bias = balancing_bias(lp, target)
+        lv = lp[n:]
+        rows = np.arange(len(y))
+        d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
         return paired_difference(d)
 
     def _check_fitted(self):
@@ -549,16 +591,29 @@ class Cascade(HasParams):
             return p / p.sum(axis=1, keepdims=True)
 
         scores = pooled(lp1, lp0, lp_seen)
+        scores_v = pooled(lp1v, lp0v, lp_seen_v) if val is not None else None
         t_ref = None
         if self.refine is not None:
             refined, t_ref = self._refined(xq, scores, val_joint)
+            refined_v = self._refined_val
             if self.refine_check is not None and self.refine_check is not False and val is not None:
-                gain, se = self._refinement_gain(xq, scores, val_joint, pooled(lp1v, lp0v, lp_seen_v))
+                gain, se = self._refinement_gain(xq, scores, val_joint, scores_v)
                 dropped = bool(gain < -float(self.refine_check) * se)
                 details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)
                 if dropped:
-                    refined, t_ref = scores, None
-            scores = refined
+                    refined, t_ref, refined_v = scores, None, scores_v
+            scores, scores_v = refined, refined_v
+        if self.balance != "none":
+            marginal = details.get("prior", getattr(stage, "prior_", None))
+            marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
+            keep = self.balance == "always"
+            if self.balance == "check" and scores_v is not None:
+                gain, se = self._balance_gain(scores, scores_v, marginal)
+                keep = bool(gain > float(self.balance_min_gain))
+                details.update(balance_gain=gain, balance_gain_se=se)
+            details["balanced"] = keep
+            if keep:
+                scores = _balanced(scores, marginal)
 
         if S == C:
             unseen = np.zeros(n, bool)
@@ -675,6 +730,7 @@ class Cascade(HasParams):
             "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
+            "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(self.transductive),
             "refine": describe_stage(self.refine) if self.refine is not None else None,
@@ -706,7 +762,9 @@ class Cascade(HasParams):
                   # written before the check existed: the refinement was always kept
                   refine_check=meta.get("refine_check"),
                   # written before the rebalanced zero-shot expert existed: the pool had none
-                  rebalance=bool(meta.get("rebalance", False)))
+                  rebalance=bool(meta.get("rebalance", False)),
+                  # written before the balancing existed: the final distribution was never balanced
+                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]
@@ -760,6 +818,13 @@ def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
         if idx.size >= 2:
             fold[idx] = np.arange(idx.size) % min(n_folds, idx.size)
     return fold
+
+
+def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
+    """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal`` (Sinkhorn's balancing
+    kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`); rows sum to 1."""
+    lp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
+    return np.exp(log_softmax(lp + balancing_bias(lp, marginal)))
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

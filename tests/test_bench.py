@@ -94,8 +94,9 @@ def test_generalisation_benchmark_small_suite():
     """benchmarks/generalisation.py on a small suite (the four tasks and the merged one, each as given, redrawn
     once and with noisy text): on average the cascade beats the best single method and the seeds' cascade in
     every group, and it beats both on most tasks."""
-    out = subprocess.run([sys.executable, "benchmarks/generalisation.py", "--redraws", "1", "--noise", "1.0",
-                          "--by-task", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "benchmarks/generalisation.py", *[str(TASKS / f"{n}.npz") for n in NAMES],
+                          "--redraws", "1", "--noise", "1.0", "--families", "0", "--by-task", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     tasks, summary = records[:-1], records[-1]["summary"]
     by_task = records[-1]["by_task"]             # one task per source task and level here
@@ -215,6 +216,46 @@ def test_generalisation_task_transforms():
     def zero_shot(t):
         return np.mean((t["query_x"] @ t["text_x"].T).argmax(1) == t["query_y"])
     assert zero_shot(h) < zero_shot(a) - 0.3            # the classes overlap: about 94 % -> about 40 %
+
+
+def test_generalisation_class_families():
+    """The class-subset families drawn from imagenet_dev: every draw takes other classes and deals each class's
+    rows (support, validation and query together) again into the source's counts (4 / 1 / 2); the open ones keep
+    support and validation rows for their seen classes only; nothing is invented."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generalisation import build_suite, class_families, class_family
+
+    from cascade.bench import load_task
+    src = load_task(TASKS / "imagenet_dev.npz")
+    pool = {x.tobytes(): int(c) for k in ("support", "val", "query") for x, c in zip(src[f"{k}_x"], src[f"{k}_y"])}
+    text = {x.tobytes(): c for c, x in enumerate(src["text_x"])}
+    a, b = class_family(src, 40, 1), class_family(src, 40, 2)
+    assert a["text_x"].shape[0] == a["n_seen"] == 40
+    assert {x.tobytes() for x in a["text_x"]} != {x.tobytes() for x in b["text_x"]}
+    for k, per_class in (("support", 4), ("val", 1), ("query", 2)):
+        assert np.bincount(a[f"{k}_y"], minlength=40).tolist() == [per_class] * 40
+        # every row keeps its own class: the class its text embedding came from
+        src_class = [text[t.tobytes()] for t in a["text_x"]]
+        assert all(pool[x.tobytes()] == src_class[c] for x, c in zip(a[f"{k}_x"], a[f"{k}_y"]))
+    rows = [x.tobytes() for k in ("support", "val", "query") for x in a[f"{k}_x"]]
+    assert len(set(rows)) == len(rows) == 40 * 7                    # each row dealt once
+    full = class_family(src, 131, 5)
+    assert not np.array_equal(np.sort(full["support_x"], axis=0), np.sort(src["support_x"], axis=0))
+    o = class_family(src, 80, 3, n_seen=53)
+    assert o["n_seen"] == 53 and o["text_x"].shape[0] == 80
+    assert o["support_y"].max() == 52 and o["val_y"].max() == 52 and o["query_y"].max() == 79
+    assert np.bincount(o["query_y"], minlength=80).tolist() == [2] * 80
+    with pytest.raises(ValueError, match="closed task"):
+        class_family(load_task(TASKS / "imagenet_dev-open.npz"), 40, 0)
+    fams = class_families([TASKS / "imagenet_dev.npz", TASKS / "food101.npz"], [40, 131], 2)
+    assert [(g, n) for g, n, _ in fams] == [
+        ("classes", "imagenet_dev/40@0"), ("classes", "imagenet_dev/40@1"), ("classes", "imagenet_dev/131@0"),
+        ("classes", "imagenet_dev/131@1"), ("classes open", "imagenet_dev/40o@0"),
+        ("classes open", "imagenet_dev/40o@1"), ("classes open", "imagenet_dev/131o@0"),
+        ("classes open", "imagenet_dev/131o@1")]                  # food101 (14 classes) is too small
+    assert [t["n_seen"] for _, _, t in fams[4:]] == [27, 27, 87, 87]
+    suite = build_suite([TASKS / "imagenet_dev.npz"], 0, [], 1.0, False, family_sizes=[40], family_draws=1)
+    assert [g for g, _, _ in suite] == ["given", "classes", "classes open"]
 
 
 def test_harder_images_the_cascade_stays_above_zero_shot():

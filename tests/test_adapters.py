@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.stages import STAGES, NotFittedError, Stage
+from cascade.stages import NotFittedError, Stage, get_stage
 from cascade.stages.base import softmax
 from cascade.stages.clip_adapter import CLIPAdapter
 from cascade.stages.tip_adapter import AUTHOR_CONFIGS, TipAdapter, TipAdapterF, _Cache, search_grid
@@ -199,8 +199,8 @@ def test_clip_adapter_learning_rate_schedule():
 
 # -- the estimator contract ----------------------------------------------------------------------------------
 def test_registered_under_their_names():
-    assert STAGES["tip-adapter"] is TipAdapter and STAGES["tip-adapter-f"] is TipAdapterF
-    assert STAGES["clip-adapter"] is CLIPAdapter
+    assert get_stage("tip-adapter") is TipAdapter and get_stage("tip-adapter-f") is TipAdapterF
+    assert get_stage("clip-adapter") is CLIPAdapter
     assert all(k.transductive is False for k in KLASSES)
 
 

@@ -24,9 +24,12 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .base import Stage, check_features, check_labels, softmax
+from numbers import Integral, Real
+
+from .base import Interval, Stage, check_features, check_labels, register_stage, softmax
 
 
+@register_stage("clip-adapter")
 class CLIPAdapter(Stage):
     """CLIP-Adapter over the classes of ``text`` (see the module docstring).
 
@@ -62,22 +65,19 @@ class CLIPAdapter(Stage):
         self.logit_scale = logit_scale
         self.random_state = random_state
 
-    def _check_params(self) -> None:
-        def is_int(v, low):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
-
-        for name, low in (("reduction", 1), ("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0)):
-            if not is_int(getattr(self, name), low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
-        for name in ("lr", "warmup_lr", "logit_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+    _parameter_constraints = {
+        "reduction": [Interval(Integral, 1, None)],
+        "ratio": [Interval(Real, 0, 1)],
+        "epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "weight_decay": [Interval(Real, 0, None)],
+        "warmup_epochs": [Interval(Integral, 0, None)],
+        "warmup_lr": [Interval(Real, 0, None, closed="neither")],
+        "logit_scale": [Interval(Real, 0, None, closed="neither")],
+        "random_state": [Interval(Integral)],
+    }
 
     def _lr(self, epoch: int) -> float:
         """Learning rate of an epoch: warm-up constant, then cosine over ``epochs`` (Dassl's per-epoch steps)."""
@@ -89,7 +89,7 @@ class CLIPAdapter(Stage):
         """Train the adapter on support ``X`` [Ns, D] / ``y`` against ``text`` [C, D].
 
         ``val`` and ``query`` are accepted and ignored (the last epoch is kept; an inductive stage)."""
-        self._check_params()
+        self._validate_params()
         if text is None:
             raise ValueError("text: the class text embeddings [C, D] are required")
         text = check_features(text, "text")

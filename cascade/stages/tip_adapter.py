@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Stage, check_features, check_labels, softmax
+from numbers import Integral, Real
+
+from .base import Interval, Stage, check_features, check_labels, register_stage, softmax
 
 #: The authors' per-dataset settings (configs/<dataset>.yaml of gaopengcuhk/Tip-Adapter): search grid and the
 #: initial beta/alpha. Every config trains Tip-Adapter-F with lr 0.001 for 20 epochs (EuroSAT: 100).
@@ -81,6 +83,21 @@ class _Cache:
         return out
 
 
+class _Pair:
+    """Two numbers of ``kind`` (beta's, then alpha's), each above ``low`` (a parameter constraint)."""
+
+    def __init__(self, kind, low, closed: str):
+        self.one = Interval(kind, low, None, closed=closed)
+
+    def __call__(self, value) -> bool:
+        return (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2
+                and all(self.one(v.item() if isinstance(v, np.generic) else v) for v in value))
+
+    def __str__(self) -> str:
+        return f"two values (beta, alpha), each {self.one}"
+
+
+@register_stage("tip-adapter")
 class TipAdapter(Stage):
     """Tip-Adapter over the classes of ``text`` (training-free cache model; see the module docstring).
 
@@ -104,18 +121,16 @@ class TipAdapter(Stage):
         self.logit_scale = logit_scale
 
     # -- checks and shared pieces -----------------------------------------------------------------------
+    _parameter_constraints = {
+        "init_beta": [Interval(Real, 0, None, closed="neither")],
+        "init_alpha": [Interval(Real, 0, None)],
+        "search_scale": [_Pair(Real, 0.1, "neither")],
+        "search_step": [_Pair(Integral, 1, "left")],
+        "logit_scale": [Interval(Real, 0, None, closed="neither")],
+    }
+
     def _check_params(self) -> None:
-        if not self.init_beta > 0:
-            raise ValueError(f"init_beta must be > 0, got {self.init_beta!r}")
-        if not self.init_alpha >= 0:
-            raise ValueError(f"init_alpha must be >= 0, got {self.init_alpha!r}")
-        if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale!r}")
-        scale, step = tuple(self.search_scale), tuple(self.search_step)
-        if len(scale) != 2 or not all(float(s) > 0.1 for s in scale):
-            raise ValueError(f"search_scale must be two numbers > 0.1 (beta, alpha), got {self.search_scale!r}")
-        if len(step) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in step):
-            raise ValueError(f"search_step must be two integers >= 1 (beta, alpha), got {self.search_step!r}")
+        self._validate_params()
 
     def _check_inputs(self, X, y, text, val):
         if text is None:
@@ -179,6 +194,7 @@ class TipAdapter(Stage):
         return z
 
 
+@register_stage("tip-adapter-f")
 class TipAdapterF(TipAdapter):
     """Tip-Adapter-F: Tip-Adapter whose cache keys are fine-tuned on the support rows (module docstring).
 
@@ -204,18 +220,15 @@ class TipAdapterF(TipAdapter):
         self.weight_decay = weight_decay
         self.random_state = random_state
 
-    def _check_params(self) -> None:
-        super()._check_params()
-        if not (isinstance(self.epochs, (int, np.integer)) and self.epochs >= 1):
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not (isinstance(self.batch_size, (int, np.integer)) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+    _parameter_constraints = {
+        **TipAdapter._parameter_constraints,
+        "epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "eps": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None)],
+        "random_state": [Interval(Integral)],
+    }
 
     def fit(self, X, y=None, *, text=None, val=None, query=None) -> "TipAdapterF":
         """Fine-tune the keys on support ``X`` [Ns, D] / ``y``, then search beta/alpha on ``val`` = (Xv, yv).

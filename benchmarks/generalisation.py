@@ -33,8 +33,8 @@ labelled shots.
 values read as TOML, checked like a config): a stage's keyword ``stages.<stage>.<key>=VALUE``, e.g.
 ``stages.gda.shrinkage=0.3``, ``stages.gda.target=diagonal``, ``stages.gda.mean_prior=0``, ``stages.inmap.n_iter=2000``,
 ``stages.lpp.epochs=300``, ``stages.lpp.select=last``; the cascade's own keys ``stages.cascade.<key>=VALUE``, e.g.
-``stages.cascade.refine=""`` (no refinement), ``stages.cascade.seen=["lpp", "zeroshot"]``, ``stages.cascade.prior=stage``,
-``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
+``stages.cascade.refine=""`` (no refinement), ``stages.cascade.seen=["lpp", "zeroshot"]``,
+``stages.cascade.prior=stage``, ``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
 ``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``. The
 stages start from the default cascade's own settings (``Cascade()``).
 

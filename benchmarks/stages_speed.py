@@ -99,8 +99,8 @@ def main(argv=None):
               lambda: LinearProbePP(select="last").fit(support[k0], ys, text=text[k0]).decision_function(query[k0]),
               rows)
     im = Cascade().transductive          # the default transductive stage of the cascade
-    timed("InMaP as in the cascade, fit+score (one backbone)", lambda: im.fit(query[k0], text=text[k0], support_x=support[k0],
-                                                                     support_y=ys).decision_function(query[k0]), rows)
+    timed("InMaP as in the cascade, fit+score (one backbone)", lambda: im.fit(support[k0], ys, text=text[k0],
+                                                                     query=query[k0]).decision_function(query[k0]), rows)
     print(f"    (stopped after {im.n_iter_} steps)")
     if a.full_inmap:
         timed("InMaP authors' 2000 steps fit+score (one backbone)",

@@ -27,6 +27,7 @@ from typing import Any
 
 from .router import Cascade
 from .stages import ParameterError, UnknownStageError, get_stage, stage_name, stage_names, validate_params
+from .stages.specialist import SpecialistStage
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -274,6 +275,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         cfg = _build(Config, tree, "")
         validate_stages(cfg.stages)
+        _check_keywords(SpecialistStage, cfg.specialist.params, "specialist.params", skip=("feature_key",))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     for item in overrides:
@@ -282,6 +284,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             cfg = _build(Config, tree, "")
             validate_stages(cfg.stages)
+            _check_keywords(SpecialistStage, cfg.specialist.params, "specialist.params", skip=("feature_key",))
         except ConfigError as exc:
             raise ConfigError(f"--set {item}: {exc}") from None
     try:
@@ -330,7 +333,8 @@ def cascade_stage_names(table: dict) -> tuple[str, list[str], str | None]:
 def _check_keywords(cls, table: dict, where: str, skip=(), also=()) -> None:
     """Unknown keywords and values outside ``cls``'s declared constraints are ConfigErrors naming the key
     (``skip``: constructor arguments the table cannot set; ``also``: keys the table has besides them)."""
-    known = [*also, *(k for k in cls._param_names() if k not in skip)]
+    names = cls._param_names() if hasattr(cls, "_param_names") else list(cls().get_params())
+    known = [*also, *(k for k in names if k not in skip)]
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown keyword (known in [{where}]: {', '.join(known)})")

@@ -12,8 +12,8 @@
    (``marginal_test``). It becomes the Sinkhorn marginal of the transductive stage;
 3. **the transductive stage** over ALL classes (default InMaP), fitted on the queries at ``predict`` time;
 4. **pooling and refinement**: the seen block of each query's distribution is the log-linear pool
-   ``softmax(w1 log p1 + w2 log p_seen + w3 log p_zero-shot + w4 log p_rebalanced)`` of the transductive stage,
-   the seen stages, zero-shot and zero-shot rebalanced on the query set (``rebalance``, with validation rows:
+   ``softmax(w1 log p1 + sum_i w_seen_i log p_seen_i + w3 log p_zero-shot + w4 log p_rebalanced)`` of the
+   transductive stage, each seen stage (one expert and one exponent each), zero-shot and zero-shot rebalanced on the query set (``rebalance``, with validation rows:
    per-class biases that make its mean posterior over the queries the marginal of step 2; exponents fitted on the
    validation rows); the split between the seen block and each unseen class comes from the pool of the two
    experts over ALL classes, ``softmax(v1 log p1 + v2 log p_zero-shot)`` (exponents fitted on the validation rows
@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels, describe_stage,
-                          load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
+from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels,
+                          describe_stage, load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
 from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
                                  fit_temperature, marginal_test, paired_difference)
 from .stages.gda import GDA

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 
 import numpy as np
+
+from .base import BOOL, Interval, Options, TypeOf, validate_params  # noqa: F401  (BOOL: for extensions)
 
 __all__ = [
     "Preset", "PRESETS", "DEFAULT_PRESET", "random_resized_crop_flip", "eval_view", "to_array", "make_views",
@@ -409,6 +412,27 @@ class SpecialistStage:
     random_state : seed of folds, views and fine-tuning.
     """
 
+    _parameter_constraints = {
+        "feature_key": [TypeOf(str, "a string")],
+        "n_views": [Interval(Integral, 1, None)],
+        "preset": [TypeOf((str, dict, Preset), "a preset name or table")],
+        "C": [Options("auto"), Interval(Real, 0, None, closed="neither")],
+        "C_grid": [TypeOf((list, tuple), "a list of numbers")],
+        "weight": [Options("auto"), Interval(Real, 0, 1)],
+        "weight_grid": [TypeOf((list, tuple), "a list of numbers")],
+        "fallback_weight": [Interval(Real, 0, 1)],
+        "combine": [Options("linear", "log")],
+        "n_folds": [Interval(Integral, 2, None)],
+        "max_iter": [Interval(Integral, 1, None)],
+        "finetune": [Options("none", "last_stage", "all")],
+        "finetune_epochs": [Interval(Integral, 1, None)],
+        "finetune_lr": [Interval(Real, 0, None, closed="neither")],
+        "finetune_weight_decay": [Interval(Real, 0, None)],
+        "finetune_batch_size": [Interval(Integral, 1, None)],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "random_state": [Interval(Integral)],
+    }
+
     def __init__(self, feature_key: str = "convnextv2_base", n_views: int = 4, preset: str = DEFAULT_PRESET,
                  C="auto", C_grid=(0.01, 0.1, 1.0), weight="auto",
                  weight_grid=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), fallback_weight: float = 0.5,
@@ -445,6 +469,7 @@ class SpecialistStage:
             raise RuntimeError("SpecialistStage is not fitted yet: call fit(X, y, ...) (or fit_images) first")
 
     def _validate(self):
+        validate_params(self._parameter_constraints, self.get_params())
         if self.combine not in ("linear", "log"):
             raise ValueError(f"combine must be 'linear' or 'log', not {self.combine!r}")
         if self.finetune not in ("none", "last_stage", "all"):

@@ -120,10 +120,10 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
     from .output import read_result
 
     names = read_class_file(classes_path) if classes_path else None
+    result = read_result(result_path, n_classes=len(names) if names else None)
     labelled = _read_labels(labels_path)
     labels = {name: idx for name, (idx, _) in labelled.items()}
     if names is not None:
-        result = read_result(result_path, n_classes=len(names))
         bad = [f"{k} {v}" for k, v in labels.items() if v >= len(names)]
         if bad:
             raise LabelError(f"{labels_path}: {len(bad)} label(s) out of range for {classes_path} "
@@ -132,9 +132,9 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
         # without a class list, each file bounds the other: an index beyond every index of the other file
         # cannot be a class of this task (negative indices are refused by both readers)
         top_label = max(labels.values())
-        result = read_result(result_path, n_classes=top_label + 1,
-                             bound=f"larger than every label in {labels_path} (at most {top_label}); give the "
-                                   "class list with --classes if the labels do not cover every class")
+        read_result(result_path, n_classes=top_label + 1,  # again, bounded: the message names the line
+                    bound=f"larger than every label in {labels_path} (at most {top_label}); give the class list "
+                          "with --classes if the labels do not cover every class")
         top_result = max(i for idx in result.values() for i in idx)
         bad = [f"line {line}: label {idx} of {name} is larger than every class index in {result_path} (at most "
                f"{top_result})" for name, (idx, line) in labelled.items() if idx > top_result]

@@ -948,7 +948,8 @@ def _peek_resolution(path: Path) -> int | None:
 def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache_dir, batch_size: int = 256,
                   progress: bool = True) -> np.ndarray:
     """Class text embeddings [C, D], L2-normalised: each class's prompts are encoded, normalised, averaged
-    (a prompt ensemble) and normalised again. Cached under the weights' identity and the prompts."""
+    (a prompt ensemble) and normalised again. Cached under the weights' identity and the prompts, with a
+    checksum (:meth:`FeatureCache.save_array`): a damaged cached file is reported and computed again."""
     from tqdm import tqdm
 
     prompts = [list(p) for p in prompts]

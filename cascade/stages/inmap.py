@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Stage, check_features, check_labels, log_softmax, softmax
-from .calibration import estimate_prior, fit_temperature  # noqa: F401  (re-exported)
+from . import calibration
+from .calibration import estimate_prior, fit_temperature, row_blocks  # noqa: F401  (re-exported)
 
 
 def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter: int = 20,
@@ -35,7 +36,9 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
     log-probabilities, which give the same matrix without the underflow.
     """
     n, c = logits.shape
-    P = softmax(np.asarray(logits, dtype=np.float64) / tau_t) / n
+    P = np.asarray(logits, dtype=np.float64) / tau_t      # one [N, C] array, transformed in place
+    softmax(P, out=P)
+    P /= n
     if prior is not None:
         q = np.asarray(prior, dtype=np.float64).reshape(1, c)
         q = q / q.sum()
@@ -100,8 +103,13 @@ def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 1
     """
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
-    target = sharpen_confident(plabel, confidence)
-    base = (X.T @ target.astype(dtype)).T          # [C, D]  = (X^T P)^T
+    if n <= calibration.CHUNK_ROWS:
+        base = (X.T @ sharpen_confident(plabel, confidence).astype(dtype)).T     # [C, D]  = (X^T P)^T
+    else:                                           # the same sum over blocks of rows (no [N, C] copies)
+        acc = np.zeros((plabel.shape[1], X.shape[1]))
+        for b in row_blocks(n):
+            acc += (X[b].T @ sharpen_confident(plabel[b], confidence).astype(dtype)).T
+        base = acc.astype(dtype)
     W = np.array(init, dtype=dtype, copy=True)      # [C, D]
     logits = np.empty((n, W.shape[0]), dtype=dtype)
     grad = np.empty_like(W)
@@ -173,13 +181,17 @@ class InMaP(Stage):
         """
         text = check_features(text, "text")
         X = check_features(X, "queries", dim=text.shape[1])
-        logits = X.astype(np.float64) @ text.T.astype(np.float64)
+        T = text.T.astype(np.float64)
+        logits = np.empty((X.shape[0], T.shape[1]))
+        for b in row_blocks(X.shape[0]):            # no float64 copy of all queries at once
+            logits[b] = X[b].astype(np.float64) @ T
         if self.sinkhorn:
             prior = self._resolve_prior(logits, text, support_x, support_y)
             plabel = sinkhorn(logits, self.tau_t, self.gamma, self.n_sinkhorn, prior=prior)
         else:
             prior = None
             plabel = softmax(logits / self.tau_t)
+        del logits                                  # [N, C]: not needed by the proxies' descent
         W, steps, lr = image_opt(X, text, plabel, self.lr, self.n_iter, self.tau_i, self.confidence,
                                  tol=self.tol)
         self.proxies_ = W

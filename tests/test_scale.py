@@ -56,7 +56,7 @@ def test_inmap_and_gda_in_blocks_agree_with_whole(monkeypatch):
     assert np.abs(a.coef_ - b.coef_).max() <= 1e-5 * np.abs(a.coef_).max()
     assert np.abs(a.intercept_ - b.intercept_).max() <= 1e-5 * np.abs(a.intercept_).max()
     za, zb = _both(lambda: a.decision_function(qx), monkeypatch)
-    assert np.array_equal(za, zb)                                    # rows are scored independently
+    assert np.abs(za - zb).max() <= 1e-6                             # rows are scored independently
     ta, tb = _both(lambda: calibration.fit_temperature(za, soft), monkeypatch)
     assert abs(ta - tb) <= 1e-6 * ta
 
@@ -66,8 +66,9 @@ def test_cascade_predict_in_blocks_agrees_with_whole(monkeypatch):
     rng = np.random.default_rng(3)
     rot = np.linalg.qr(rng.normal(size=(sx.shape[1], sx.shape[1])))[0].astype(np.float32)   # a second backbone
     two = lambda x: {"a": x, "b": np.ascontiguousarray(x @ rot)}  # noqa: E731
-    cascade = Cascade(transductive=InMaP(n_iter=20, prior="auto")).fit(two(sx), sy, two(text), n_seen=10,
-                                                                        val=(two(vx), vy))
+    s, v = sy < 10, vy < 10                                          # classes 10 and 11 are unseen
+    cascade = Cascade(transductive=InMaP(n_iter=20)).fit(two(sx[s]), sy[s], two(text), n_seen=10,
+                                                         val=(two(vx[v]), vy[v]))
     a, b = _both(lambda: cascade.predict(two(qx)), monkeypatch, block=41)
     assert np.abs(a.scores - b.scores).max() <= 1e-6
     assert np.array_equal(a.top5, b.top5) and a.route == b.route

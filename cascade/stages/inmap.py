@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Stage, check_features, check_labels, log_softmax, softmax
-from . import calibration
 from .calibration import estimate_prior, fit_temperature, row_blocks  # noqa: F401  (re-exported)
 
 
@@ -103,13 +102,11 @@ def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 1
     """
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
-    if n <= calibration.CHUNK_ROWS:
-        base = (X.T @ sharpen_confident(plabel, confidence).astype(dtype)).T     # [C, D]  = (X^T P)^T
-    else:                                           # the same sum over blocks of rows (no [N, C] copies)
-        acc = np.zeros((plabel.shape[1], X.shape[1]))
-        for b in row_blocks(n):
-            acc += (X[b].T @ sharpen_confident(plabel[b], confidence).astype(dtype)).T
-        base = acc.astype(dtype)
+    target = np.empty(plabel.shape, dtype=dtype)   # sharpened a block of rows at a time: no float64 copy
+    for b in row_blocks(n):
+        target[b] = sharpen_confident(plabel[b], confidence)
+    base = (X.T @ target).T                         # [C, D]  = (X^T P)^T
+    del target
     W = np.array(init, dtype=dtype, copy=True)      # [C, D]
     logits = np.empty((n, W.shape[0]), dtype=dtype)
     grad = np.empty_like(W)

@@ -102,7 +102,7 @@ def test_two_ranks_give_the_one_process_result(workspace, single):
     assert "zero.jpg" in (two / "result_unreadable.txt").read_text()
     # the same rows in both caches, features equal within 1e-6, written by both ranks (shards of each)
     a, b = _cache_rows(one / "cache"), _cache_rows(two / "cache")
-    assert sorted(a) == sorted(b) and len(a) == 2 * (8 * 6 + 8 * 12)
+    assert sorted(a) == sorted(b) and len(a) == 2 * (8 * 5 + 8 * 12)     # 2 backbones x (support + val + test)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
     assert r.stderr.count("wrote ") == 1          # rank 0 alone writes and speaks for the run
 

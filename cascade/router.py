@@ -51,7 +51,7 @@ import numpy as np
 from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels,
                           describe_stage, load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
 from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
-                                 fit_temperature, marginal_test, paired_difference)
+                                 fit_temperature, marginal_test, paired_difference, row_blocks)
 from .stages.gda import GDA
 from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
@@ -372,7 +372,12 @@ class Cascade(HasParams):
         return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
     def _zero_shot_logits(self, feats: dict) -> np.ndarray:
-        return self._joint(feats).astype(np.float64) @ self._joint(self.text_).T.astype(np.float64)
+        tj = self._joint(self.text_).T.astype(np.float64)
+        n = feats[self.backbones_[0]].shape[0]
+        out = np.empty((n, tj.shape[1]))
+        for b in row_blocks(n):                     # no float64 copy of all rows' joint features
+            out[b] = self._joint({k: feats[k][b] for k in self.backbones_}).astype(np.float64) @ tj
+        return out
 
     def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
         return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
@@ -397,13 +402,14 @@ class Cascade(HasParams):
         out = np.exp(lp_first if split is None else split)
         if not lp_seen:
             return out
-        if self.combine == "pool":
-            experts = [lp_first[:, :S], *lp_seen, *others]
-            w = np.ones(len(experts)) if weights is None else weights
-            block = sum(wj * lp for wj, lp in zip(w, experts))
-        else:
-            block = sum(lp_seen)
-        out[:, :S] = out[:, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
+        experts = [lp_first[:, :S], *lp_seen, *others]
+        w = np.ones(len(experts)) if weights is None else weights
+        for b in row_blocks(out.shape[0]):          # the pool's [N, S] temporaries a block of rows at a time
+            if self.combine == "pool":
+                block = sum(wj * lp[b] for wj, lp in zip(w, experts))
+            else:
+                block = sum(lp[b] for lp in lp_seen)
+            out[b, :S] = out[b, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
         return out
 
     def _support_joint(self) -> np.ndarray:
@@ -828,4 +834,7 @@ def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for b in row_blocks(scores.shape[0]):
+        out[b] = np.argsort(-scores[b], axis=1, kind="stable")[:, :k]
+    return out

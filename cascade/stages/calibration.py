@@ -18,6 +18,18 @@ import numpy as np
 
 from .base import log_softmax
 
+# Row blocks for the computations that see every query at once: their [N, C] and [N, D] temporaries are made
+# one block of rows at a time, so memory grows linearly in N with a small constant. Up to CHUNK_ROWS rows there
+# is one block and the computation is exactly the unchunked one; beyond, results agree to rounding.
+CHUNK_ROWS = 65536
+
+
+def row_blocks(n: int, size: int | None = None):
+    """Slices covering ``range(n)`` in blocks of ``size`` rows (default :data:`CHUNK_ROWS`, read at call time)."""
+    size = max(1, int(size or CHUNK_ROWS))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
 
 def _targets(y, n_rows: int, n_classes: int) -> np.ndarray:
     y = np.asarray(y)
@@ -50,16 +62,18 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
     all_finite = bool(finite.all())                 # the usual case: no masking needed
     if not all_finite:
         z = np.where(finite, z, 0.0)
-    z2 = z * z
     lo, hi = float(bounds[0]), float(bounds[1])
+    m, var = np.empty(n), np.empty(n)
 
     def derivatives(s):
-        e = s * z if all_finite else np.where(finite, s * z, -np.inf)    # exp(-inf) = 0: no mass, no overflow
-        e -= e.max(axis=1, keepdims=True)
-        p = np.exp(e, out=e)
-        p /= p.sum(axis=1, keepdims=True)
-        m = np.einsum("ij,ij->i", p, z)
-        var = np.einsum("ij,ij->i", p, z2) - m * m
+        for b in row_blocks(n):             # [N, C] temporaries one block of rows at a time
+            zb = z[b]
+            e = s * zb if all_finite else np.where(finite[b], s * zb, -np.inf)   # exp(-inf) = 0: no mass
+            e -= e.max(axis=1, keepdims=True)
+            p = np.exp(e, out=e)
+            p /= p.sum(axis=1, keepdims=True)
+            m[b] = np.einsum("ij,ij->i", p, zb)
+            var[b] = np.einsum("ij,ij->i", p, zb * zb) - m[b] * m[b]
         return m.mean() - target, max(var.mean(), 0.0)     # d NLL / ds, d2 NLL / ds2
 
     g, _ = derivatives(lo)

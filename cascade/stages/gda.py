@@ -29,7 +29,9 @@ from numbers import Real
 
 import numpy as np
 
+from . import calibration
 from .base import Interval, Options, Stage, check_features, check_labels, register_stage
+from .calibration import row_blocks
 
 
 @register_stage("gda")
@@ -83,12 +85,20 @@ class GDA(Stage):
         # everything about the rows' spread is computed around their weighted centre (no cancellation)
         # (a float32 product: the centre only fixes the origin, every quantity below is computed around it)
         centre = (X.T @ row_w.astype(np.float32)).astype(np.float64) / total
-        Xc = X - centre.astype(np.float32)
         means = np.zeros((A.shape[1], D))                             # centred class means
-        means[present] = (A[:, present].T.astype(np.float32) @ Xc).astype(np.float64) / counts[present, None]
+        if N <= calibration.CHUNK_ROWS:
+            Xc = X - centre.astype(np.float32)
+            means[present] = (A[:, present].T.astype(np.float32) @ Xc).astype(np.float64) / counts[present, None]
+            scatter = _weighted_scatter(Xc, row_w)
+        else:   # the same sums over blocks of rows: no centred copy of all rows, no [N, C] copies
+            sums, scatter = np.zeros((int(present.sum()), D)), np.zeros((D, D))
+            for b in row_blocks(N):
+                Xc = X[b] - centre.astype(np.float32)
+                sums += A[b][:, present].T.astype(np.float32) @ Xc
+                scatter += _weighted_scatter(Xc, row_w[b])
+            means[present] = sums / counts[present, None]
         # a class without any weight (possible with soft labels that underflowed) sits at the centre and gets
         # the smallest prior below, so it never wins on its own
-        scatter = _weighted_scatter(Xc, row_w)
         scatter -= (means[present] * counts[present, None]).T @ means[present]
         scatter /= total
         scatter = (scatter + scatter.T) / 2.0
@@ -116,7 +126,10 @@ class GDA(Stage):
         centre, which shifts every class of a row by the same amount)."""
         self._check_fitted()
         X = check_features(X, "X", dim=self.coef_.shape[1], normalised=False)
-        return (X @ self.coef_.T).astype(np.float64) + self.intercept_
+        out = np.empty((X.shape[0], self.coef_.shape[0]))
+        for b in row_blocks(X.shape[0]):
+            out[b] = (X[b] @ self.coef_.T).astype(np.float64) + self.intercept_
+        return out
 
 
 def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .base import (BOOL, ArrayLike, Interval, Options, Stage, check_features, check_labels, log_softmax,
                    register_stage, softmax)
-from .calibration import estimate_prior, fit_temperature  # noqa: F401  (re-exported)
+from .calibration import estimate_prior, fit_temperature, row_blocks  # noqa: F401  (re-exported)
 
 
 def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter: int = 20,
@@ -38,7 +38,9 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
     log-probabilities, which give the same matrix without the underflow.
     """
     n, c = logits.shape
-    P = softmax(np.asarray(logits, dtype=np.float64) / tau_t) / n
+    P = np.asarray(logits, dtype=np.float64) / tau_t      # one [N, C] array, transformed in place
+    softmax(P, out=P)
+    P /= n
     if prior is not None:
         q = np.asarray(prior, dtype=np.float64).reshape(1, c)
         q = q / q.sum()
@@ -103,8 +105,11 @@ def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 1
     """
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
-    target = sharpen_confident(plabel, confidence)
-    base = (X.T @ target.astype(dtype)).T          # [C, D]  = (X^T P)^T
+    target = np.empty(plabel.shape, dtype=dtype)   # sharpened a block of rows at a time: no float64 copy
+    for b in row_blocks(n):
+        target[b] = sharpen_confident(plabel[b], confidence)
+    base = (X.T @ target).T                         # [C, D]  = (X^T P)^T
+    del target
     W = np.array(init, dtype=dtype, copy=True)      # [C, D]
     logits = np.empty((n, W.shape[0]), dtype=dtype)
     grad = np.empty_like(W)
@@ -202,13 +207,17 @@ class InMaP(Stage):
             X = query
         text = check_features(text, "text")
         X = check_features(X, "queries", dim=text.shape[1])
-        logits = X.astype(np.float64) @ text.T.astype(np.float64)
+        T = text.T.astype(np.float64)
+        logits = np.empty((X.shape[0], T.shape[1]))
+        for b in row_blocks(X.shape[0]):            # no float64 copy of all queries at once
+            logits[b] = X[b].astype(np.float64) @ T
         if self.sinkhorn:
             prior = self._resolve_prior(logits, text, support_x, support_y)
             plabel = sinkhorn(logits, self.tau_t, self.gamma, self.n_sinkhorn, prior=prior)
         else:
             prior = None
             plabel = softmax(logits / self.tau_t)
+        del logits                                  # [N, C]: not needed by the proxies' descent
         W, steps, lr = image_opt(X, text, plabel, self.lr, self.n_iter, self.tau_i, self.confidence,
                                  tol=self.tol)
         self.proxies_ = W

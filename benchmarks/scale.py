@@ -1,0 +1,158 @@
+"""Time and peak memory of the cascade (fit on the support rows, predict on N queries) as N grows.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 1000,10000,100000,1000000] [--classes 400] [--backbones 2]
+                                         [--inmap-steps 50] [--mem-limit-gib 20]
+
+Features are synthetic, drawn around REAL class means: the class means (and text embeddings) of the shared
+real CLIP ViT-B/32 feature tasks (benchmarks/realbench: caltech101, food101, imagenet_dev; 185 classes), and
+beyond those, classes whose mean and text are the normalised average of two real classes' (seeded). Every row
+(support, validation, query) is ``normalise(mean_k + r)`` with ``r`` a real row's offset from its own class mean,
+drawn at random; backbone b > 0 sees the same images through a fixed random rotation and its own offsets.
+4 support and 1 validation row per class; queries uniform over the classes.
+
+Each size runs in its own process (``--one N``), so ``ru_maxrss`` is that size's peak resident memory; the
+child caps its address space (``--mem-limit-gib``) so that a size that does not fit stops with MemoryError
+instead of pushing other processes out of memory. The cascade is the configured one (cascade/configs/default.toml,
+``stages.inmap.n_iter`` set by ``--inmap-steps``). Prints one line per size, then the growth exponents between
+consecutive sizes (time ~ N^a, peak memory above the smallest run ~ N^b).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cascade.config import load_config  # noqa: E402
+from cascade.pipeline import _make_cascade  # noqa: E402
+
+TASKS = ("caltech101", "food101", "imagenet_dev")
+SHOTS, VAL = 4, 1
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def real_classes(folder: Path):
+    """(class means [K, 512], text [K, 512], offsets [M, 512]) of the real tasks: every row's offset from its
+    class mean is a realistic within-class deviation."""
+    means, texts, offsets = [], [], []
+    for name in TASKS:
+        t = np.load(folder / f"{name}.npz", allow_pickle=False)
+        x = np.concatenate([t["support_x"], t["val_x"], t["query_x"]])
+        y = np.concatenate([t["support_y"], t["val_y"], t["query_y"]])
+        for k in range(t["text_x"].shape[0]):
+            rows = x[y == k]
+            if len(rows) < 2:
+                continue
+            m = rows.mean(axis=0)
+            means.append(m)
+            texts.append(t["text_x"][k])
+            offsets.append(rows - m)
+    return np.array(means), _unit(np.array(texts)), np.concatenate(offsets).astype(np.float32)
+
+
+def make_task(n_query: int, n_classes: int, n_backbones: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    means, text, offsets = real_classes(REPO / "benchmarks" / "realbench")
+    if n_classes > len(means):                 # more classes: averages of two real classes (mean and text)
+        pairs = rng.choice(len(means), size=(n_classes - len(means), 2))
+        means = np.concatenate([means, means[pairs].mean(axis=1)])
+        text = np.concatenate([text, _unit(text[pairs].mean(axis=1))])
+    means, text = means[:n_classes].astype(np.float32), text[:n_classes]
+    dim = means.shape[1]
+    rots = [np.eye(dim, dtype=np.float32)] + [np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)
+                                              for _ in range(n_backbones - 1)]
+    keys = [f"b{i}" for i in range(n_backbones)]
+
+    def rows(labels):
+        out = {}
+        for key, rot in zip(keys, rots):
+            x = np.empty((len(labels), dim), np.float32)
+            for s in range(0, len(labels), 65536):          # generated in blocks: no [N, D] float64 copies
+                lab = labels[s: s + 65536]
+                off = offsets[rng.integers(0, len(offsets), len(lab))]
+                x[s: s + len(lab)] = _unit(means[lab] + off) @ rot
+            out[key] = x
+        return out
+
+    ys = np.repeat(np.arange(n_classes), SHOTS)
+    yv = np.repeat(np.arange(n_classes), VAL)
+    yq = rng.integers(0, n_classes, n_query)
+    return (rows(ys), ys, rows(yv), yv, rows(yq), yq,
+            {key: np.ascontiguousarray(text @ rot) for key, rot in zip(keys, rots)})
+
+
+def run_one(n: int, args) -> dict:
+    limit = int(args.mem_limit_gib * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    support, ys, val, yv, query, yq, text = make_task(n, args.classes, args.backbones)
+    cfg = load_config(overrides=[f"stages.inmap.n_iter={args.inmap_steps}"])
+    cascade = _make_cascade(cfg)
+    t0 = time.perf_counter()
+    cascade.fit(support, ys, text, n_seen=args.classes, val=(val, yv))
+    t1 = time.perf_counter()
+    pred = cascade.predict(query)
+    t2 = time.perf_counter()
+    top1 = float((np.asarray(pred.top5)[:, 0] == yq).mean() * 100)
+    return {"n": n, "fit_s": t1 - t0, "predict_s": t2 - t1, "peak_mib": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024, "top1": top1}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1000,10000,100000,1000000", help="query counts, comma-separated")
+    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--backbones", type=int, default=2)
+    p.add_argument("--inmap-steps", type=int, default=50, help="stages.inmap.n_iter (the configured default: 50)")
+    p.add_argument("--mem-limit-gib", type=float, default=20.0, help="address-space cap of each size's process")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one(args.one, args)))
+        return 0
+    flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512f"}) if os.path.exists(
+        "/proc/cpuinfo") else []
+    print(f"# {args.classes} classes x {args.backbones} backbones x 512-D, InMaP {args.inmap_steps} steps; "
+          f"{os.cpu_count()} cores ({', '.join(flags) or 'no avx2/avx512f'}), load average "
+          f"{os.getloadavg()[0]:.1f} at start")
+    print(f"{'queries':>10} {'predict_s':>10} {'fit_s':>8} {'peak_MiB':>10} {'top1_%':>7}")
+    done = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        cmd = [sys.executable, __file__, "--one", str(n), "--classes", str(args.classes), "--backbones",
+               str(args.backbones), "--inmap-steps", str(args.inmap_steps), "--mem-limit-gib", str(args.mem_limit_gib)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{n:>10} did not complete: {last}")
+            break
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        done.append(res)
+        print(f"{n:>10} {res['predict_s']:>10.2f} {res['fit_s']:>8.2f} {res['peak_mib']:>10.0f} {res['top1']:>7.2f}",
+              flush=True)
+    base = done[0]["peak_mib"] if done else 0.0
+    for a, b in zip(done, done[1:]):
+        ratio = math.log(b["n"] / a["n"])
+        t_exp = math.log(b["predict_s"] / a["predict_s"]) / ratio
+        grow_a, grow_b = a["peak_mib"] - base, b["peak_mib"] - base
+        m_exp = (f"{math.log(grow_b / grow_a) / ratio:.2f}" if grow_a > 0 and grow_b > 0 else "n/a")
+        per_k = (b["peak_mib"] - a["peak_mib"]) / ((b["n"] - a["n"]) / 1000)
+        print(f"growth {a['n']} -> {b['n']}: predict time ~ N^{t_exp:.2f}; peak memory above the smallest run ~ "
+              f"N^{m_exp}; {per_k:.2f} MiB per 1000 more queries")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

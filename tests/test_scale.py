@@ -1,0 +1,108 @@
+"""Large query sets (docs/scale.md): the stages that see every query at once work in blocks of rows
+(``cascade.stages.calibration.CHUNK_ROWS``) and give the unchunked results; the result file and routes CSV are
+streamed (memory does not grow with their text) and stay atomic; benchmarks/scale.py runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade.output import read_result, write_result, write_routes_csv
+from cascade.router import Cascade
+from cascade.stages import calibration
+from cascade.stages.gda import GDA
+from cascade.stages.inmap import InMaP
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _task(n_query=300, c=12, d=24, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(c, d))
+
+    def draw(n, labels=None):
+        y = rng.integers(0, c, n) if labels is None else labels
+        x = means[y] + 0.9 * rng.normal(size=(n, d))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    text = means + 0.5 * rng.normal(size=(c, d))
+    text = (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)
+    sx, sy = draw(4 * c, np.repeat(np.arange(c), 4))
+    vx, vy = draw(2 * c, np.repeat(np.arange(c), 2))
+    qx, _ = draw(n_query)
+    return sx, sy, vx, vy, qx, text
+
+
+def _both(fn, monkeypatch, block=37):
+    """fn() with one block of rows (today's computation) and with blocks of ``block`` rows."""
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", 10 ** 9)
+    whole = fn()
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", block)
+    return whole, fn()
+
+
+def test_inmap_and_gda_in_blocks_agree_with_whole(monkeypatch):
+    sx, sy, _, _, qx, text = _task()
+    fit_inmap = lambda: InMaP(n_iter=30, prior="auto").fit(qx, text=text, support_x=sx, support_y=sy)  # noqa: E731
+    a, b = _both(fit_inmap, monkeypatch)
+    assert np.abs(a.proxies_ - b.proxies_).max() <= 1e-6 and np.allclose(a.prior_, b.prior_, atol=1e-9)
+    soft = np.random.default_rng(1).dirichlet(np.ones(text.shape[0]), size=len(qx))
+    fit_gda = lambda: GDA(shrinkage=0.3).fit(qx, soft)  # noqa: E731
+    a, b = _both(fit_gda, monkeypatch)
+    assert np.abs(a.coef_ - b.coef_).max() <= 1e-5 * np.abs(a.coef_).max()
+    assert np.abs(a.intercept_ - b.intercept_).max() <= 1e-5 * np.abs(a.intercept_).max()
+    za, zb = _both(lambda: a.decision_function(qx), monkeypatch)
+    assert np.abs(za - zb).max() <= 1e-6                             # rows are scored independently
+    ta, tb = _both(lambda: calibration.fit_temperature(za, soft), monkeypatch)
+    assert abs(ta - tb) <= 1e-6 * ta
+
+
+def test_cascade_predict_in_blocks_agrees_with_whole(monkeypatch):
+    sx, sy, vx, vy, qx, text = _task(n_query=250)
+    rng = np.random.default_rng(3)
+    rot = np.linalg.qr(rng.normal(size=(sx.shape[1], sx.shape[1])))[0].astype(np.float32)   # a second backbone
+    two = lambda x: {"a": x, "b": np.ascontiguousarray(x @ rot)}  # noqa: E731
+    s, v = sy < 10, vy < 10                                          # classes 10 and 11 are unseen
+    cascade = Cascade(transductive=InMaP(n_iter=20)).fit(two(sx[s]), sy[s], two(text), n_seen=10,
+                                                         val=(two(vx[v]), vy[v]))
+    a, b = _both(lambda: cascade.predict(two(qx)), monkeypatch, block=41)
+    assert np.abs(a.scores - b.scores).max() <= 1e-6
+    assert np.array_equal(a.top5, b.top5) and a.route == b.route
+
+
+def test_result_and_routes_are_streamed_and_atomic(tmp_path):
+    n = 100_000
+    names = [f"some_folder_of_a_crawl_image_{i:07d}.jpg" for i in range(n)][::-1]
+    top5 = np.tile(np.arange(5), (n, 1))
+    out = tmp_path / "result.txt"
+    tracemalloc.start()
+    write_result(out, names, top5)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    text_size = out.stat().st_size
+    assert peak < text_size / 2, (peak, text_size)             # never the whole text in memory
+    back = read_result(out)
+    assert len(back) == n and next(iter(back)) == "some_folder_of_a_crawl_image_0000000.jpg"
+    # a failure half-way through the stream leaves the previous file as it was, and no temporary file
+    before = out.read_bytes()
+    bad = names[:10] + ["broken\nname.jpg"]
+    with pytest.raises(ValueError, match="line break"):
+        write_result(out, bad, np.zeros((len(bad), 5), int))
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["result.txt"]
+    routes = tmp_path / "routes.csv"
+    write_routes_csv(routes, names[:3], ["seen"] * 3, top5[:3], np.ones((3, 5)) / 5)
+    assert routes.read_text().splitlines()[1].startswith("some_folder_of_a_crawl_image_0099997.jpg,seen,ok,0,1")
+
+
+def test_scale_benchmark_runs_and_reports_time_and_memory():
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/scale.py"), "--sizes", "300,1000", "--classes", "20",
+                        "--inmap-steps", "5"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["300", "1000"]
+    assert all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)      # seconds, peak MiB
+    assert "growth" in r.stdout

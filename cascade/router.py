@@ -146,7 +146,7 @@ class Cascade(HasParams):
         its mean over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its
         pseudo-labels). "check": only when the held-out rows, joining the queries in the balanced set so that they
         are scored in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their
-        labels (never without held-out rows). Balancing forces the class counts of the query set; it pays where
+        labels (never without held-out rows). Only with ``combine="pool"``. Balancing forces the class counts of the query set; it pays where
         the query set is balanced and the experts' class bias is the error (many overlapping classes, few queries
         per class) and costs where the counts of a sampled query set deviate from the marginal.
     balance_min_gain : float
@@ -609,7 +609,7 @@ class Cascade(HasParams):
                 if dropped:
                     refined, t_ref, refined_v = scores, None, scores_v
             scores, scores_v = refined, refined_v
-        if self.balance != "none":
+        if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
             marginal = details.get("prior", getattr(stage, "prior_", None))
             marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
             keep = self.balance == "always"

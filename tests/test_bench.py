@@ -71,6 +71,57 @@ def test_cascade_beats_readme_bars_on_open_tasks(bench, name):
     assert res["cascade"]["top1"] > res["seed-cascade"]["top1"]   # and our run of the seed rule
 
 
+IMAGENET = ["imagenet_dev", "imagenet_dev-open"]
+
+
+@pytest.fixture(scope="module")
+def bench_imagenet():
+    cmd = [sys.executable, "-m", "cascade", "bench", "--json", "--methods",
+           "zero-shot,inmap,inmap-nosinkhorn,lpp,cascade", *[str(TASKS / f"{n}.npz") for n in IMAGENET]]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return {rec["task"]: rec["results"] for rec in (json.loads(line) for line in out.splitlines() if line.strip())}
+
+
+def test_imagenet_no_regret(bench_imagenet):
+    """131 classes, balanced queries: the balanced final distribution keeps the cascade above zero-shot, LP++ and
+    InMaP without Sinkhorn by a wide margin, above InMaP (Sinkhorn) on the open task, and within 0.5 points of
+    it on the closed one. The issue's goal (1.0 above InMaP on both) is not reached: docs/accuracy.md."""
+    for name in IMAGENET:
+        res = bench_imagenet[name]
+        casc = res["cascade"]["top1"]
+        assert casc > max(res[m]["top1"] for m in ("zero-shot", "inmap-nosinkhorn", "lpp")) + 4.0, (name, res)
+        assert casc >= res["inmap"]["top1"] - 0.5, (name, res)
+        assert res["cascade"]["top5"] > res["inmap"]["top5"], (name, res)
+    assert bench_imagenet["imagenet_dev-open"]["cascade"]["top1"] > bench_imagenet["imagenet_dev-open"]["inmap"]["top1"]
+
+
+def test_balancing_is_kept_where_held_out_rows_gain():
+    """The final distribution is balanced to the estimated class marginal on imagenet_dev (balanced queries:
+    held-out rows gain > 0.1 nats per row from it, and the queries about 3 points) but not on Food-101 or
+    Caltech-101, whose query counts are not those of the marginal."""
+    from cascade.bench import load_task
+    from cascade.router import Cascade
+
+    def run(name, **kw):
+        t = load_task(TASKS / f"{name}.npz")
+        y = t.pop("query_y")
+        m = Cascade(**kw).fit({"b": t["support_x"]}, t["support_y"], {"b": t["text_x"]}, t["n_seen"],
+                              val=({"b": t["val_x"]}, t["val_y"]))
+        res = m.predict({"b": t["query_x"]})
+        return 100 * np.mean(res.scores.argmax(1) == y), res.details
+
+    acc, det = run("imagenet_dev")
+    assert det["balanced"] and det["balance_gain"] > 0.1
+    acc_none, det_none = run("imagenet_dev", balance="none")
+    assert "balanced" not in det_none and acc > acc_none + 2.0
+    for name in ("food101", "caltech101-open"):
+        _, det = run(name)
+        assert not det["balanced"] and det["balance_gain"] < 0.1, (name, det["balance_gain"])
+    with pytest.raises(ValueError, match="balance"):
+        Cascade(balance="sometimes").fit({"b": np.eye(2, 4, dtype=np.float32)}, [0, 1],
+                                         {"b": np.eye(2, 4, dtype=np.float32)}, 2)
+
+
 def test_table_output_and_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", "zero-shot,lpp",
                           str(TASKS / "food101.npz")], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import logsumexp
 
 from .base import log_softmax
 
@@ -144,9 +145,17 @@ def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: flo
     P /= P.sum(axis=1, keepdims=True)
     np.maximum(P, tiny, out=P)
     log_w = np.zeros(c)
+    Lc = None
     for _ in range(n_iter):
         w = np.exp(log_w - log_w.max())
-        m = w * (P.T @ (1.0 / (P @ w))) / n            # the mean posterior with biases log w
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            m = w * (P.T @ (1.0 / (P @ w))) / n        # the mean posterior with biases log w
+        if not np.all(np.isfinite(m)):
+            # some row's mass sits only on classes whose weights underflowed: the same mean in log space
+            if Lc is None:
+                Lc = L - logsumexp(L, axis=1, keepdims=True)
+            Z = Lc + log_w
+            m = np.exp(logsumexp(Z - logsumexp(Z, axis=1, keepdims=True), axis=0) - np.log(n))
         step = np.log(q) - np.log(np.maximum(m, 1e-300))
         log_w += step
         if np.max(np.abs(step)) <= tol:

@@ -173,8 +173,6 @@ class SpecialistStage(Stage):
         preprocess_for(self.preset)  # an unknown preset name fails here
         return self
 
-    _validate = validate
-
     @property
     def preprocess(self) -> Preprocess:
         """The preprocessing this specialist's backbone expects (test view and train views)."""

@@ -8,11 +8,11 @@ and class names are shown; without it, everything is reported under one domain.
 from __future__ import annotations
 
 import sys
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from .data import parse_indexed, raise_many, read_lines
 
@@ -26,41 +26,41 @@ class LabelError(ValueError):
 def topk_table(top: np.ndarray, labels: np.ndarray, class_domains: Sequence[str] | None = None,
                ks: Sequence[int] = (1, 5)) -> list[dict]:
     """Rows ``{"domain", "n", "top1", "top5"}`` (accuracies in %), one per domain in order of first appearance
-    in ``class_domains`` that has examples, then ``"all"``."""
+    in ``class_domains`` that has examples, then ``"all"``. A pandas group-by over one row per example."""
     top = np.asarray(top)
     labels = np.asarray(labels, dtype=np.int64)
-    hits = {k: (top[:, :k] == labels[:, None]).any(axis=1) for k in ks}
+    hits = pd.DataFrame({f"top{k}": (top[:, :k] == labels[:, None]).any(axis=1) for k in ks})
+    cols = list(hits.columns)
     rows = []
     if class_domains is not None and len(labels):
-        dom = np.array([class_domains[c] or "-" for c in labels])
-        for d in dict.fromkeys(class_domains[c] or "-" for c in range(len(class_domains))):
-            m = dom == d
-            if m.any():
-                rows.append({"domain": d, "n": int(m.sum()),
-                             **{f"top{k}": float(100.0 * hits[k][m].mean()) for k in ks}})
+        order = list(dict.fromkeys(class_domains[c] or "-" for c in range(len(class_domains))))
+        domain = pd.Categorical([class_domains[c] or "-" for c in labels], categories=order)
+        per = hits.groupby(domain, observed=True, sort=True)[cols].agg(["size", "mean"])
+        for d, r in per.iterrows():
+            rows.append({"domain": d, "n": int(r[(cols[0], "size")]),
+                         **{c: float(100.0 * r[(c, "mean")]) for c in cols}})
     rows.append({"domain": "all", "n": int(len(labels)),
-                 **{f"top{k}": float(100.0 * hits[k].mean()) if len(labels) else 0.0 for k in ks}})
+                 **{c: float(100.0 * hits[c].mean()) if len(labels) else 0.0 for c in cols}})
     return rows
 
 
 def worst_classes(top1: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
                   n: int = 10) -> list[dict]:
     """The ``n`` classes with the lowest top-1 accuracy (ties: more examples first), each with the class it is
-    most often mistaken for."""
-    top1 = np.asarray(top1, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    per: dict[int, list[int]] = defaultdict(list)
-    for y, p in zip(labels.tolist(), top1.tolist()):
-        per[y].append(p)
+    most often mistaken for (ties: the one seen first). Pandas group-bys over one row per example."""
+    df = pd.DataFrame({"label": np.asarray(labels, dtype=np.int64), "pred": np.asarray(top1, dtype=np.int64)})
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
+    per = df.assign(hit=df["label"] == df["pred"]).groupby("label", sort=False)["hit"].agg(["size", "sum"])
+    confused: dict[int, tuple[int, int]] = {}  # class -> (most frequent wrong prediction, count); ties: first seen
+    for (c, p), times in df[df["label"] != df["pred"]].groupby(["label", "pred"], sort=False).size().items():
+        if c not in confused or times > confused[c][1]:
+            confused[c] = (int(p), int(times))
     rows = []
-    for c, preds in per.items():
-        correct = sum(p == c for p in preds)
-        wrong = Counter(p for p in preds if p != c)
-        confused, times = wrong.most_common(1)[0] if wrong else (None, 0)
-        rows.append({"class": c, "name": name(c), "n": len(preds), "top1": 100.0 * correct / len(preds),
-                     "confused_with": "" if confused is None else f"{name(confused)} ({confused})",
-                     "times": times})
+    for c, r in per.iterrows():
+        other, times = confused.get(c, (None, 0))
+        rows.append({"class": int(c), "name": name(int(c)), "n": int(r["size"]),
+                     "top1": 100.0 * int(r["sum"]) / int(r["size"]),
+                     "confused_with": "" if other is None else f"{name(other)} ({other})", "times": times})
     rows.sort(key=lambda r: (r["top1"], -r["n"], r["class"]))
     return rows[:n]
 

@@ -1,4 +1,4 @@
-"""Image preprocessing, batched feature extraction and the on-disk feature cache.
+"""Batched feature extraction and the on-disk feature cache (preprocessing: :mod:`cascade.preprocess`).
 
 Each image is decoded and encoded once per backbone: features are cached on disk under a key made of the
 model weights' identity (their SHA-256), the preprocessing and the image file (absolute path, size, mtime), so
@@ -27,13 +27,13 @@ import uuid
 import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .data import ImageError, load_image
+from .data import ImageError
+from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "FeatureCache", "CacheError", "Failure",
@@ -41,118 +41,14 @@ __all__ = [
     "text_features", "l2_normalize",
 ]
 
-# OpenAI CLIP's normalisation (clip/clip.py, _transform) and ImageNet's (timm / torchvision defaults)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 CACHE_FORMAT = "cascade-features-v1"
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalize(x: np.ndarray, axis: int = -1, dtype=np.float32) -> np.ndarray:
+    """Rows (``axis``) scaled to unit L2 norm, as ``dtype``; the norm is computed in float64."""
+    x = np.asarray(x, dtype=dtype)
     n = np.linalg.norm(x.astype(np.float64), axis=axis, keepdims=True)
-    return (x / np.maximum(n, 1e-12)).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------- preprocessing
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side to ``resize`` (bicubic by default, the long side ``int(resize * long / short)``
-    as torchvision's ``Resize`` computes it), centre-crop ``size`` x ``size`` (offsets rounded as torchvision's
-    ``CenterCrop``), scale to [0, 1], normalise with ``mean``/``std``; output float32 [3, size, size].
-
-    :meth:`clip` is CLIP's transform (224, no extra margin); :meth:`imagenet` the usual 256 -> 224 evaluation
-    transform of ImageNet-trained models such as ConvNeXt-V2 (crop ratio 0.875)."""
-
-    size: int = 224
-    resize: int = 224
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    interpolation: str = "bicubic"
-
-    @classmethod
-    def clip(cls, resolution: int = 224) -> "Preprocess":
-        return cls(resolution, resolution, CLIP_MEAN, CLIP_STD, "bicubic")
-
-    @classmethod
-    def imagenet(cls, size: int = 224, crop_pct: float = 0.875) -> "Preprocess":
-        return cls(size, int(size / crop_pct), IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        d = dict(d)
-        known = {"size", "resize", "mean", "std", "interpolation"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"preprocess: unknown key(s) {sorted(unknown)} (known: {sorted(known)})")
-        size = int(d.get("size", 224))
-        return cls(size, int(d.get("resize", size)), tuple(float(v) for v in d.get("mean", CLIP_MEAN)),
-                   tuple(float(v) for v in d.get("std", CLIP_STD)), str(d.get("interpolation", "bicubic")))
-
-    def __post_init__(self):
-        if self.resize < self.size:
-            raise ValueError(f"preprocess: resize ({self.resize}) must be >= size ({self.size})")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("preprocess: mean and std need 3 values each, std > 0")
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"preprocess: interpolation must be one of {sorted(_RESAMPLE)}")
-
-    @property
-    def cache_key(self) -> str:
-        f = lambda v: ",".join(f"{x:.8g}" for x in v)  # noqa: E731
-        return (f"resize={self.resize}:{self.interpolation};crop={self.size};mean={f(self.mean)};"
-                f"std={f(self.std)};rgb8")
-
-    def _geometry(self, w: int, h: int):
-        if w <= h:
-            nw, nh = self.resize, int(self.resize * h / w)
-        else:
-            nw, nh = int(self.resize * w / h), self.resize
-        top = int(round((nh - self.size) / 2.0))
-        left = int(round((nw - self.size) / 2.0))
-        return nw, nh, left, top
-
-    def image(self, im):
-        """An RGB PIL image -> the resized and cropped PIL image."""
-        from PIL import Image
-
-        resample = getattr(Image.Resampling, _RESAMPLE[self.interpolation])
-        w, h = im.size
-        nw, nh, left, top = self._geometry(w, h)
-        if max(nw, nh) <= 8 * self.resize:
-            im = im.resize((nw, nh), resample)
-            return im.crop((left, top, left + self.size, top + self.size))
-        # extreme aspect ratio: resample only the region that survives the crop (bounded memory)
-        sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        return im.resize((self.size, self.size), resample, box=box)
-
-    def crop(self, im) -> np.ndarray:
-        """An RGB PIL image -> uint8 [size, size, 3] (resized and cropped, not yet normalised)."""
-        return np.asarray(self.image(im), dtype=np.uint8)
-
-    def normalize(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 [..., size, size, 3] crops -> float32 [..., 3, size, size] normalised with mean/std."""
-        a = np.asarray(crops, dtype=np.float32) * np.float32(1 / 255.0)
-        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(np.moveaxis(a, -1, -3))
-
-    def __call__(self, im) -> np.ndarray:
-        return self.normalize(self.crop(im))
-
-    def load_crop(self, path) -> np.ndarray:
-        """Decode one file robustly (see :func:`cascade.data.load_image`) and resize/crop it: uint8 [S, S, 3]."""
-        return self.crop(load_image(path, draft_size=2 * self.resize))
-
-    def load(self, path) -> np.ndarray:
-        """Decode and preprocess one file: float32 [3, size, size]."""
-        return self.normalize(self.load_crop(path))
-
-
-_RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS",
-             "box": "BOX", "hamming": "HAMMING"}
+    return (x / np.maximum(n, 1e-12)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the cache

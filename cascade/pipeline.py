@@ -181,26 +181,20 @@ def _specialist_setup(cfg, classes):
                             where="specialist.weights"), present
 
 
-def _new_specialist(cfg):
+def _new_specialist(cfg, domain=None):
+    """A specialist for ``domain`` from ``[specialist]``; bad parameters fail here, before any long work."""
     from .stages.specialist import SpecialistStage
 
     try:
-        stage = SpecialistStage(feature_key=cfg.specialist.feature_key, **cfg.specialist.params)
-        stage._validate()  # bad values fail here, before any long work
+        return SpecialistStage(domain=domain, feature_key=cfg.specialist.feature_key,
+                               **cfg.specialist.params).validate()
     except (TypeError, ValueError) as exc:
         raise PipelineError(f"specialist.params: {exc}") from None
-    return stage
 
 
 def _specialist_preprocess(stage):
-    """The specialist's test-time preprocessing, from its preset (plain data in cascade.stages.specialist)."""
-    from .stages.specialist import PRESETS, Preset
-
-    p = stage.preset
-    preset = p if isinstance(p, Preset) else Preset(**p) if isinstance(p, dict) else PRESETS.get(p)
-    if preset is None:
-        raise PipelineError(f"specialist.params.preset: unknown preset {p!r} (known: {', '.join(PRESETS)})")
-    return preset.test_preprocess()
+    """The specialist's preprocessing (its ``preset``: test view for the feature pipeline, train views)."""
+    return stage.preprocess
 
 
 def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
@@ -249,13 +243,13 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
     """One fitted specialist per domain, on the domain's support images, choosing its blending weight with
     the cascade's out-of-fold probabilities of the support rows. Frozen backbone: several augmented views per
     image through the specialist's backbone when n_views > 1 (cached in the feature cache), else the cached
-    test-view features. finetune="last_stage"/"all": the backbone is fine-tuned per domain; its weights are
-    kept on the stage (``backbone_state_``) to be saved with the model, and the shared encoder is released so
-    the next domain starts again from the original weights."""
+    test-view features. finetune="last_stage"/"all": the backbone is fine-tuned per domain (the stage learns
+    its weights, ``backbone_state_``, saved with the model), and the shared encoder is released so the next
+    domain starts again from the original weights."""
     out = []
     key = cfg.specialist.feature_key
     for d in domains:
-        stage = _new_specialist(cfg)
+        stage = _new_specialist(cfg, domain=d)
         rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
         paths = [str(cfg.data_dir / support[r].path) for r in rows]
         if stage.finetune != "none":
@@ -267,10 +261,7 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
                  f"the {where}" + (" (slow: about 1 h for last_stage, 4 h for all at Base size on 2 cores; see "
                                    "docs/specialist.md)" if where == "cpu" else ""))
             stage.fit_images(paths, y_sup[rows], encoder, clip_probs=oof[rows], progress=progress)
-            stage.backbone_state_ = {k: np.asarray(v.numpy(), dtype=np.float32)
-                                     for k, v in stage.encoder_.state_dict().items()}
-            del stage.encoder_
-            encoder.release()
+            encoder.release()  # the stage keeps the tuned network; the next domain reloads the original weights
         elif int(getattr(stage, "n_views", 1)) > 1:
             _log(f"fitting the {d} specialist on {rows.size} support images")
             stage.fit_images(paths, y_sup[rows], encoder, clip_probs=oof[rows], progress=progress,
@@ -278,23 +269,23 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
         else:
             _log(f"fitting the {d} specialist on {rows.size} support images")
             stage.fit(support_feats[key][rows], y_sup[rows], clip_probs=oof[rows])
-        stage.name = d
         out.append(stage)
     return out
 
 
 def _finetuned_encoder(stage, preprocess):
-    """An encoder over a specialist's fine-tuned backbone held in memory (``backbone_state_``); its identity
-    (the weights' hash, computed once by the stage) is the one its saved weights file will report, so train
-    and test share cached features."""
+    """An encoder over a specialist's fine-tuned backbone held in memory: the tuned network itself after
+    fit_images (``encoder_``), else one built from its weights (``backbone_state_``). Its identity (the weights'
+    hash, computed once by the stage) is the one its saved weights file will report, so train and test share
+    cached features."""
     from .features import ModelEncoder
 
-    state = stage.backbone_state_
-
     def loader():
+        if hasattr(stage, "encoder_"):
+            return stage.encoder_
         from .models.convnextv2 import model_from_state
 
-        return model_from_state(state)
+        return model_from_state(stage.backbone_state_)
 
     return ModelEncoder(stage.query_key, loader, f"sha256:{stage.backbone_sha256_}", preprocess)
 

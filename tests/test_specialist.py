@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cascade.stages.base import NotFittedError
 from cascade.stages.specialist import (PRESETS, SpecialistStage, make_views, random_resized_crop_flip,
                                        stratified_group_folds, eval_view, to_array)
 
@@ -49,7 +50,7 @@ def fitted():
 def test_estimator_contract():
     st = SpecialistStage(C=0.5, weight=0.3)
     assert st.C == 0.5 and st.weight == 0.3 and st.feature_key == "convnextv2_base"
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         st.rerank(np.ones((1, N_ALL)) / N_ALL, np.zeros((1, DIM)))
     X, y, groups, clip, _ = synthetic(1, True, True)
     assert st.fit(X, y, clip, groups) is st
@@ -142,6 +143,51 @@ def test_save_and_load_arrays(fitted):
     assert back.get_params() == st.get_params()
 
 
+def test_a_real_stage_saved_through_npz_and_json(fitted, tmp_path):
+    """SpecialistStage is a Stage: NotFittedError before fit, the domain a hyperparameter, and the whole state
+    (a fine-tuned backbone's weights included) saved by Stage.save and read back by Stage.load, without pickle."""
+    from cascade.preprocess import Preprocess
+    from cascade.stages.base import Stage, load_npz_json
+
+    with pytest.raises(NotFittedError):
+        SpecialistStage().predict(np.zeros((1, DIM)))
+    with pytest.raises(NotFittedError):
+        SpecialistStage().state_dict()
+    X, y, groups, clip, means = synthetic(6, True, True)
+    pre = Preprocess(size=32, resize=36)
+    st = SpecialistStage(domain="dogs", preset=pre, C=1.0).fit(X, y, clip, groups)
+    assert st.name == "dogs" and st.get_params()["domain"] == "dogs"
+    st.backbone_state_ = {"stages.3.0.norm.weight": np.arange(4, dtype=np.float32)}  # as fit_images leaves it
+    st.backbone_sha256_ = "0" * 64
+    path = st.save(tmp_path / "spec.npz")
+    arrays, meta = load_npz_json(path)
+    assert "backbone_state_/stages.3.0.norm.weight" in arrays and meta["params"]["domain"] == "dogs"
+    back = Stage.load(path)
+    assert isinstance(back, SpecialistStage) and back.get_params() == st.get_params() and back.preset == pre
+    np.testing.assert_array_equal(back.backbone_state_["stages.3.0.norm.weight"], np.arange(4))
+    Xq, probs, _ = queries(means, 30, np.random.default_rng(12))
+    np.testing.assert_array_equal(back.rerank(probs, Xq), st.rerank(probs, Xq))
+    assert back.cv_scores_ == st.cv_scores_ and back.weight_ == st.weight_
+    head_only, _ = st.to_arrays()
+    assert not any(k.startswith("backbone_state_/") for k in head_only)
+
+
+def test_one_preprocessing_type_for_clip_and_convnext():
+    """The specialist's presets are the feature pipeline's Preprocess: the default preset's test view is the
+    ImageNet evaluation transform, its train view is seeded and sized, and both normalise alike."""
+    from cascade.features import Preprocess as FeaturesPreprocess
+    from cascade.preprocess import Preprocess
+
+    assert FeaturesPreprocess is Preprocess
+    p = PRESETS["convnextv2_1k_224"]
+    assert p.cache_key == Preprocess.imagenet().cache_key and (p.size, p.resize) == (224, 256)
+    img = _image(300, 180)
+    np.testing.assert_array_equal(p.to_array(eval_view(img)), p(img))
+    a, b = p.train_view(img, np.random.default_rng(1)), p.train_view(img, np.random.default_rng(1))
+    assert a.size == (224, 224) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert Preprocess.from_dict(p.as_dict()) == p
+
+
 # ------------------------------------------------------------------------------------------ preprocessing
 def _image(w, h, seed=0):
     rng = np.random.default_rng(seed)
@@ -188,9 +234,9 @@ def tiny_net():
 
 
 def _tiny_preset():
-    from cascade.stages.specialist import Preset
+    from cascade.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-    return Preset(train_resolution=32, test_resolution=32, test_resize=36)
+    return Preprocess(size=32, resize=36, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _coloured_images(n_per_class, classes, seed=0):
@@ -243,6 +289,15 @@ def test_fit_images_with_finetuning_reranks_with_its_own_encoder(tiny_net):
     feats = st.encoder_.encode_image(q).numpy()
     out = st.rerank(clip, feats)
     np.testing.assert_array_equal(np.sort(out, 1), np.sort(clip, 1))  # values only move among classes
+    # the tuned weights are learned state: saved with the stage, they rebuild the same network
+    from cascade.models.convnextv2 import model_from_state
+    from cascade.stages.base import Stage
+
+    back = Stage.from_state(*st.state_dict())
+    assert back.backbone_sha256_ == st.backbone_sha256_ and back.query_key == st.query_key
+    rebuilt = model_from_state(back.backbone_state_)
+    rebuilt.eval()
+    np.testing.assert_allclose(rebuilt.encode_image(q).numpy(), feats, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ the head

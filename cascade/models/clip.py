@@ -26,6 +26,8 @@ from cascade.models.weights import CheckpointError, load_weights, read_checkpoin
 jt = _jittor()
 from jittor import nn  # noqa: E402  (after the runtime set-up)
 
+from .layers import LayerNorm  # noqa: E402
+
 __all__ = ["CLIP", "VisionTransformer", "ModifiedResNet", "Transformer", "config_from_state",
            "map_openai_keys", "load_clip", "convert_state_dict", "is_clip_state"]
 
@@ -44,21 +46,6 @@ class Linear(nn.Module):
     def execute(self, x):
         y = nn.matmul_transpose(x, self.weight)
         return y if self.bias is None else y + self.bias
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension, computed in fp32 (as OpenAI's subclass does)."""
-
-    def __init__(self, width: int, eps: float = 1e-5):
-        self.weight = jt.ones((width,))
-        self.bias = jt.zeros((width,))
-        self.eps = eps
-
-    def execute(self, x):
-        mean = x.mean(-1, keepdims=True)
-        centred = x - mean
-        var = (centred * centred).mean(-1, keepdims=True)
-        return centred / jt.sqrt(var + self.eps) * self.weight + self.bias
 
 
 class QuickGELU(nn.Module):

@@ -35,6 +35,8 @@ from cascade.runtime import jittor as _jittor
 jt = _jittor()
 from jittor import nn  # noqa: E402  (after the runtime wiring)
 
+from .layers import LayerNorm  # noqa: E402
+
 __all__ = [
     "CONFIGS", "DEFAULT_CONFIG", "ConvNeXtV2", "LayerNorm", "GRN", "Block", "DepthwiseConv7", "PatchConv",
     "convnextv2", "config_from_state", "expected_shapes", "timm_to_official", "convert_state_dict",
@@ -62,37 +64,6 @@ MLP_RATIO = 4  # pwconv1: d -> 4d
 # ----------------------------------------------------------------------------------------------------- layers
 def _trunc_normal(shape, std: float = 0.02):
     return jt.init.trunc_normal_(jt.zeros(tuple(shape), dtype="float32"), std=std)
-
-
-def _layer_norm_last(x, weight, bias, eps):
-    """LayerNorm over the last axis, two-pass (mean, then mean of squared deviations) like PyTorch."""
-    mu = x.mean(-1, keepdims=True)
-    xc = x - mu
-    var = (xc * xc).mean(-1, keepdims=True)
-    return xc / jt.sqrt(var + eps) * weight + bias
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with weight/bias of shape [dim]. ``data_format`` says which axis of an NCHW/NHWC tensor holds
-    the channels when the module is called on its own (``channels_first``: axis 1, as in the official stem and
-    downsampling layers; ``channels_last``: the last axis). Inside :class:`ConvNeXtV2` activations are NHWC,
-    so the network calls :meth:`normalize_last` for both kinds."""
-
-    def __init__(self, dim: int, eps: float = LN_EPS, data_format: str = "channels_last"):
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(f"data_format must be channels_last or channels_first, not {data_format!r}")
-        self.weight = jt.ones((dim,), dtype="float32")
-        self.bias = jt.zeros((dim,), dtype="float32")
-        self.eps = eps
-        self.data_format = data_format
-
-    def normalize_last(self, x):
-        return _layer_norm_last(x, self.weight, self.bias, self.eps)
-
-    def execute(self, x):
-        if self.data_format == "channels_first":
-            return self.normalize_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.normalize_last(x)
 
 
 class GRN(nn.Module):
@@ -211,10 +182,11 @@ class ConvNeXtV2(nn.Module):
         self.depths, self.dims = depths, dims
         self.num_classes, self.in_chans = int(num_classes), int(in_chans)
         self.num_features = dims[-1]
-        stem = nn.Sequential(PatchConv(in_chans, dims[0], 4), LayerNorm(dims[0], data_format="channels_first"))
+        stem = nn.Sequential(PatchConv(in_chans, dims[0], 4),
+                             LayerNorm(dims[0], eps=LN_EPS, data_format="channels_first"))
         layers = [stem]
         for i in range(1, len(dims)):
-            layers.append(nn.Sequential(LayerNorm(dims[i - 1], data_format="channels_first"),
+            layers.append(nn.Sequential(LayerNorm(dims[i - 1], eps=LN_EPS, data_format="channels_first"),
                                         PatchConv(dims[i - 1], dims[i], 2)))
         self.downsample_layers = nn.ModuleList(layers)
         self.stages = nn.ModuleList([nn.Sequential(*[Block(d) for _ in range(n)]) for n, d in zip(depths, dims)])

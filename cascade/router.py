@@ -60,6 +60,9 @@ ROUTE_UNSEEN = "unseen"
 ROUTE_SEEN = "seen"
 FORMAT = "cascade.router/2"
 ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
+# probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
+# hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
+BALANCE_FLOOR = 1e-12
 # The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
 # the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed"; measured with
 # benchmarks/generalisation.py)
@@ -498,9 +501,8 @@ class Cascade:
         if seen.sum() <= 0:
             return 0.0, float("inf")
         target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
-        tiny = np.finfo(np.float64).tiny
-        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), tiny))
-        bias = balancing_bias(lp, target)
+        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), BALANCE_FLOOR))
+        bias = balancing_bias(lp, target, tol=1e-4)
         lv = lp[n:]
         rows = np.arange(len(y))
         d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
@@ -800,9 +802,10 @@ def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
 
 def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
     """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal`` (Sinkhorn's balancing
-    kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`); rows sum to 1."""
-    lp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
-    return np.exp(log_softmax(lp + balancing_bias(lp, marginal)))
+    kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`, on the probabilities floored at
+    ``BALANCE_FLOOR``); rows sum to 1."""
+    lp = np.log(np.maximum(probs, BALANCE_FLOOR))
+    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, tol=1e-4)))
 
 
 def _proto(stage: Stage) -> dict:

@@ -27,7 +27,10 @@
    (``refine_check``: the refinement refitted with the held-out rows among its soft-labelled rows, so that they
    are scored in sample as the queries are; dropped when its mean log-likelihood of their labels falls more
    than ``refine_check`` standard errors below the pool's). On tasks whose classes CLIP separates poorly a
-   Gaussian fitted to mostly wrong soft labels does worse than the experts it started from;
+   Gaussian fitted to mostly wrong soft labels does worse than the experts it started from. Last (``balance``),
+   the final distribution is balanced to the class marginal of step 2 when the held-out rows, balanced together
+   with the queries, gain more than ``balance_min_gain`` nats per row from it (balanced query sets over many
+   classes: the experts' class bias is then the error, which the pool's exponents cannot see);
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
    leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
    domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's

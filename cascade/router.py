@@ -151,7 +151,8 @@ class Cascade:
         its mean over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its
         pseudo-labels). "check": only when the held-out rows, joining the queries in the balanced set so that they
         are scored in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their
-        labels (never without held-out rows). Only with ``combine="pool"``. Balancing forces the class counts of the query set; it pays where
+        labels and more than one standard error of that mean (never without held-out rows, nor for fewer queries
+        than classes, whose counts no marginal describes). Only with ``combine="pool"``. Balancing forces the class counts of the query set; it pays where
         the query set is balanced and the experts' class bias is the error (many overlapping classes, few queries
         per class) and costs where the counts of a sampled query set deviate from the marginal.
     balance_min_gain : float
@@ -611,9 +612,9 @@ class Cascade:
             marginal = details.get("prior", getattr(stage, "prior_", None))
             marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
             keep = self.balance == "always"
-            if self.balance == "check" and scores_v is not None:
+            if self.balance == "check" and scores_v is not None and n >= C:
                 gain, se = self._balance_gain(scores, scores_v, marginal)
-                keep = bool(gain > float(self.balance_min_gain))
+                keep = bool(gain > max(float(self.balance_min_gain), se))
                 details.update(balance_gain=gain, balance_gain_se=se)
             details["balanced"] = keep
             if keep:

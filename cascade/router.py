@@ -66,6 +66,7 @@ ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is 
 # probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
 # hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
 BALANCE_FLOOR = 1e-12
+BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
 # The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
 # the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed"; measured with
 # benchmarks/generalisation.py)
@@ -506,7 +507,7 @@ class Cascade:
             return 0.0, float("inf")
         target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
         lp = np.log(np.maximum(np.concatenate([scores, scores_v]), BALANCE_FLOOR))
-        bias = balancing_bias(lp, target, tol=1e-4)
+        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
         lv = lp[n:]
         rows = np.arange(len(y))
         d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
@@ -809,7 +810,7 @@ def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
     kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`, on the probabilities floored at
     ``BALANCE_FLOOR``); rows sum to 1."""
     lp = np.log(np.maximum(probs, BALANCE_FLOOR))
-    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, tol=1e-4)))
+    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)))
 
 
 def _proto(stage: Stage) -> dict:

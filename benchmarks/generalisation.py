@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/generalisation.py [TASK.npz ...] [--redraws 5] [--noise 0.5,1.0,1.5]
                                                   [--no-merge] [--query-frac 0.8] [--no-val] [--noise-seeds 1]
                                                   [--harder 0.5,0.8]
+                                                  [--families 2] [--family-sizes 40,80,131] [--groups G1,G2]
                                                   [--set KEY=VALUE ...] [--compare] [--by-task] [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
@@ -24,6 +25,14 @@ only to score, as in ``python -m cascade bench``):
   more, in the images and against the text (zero-shot falls to 83-90 % at 0.3, 68-81 % at 0.5, 38-43 % at 0.8),
   standing in for fine-grained tasks that CLIP separates poorly. The labels only build the task; no method sees query
   labels. ``--noise-seeds`` tasks per level and task, as for the text noise.
+
+* ``classes`` and ``classes open`` (``--families N``, default 2; ``--family-sizes``, default 40,80,131): from every
+  closed task with at least that many classes (imagenet_dev: 131 classes, 4 support, 1 validation and 2 query rows
+  per class), N random class subsets of each size, each class's rows dealt again at random into the source's
+  counts (support, validation and query rows drawn from the pooled rows of the class), and N open ones per size
+  whose first 2/3 of the classes keep support and validation rows (the others are unseen, text only) - other
+  seen/unseen splits than the given open task's. ``--family-source`` draws them from other task files than the
+  ones given; ``--groups given,classes,...`` keeps only some groups (cheaper runs).
 
 ``--no-val`` drops every task's validation rows after the suite is built (no method sees them: LP++ keeps its last
 epoch, the cascade calibrates on its support rows out of fold), as for a submission that may use only the few

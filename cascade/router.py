@@ -27,7 +27,10 @@
    (``refine_check``: the refinement refitted with the held-out rows among its soft-labelled rows, so that they
    are scored in sample as the queries are; dropped when its mean log-likelihood of their labels falls more
    than ``refine_check`` standard errors below the pool's). On tasks whose classes CLIP separates poorly a
-   Gaussian fitted to mostly wrong soft labels does worse than the experts it started from;
+   Gaussian fitted to mostly wrong soft labels does worse than the experts it started from. Last (``balance``),
+   the final distribution is balanced to the class marginal of step 2 when the held-out rows, balanced together
+   with the queries, gain more than ``balance_min_gain`` nats per row from it (balanced query sets over many
+   classes: the experts' class bias is then the error, which the pool's exponents cannot see);
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
    leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
    domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's
@@ -60,6 +63,10 @@ ROUTE_UNSEEN = "unseen"
 ROUTE_SEEN = "seen"
 FORMAT = "cascade.router/2"
 ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
+# probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
+# hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
+BALANCE_FLOOR = 1e-12
+BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
 # The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
 # the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed"; measured with
 # benchmarks/generalisation.py)
@@ -146,7 +153,8 @@ class Cascade(HasParams):
         its mean over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its
         pseudo-labels). "check": only when the held-out rows, joining the queries in the balanced set so that they
         are scored in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their
-        labels (never without held-out rows). Only with ``combine="pool"``. Balancing forces the class counts of the query set; it pays where
+        labels and more than one standard error of that mean (never without held-out rows, nor for fewer queries
+        than classes, whose counts no marginal describes). Only with ``combine="pool"``. Balancing forces the class counts of the query set; it pays where
         the query set is balanced and the experts' class bias is the error (many overlapping classes, few queries
         per class) and costs where the counts of a sampled query set deviate from the marginal.
     balance_min_gain : float
@@ -506,9 +514,8 @@ class Cascade(HasParams):
         if seen.sum() <= 0:
             return 0.0, float("inf")
         target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
-        tiny = np.finfo(np.float64).tiny
-        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), tiny))
-        bias = balancing_bias(lp, target)
+        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), BALANCE_FLOOR))
+        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
         lv = lp[n:]
         rows = np.arange(len(y))
         d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
@@ -613,9 +620,9 @@ class Cascade(HasParams):
             marginal = details.get("prior", getattr(stage, "prior_", None))
             marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
             keep = self.balance == "always"
-            if self.balance == "check" and scores_v is not None:
+            if self.balance == "check" and scores_v is not None and n >= C:
                 gain, se = self._balance_gain(scores, scores_v, marginal)
-                keep = bool(gain > float(self.balance_min_gain))
+                keep = bool(gain > max(float(self.balance_min_gain), se))
                 details.update(balance_gain=gain, balance_gain_se=se)
             details["balanced"] = keep
             if keep:
@@ -828,9 +835,10 @@ def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
 
 def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
     """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal`` (Sinkhorn's balancing
-    kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`); rows sum to 1."""
-    lp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
-    return np.exp(log_softmax(lp + balancing_bias(lp, marginal)))
+    kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`, on the probabilities floored at
+    ``BALANCE_FLOOR``); rows sum to 1."""
+    lp = np.log(np.maximum(probs, BALANCE_FLOOR))
+    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)))
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

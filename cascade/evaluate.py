@@ -8,7 +8,6 @@ and class names are shown; without it, everything is reported under one domain.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -189,7 +188,7 @@ def run(args) -> int:
     if info["n_unlabelled_results"]:
         print(f"{info['n_unlabelled_results']} result line(s) have no label (ignored)", file=sys.stderr)
     if worst_rows:
-        print(f"\nworst classes (top-1):")
+        print("\nworst classes (top-1):")
         print(format_table(worst_rows, ["name", "class", "n", "top1", "confused_with", "times"], floats="{:.1f}"))
     if args.json:
         atomic_write_json(args.json, {"accuracy": rows, "worst_classes": worst_rows, **info})

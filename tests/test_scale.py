@@ -47,7 +47,7 @@ def _both(fn, monkeypatch, block=37):
 
 def test_inmap_and_gda_in_blocks_agree_with_whole(monkeypatch):
     sx, sy, _, _, qx, text = _task()
-    fit_inmap = lambda: InMaP(n_iter=30, prior="auto").fit(qx, text=text, support_x=sx, support_y=sy)  # noqa: E731
+    fit_inmap = lambda: InMaP(n_iter=30, prior="auto").fit(sx, sy, text=text, query=qx)  # noqa: E731
     a, b = _both(fit_inmap, monkeypatch)
     assert np.abs(a.proxies_ - b.proxies_).max() <= 1e-6 and np.allclose(a.prior_, b.prior_, atol=1e-9)
     soft = np.random.default_rng(1).dirichlet(np.ones(text.shape[0]), size=len(qx))

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .stages.calibration import row_blocks
+
 
 def topk_indices(scores: np.ndarray, k: int = 5) -> np.ndarray:
     """Indices of the ``k`` highest scores per row, best first ([N, k], int64).
 
-    Ties are broken by the lower class index (stable), so the result is deterministic.
+    Ties are broken by the lower class index (stable), so the result is deterministic. Rows are sorted a block
+    at a time, so no [N, C] index temporary is made for large query sets.
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
@@ -15,8 +18,10 @@ def topk_indices(scores: np.ndarray, k: int = 5) -> np.ndarray:
     n_classes = scores.shape[1]
     if not 1 <= k <= n_classes:
         raise ValueError(f"k={k} must be between 1 and the number of classes ({n_classes})")
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return order[:, :k].astype(np.int64)
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for b in row_blocks(scores.shape[0]):
+        out[b] = np.argsort(-scores[b], axis=1, kind="stable")[:, :k]
+    return out
 
 
 def topk_accuracy(scores_or_topk: np.ndarray, labels: np.ndarray, k: int = 1) -> float:

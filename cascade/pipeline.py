@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import topk_indices
 from .runtime import is_main, mpi_world, run_ranked
 
 __all__ = ["add_parser", "train", "test", "PipelineError"]
@@ -587,7 +588,7 @@ def test(cfg, progress: bool = True) -> dict:
     if (~ok).any():  # unreadable: ranked by the cascade's mean probability over the readable test images
         scores[~ok] = fallback
     k = min(5, n_classes)
-    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top5 = topk_indices(scores, k)
     if top5_ok is not None:
         top5[ok] = top5_ok[:, :k]  # the cascade's own ranking for readable images (ties broken its way)
     top_scores = np.take_along_axis(scores, top5, axis=1)

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import topk_indices
 from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels,
                           describe_stage, load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
 from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
@@ -642,7 +643,7 @@ class Cascade(HasParams):
         route = [ROUTE_UNSEEN if u else ROUTE_SEEN for u in unseen]
         scores = self._apply_specialists(scores, query, route)
         scores /= scores.sum(axis=1, keepdims=True)
-        top5 = _topk(scores, min(5, C))
+        top5 = topk_indices(scores, min(5, C))
         details.update(transductive_temperature=a1, pool_weights=None if weights is None else list(weights),
                        pool_experts=self.pool_experts(rebalanced=bias is not None),
                        refine_temperature=t_ref, seen_temperatures=list(self.seen_temperatures_),
@@ -839,10 +840,3 @@ def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
     ``BALANCE_FLOOR``); rows sum to 1."""
     lp = np.log(np.maximum(probs, BALANCE_FLOOR))
     return np.exp(log_softmax(lp + balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)))
-
-
-def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    out = np.empty((scores.shape[0], k), dtype=np.int64)
-    for b in row_blocks(scores.shape[0]):
-        out[b] = np.argsort(-scores[b], axis=1, kind="stable")[:, :k]
-    return out

@@ -321,8 +321,10 @@ def test_harder_images_the_cascade_stays_above_zero_shot():
     task = harder_images(redraw(load_task(TASKS / "food101.npz"), 500, 0.8), 0.8)
     y = task.pop("query_y")
     top1 = {m: np.mean(s.argmax(1) == y) for m, s in evaluate_task(task, ("zero-shot", "cascade")).items()}
-    before = evaluate_task(task, ("cascade",), cascade_kwargs(["lpp.select=last", "refine_check=none",
-                                                              "rebalance=false"]))
+    before = evaluate_task(task, ("cascade",), cascade_kwargs(["stages.lpp.select=last",
+                                                              "stages.cascade.refine_check=false",
+                                                              "stages.cascade.rebalance=false",
+                                                              "stages.cascade.balance=none"]))
     assert top1["cascade"] > top1["zero-shot"] + 0.03 and top1["zero-shot"] < 0.45
     assert np.mean(before["cascade"].argmax(1) == y) < top1["zero-shot"] - 0.05
 
@@ -341,7 +343,7 @@ def test_harder_balanced_tasks_the_rebalanced_zero_shot_expert_carries_the_balan
         task = harder_images(redraw(load_task(TASKS / "food101.npz"), seed, 0.8), 0.8)
         y = task.pop("query_y")
         top1 = {m: np.mean(s.argmax(1) == y) for m, s in evaluate_task(task, ("inmap", "cascade")).items()}
-        off = np.mean(evaluate_task(task, ("cascade",), cascade_kwargs(["rebalance=false"]))["cascade"].argmax(1) == y)
+        off = np.mean(evaluate_task(task, ("cascade",), cascade_kwargs(["stages.cascade.rebalance=false"]))["cascade"].argmax(1) == y)
         assert top1["cascade"] > off + 0.03 and top1["cascade"] > top1["inmap"] - 0.02, (seed, top1, off)
 
 

@@ -11,7 +11,7 @@ stages (InMaP, the cascade's marginal estimate and its GDA refinement) then have
 shows whether the cascade degrades gracefully towards the inductive methods (zero-shot CLIP, LP++) or below them.
 Support and validation rows are the task's own. Prints per task and size the mean top-1 (%) of each method over the
 draws, then per size the mean over tasks. ``--set`` changes the cascade row as in ``benchmarks/generalisation.py``
-(e.g. ``--set gda.mean_prior=0``). ``--json``: one JSON object per task and size, then a summary object.
+(e.g. ``--set stages.gda.mean_prior=0``). ``--json``: one JSON object per task and size, then a summary object.
 """
 from __future__ import annotations
 

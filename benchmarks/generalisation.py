@@ -46,7 +46,7 @@ values read as TOML, checked like a config): a stage's keyword ``stages.<stage>.
 ``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
 ``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``,
 ``stages.cascade.balance=none|always|check``, ``stages.cascade.balance_min_gain=0.05``. The
-stages start from the default cascade's own settings (``Cascade()``).
+stages start from the default cascade's own settings (cascade/configs/default.toml).
 
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group
 their mean top-1 and the paired difference (changed minus default: mean +- standard error over the tasks, and on
@@ -87,10 +87,10 @@ def cascade_kwargs(settings) -> dict:
     constraints as a configuration file is."""
     from cascade.config import (CASCADE_STAGE_KEYS, CASCADE_TABLE, ConfigError, cascade_stage_names, parse_override,
                                 validate_stages)
-    from cascade.router import Cascade
+    from cascade.config import default_cascade
     from cascade.stages import get_stage, stage_name
 
-    default = Cascade()            # the stages' settings start from the default cascade's own (one source)
+    default = default_cascade()    # the stages' settings start from the default cascade's own (default.toml)
     tables = {stage_name(st): st.get_params() for st in (default.transductive, *default.seen_stages, default.refine)}
     changed: dict = {CASCADE_TABLE: {}}
     try:

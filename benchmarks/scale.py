@@ -33,8 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cascade.config import load_config  # noqa: E402
-from cascade.pipeline import _make_cascade  # noqa: E402
+from cascade.config import build_cascade, load_config  # noqa: E402
 
 TASKS = ("caltech101", "food101", "imagenet_dev")
 SHOTS, VAL = 4, 1
@@ -100,7 +99,7 @@ def run_one(n: int, args) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     support, ys, val, yv, query, yq, text = make_task(n, args.classes, args.backbones)
     cfg = load_config(overrides=[f"stages.inmap.n_iter={args.inmap_steps}"])
-    cascade = _make_cascade(cfg)
+    cascade = build_cascade(cfg)
     t0 = time.perf_counter()
     cascade.fit(support, ys, text, n_seen=args.classes, val=(val, yv))
     t1 = time.perf_counter()

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cascade.router import Cascade  # noqa: E402
+from cascade.config import default_cascade  # noqa: E402
 from cascade.stages import InMaP, LinearProbePP, ZeroShot  # noqa: E402
 
 
@@ -98,14 +98,14 @@ def main(argv=None):
     m = timed("LP++ fit 300 epochs + score (one backbone)",
               lambda: LinearProbePP(select="last").fit(support[k0], ys, text=text[k0]).decision_function(query[k0]),
               rows)
-    im = Cascade().transductive          # the default transductive stage of the cascade
+    im = default_cascade().transductive  # the default transductive stage of the cascade
     timed("InMaP as in the cascade, fit+score (one backbone)", lambda: im.fit(support[k0], ys, text=text[k0],
                                                                      query=query[k0]).decision_function(query[k0]), rows)
     print(f"    (stopped after {im.n_iter_} steps)")
     if a.full_inmap:
         timed("InMaP authors' 2000 steps fit+score (one backbone)",
               lambda: InMaP().fit(query[k0], text=text[k0]).decision_function(query[k0]), rows)
-    casc = Cascade()
+    casc = default_cascade()
     timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
           lambda: casc.fit(support, ys, text, a.classes, val=val if val[1].size else None), rows)
     res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)", lambda: casc.predict(query), rows)

@@ -12,7 +12,7 @@ embeddings and optionally ``n_seen``. For each task this prints top-1/top-5 (%) 
   clip-adapter       CLIP-Adapter over the seen classes (residual ratio 0.2, CoOp's SGD recipe, 200 epochs, lr 0.002)
   seed-cascade       the seeds' routing: InMaP (Sinkhorn) over all classes, predicted-unseen queries keep
                      its ranking, the rest LP++ (as above)
-  cascade            the default Cascade (cascade.router: zero-shot + LP++ + InMaP pooled, refined by a
+  cascade            the default cascade (cascade/configs/default.toml: zero-shot + LP++ + InMaP pooled, refined by a
                      transductive GDA, routed by the joint posterior); val rows used only for calibration
                      and for the pooling exponents (held-out log-likelihood)
 
@@ -67,7 +67,9 @@ def load_task(path) -> dict:
 
 def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict[str, np.ndarray]:
     """Scores [Nq, C] of each method. Never reads ``task['query_y']``. ``cascade``: keyword arguments of the
-    ``cascade`` row's :class:`~cascade.router.Cascade` (default: none, the default cascade)."""
+    ``cascade`` row's :class:`~cascade.router.Cascade`, set over the default cascade (the one of
+    cascade/configs/default.toml, :func:`~cascade.config.default_cascade`)."""
+    from .config import default_cascade
     from .router import Cascade
     from .stages import CLIPAdapter, InMaP, LinearProbePP, TipAdapter, TipAdapterF, ZeroShot
 
@@ -96,7 +98,7 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
                 model = Cascade(InMaP(), [LinearProbePP()], refine=None, prior="stage", routing="stage1",
                                 combine="replace", calibrate=False)
             else:
-                model = Cascade(**(cascade or {}))
+                model = default_cascade().set_params(**(cascade or {}))
             v = ({BACKBONE: val[0]}, val[1]) if val is not None else None
             model.fit({BACKBONE: sx}, sy, {BACKBONE: T}, S, val=v)
             out[name] = model.predict({BACKBONE: X}).scores

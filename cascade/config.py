@@ -35,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Config", "ConfigError", "load_config", "default_config_text", "parse_override", "add_config_arguments",
-           "config_from_args", "to_dict"]
+           "config_from_args", "to_dict", "build_stage", "build_cascade", "default_cascade"]
 
 
 class ConfigError(ValueError):
@@ -328,6 +328,29 @@ def cascade_stage_names(table: dict) -> tuple[str, list[str], str | None]:
     seen = table.get("seen", ["lpp"])
     return (table.get("transductive", "inmap"), [seen] if isinstance(seen, str) else list(seen),
             table.get("refine", "gda") or None)
+
+
+def build_stage(cfg: "Config", name: str):
+    """The stage registered as ``name``, built from its ``[stages.<name>]`` table (keyword arguments, unchanged;
+    checked against the registry and the stage's constraints when the config was loaded)."""
+    return get_stage(name)(**cfg.stages.get(name, {}))
+
+
+def build_cascade(cfg: "Config") -> Cascade:
+    """The Cascade of ``[stages.cascade]``: its transductive stage, seen stages and refinement named there, each
+    built from its own ``[stages.<name>]`` table; the table's other keys are the Cascade's keyword arguments."""
+    table = cfg.stages.get(CASCADE_TABLE, {})
+    trans, seen, refine = cascade_stage_names(table)
+    kwargs = {k: v for k, v in table.items() if k not in CASCADE_STAGE_KEYS}
+    return Cascade(transductive=build_stage(cfg, trans), seen_stages=[build_stage(cfg, n) for n in seen],
+                   refine=build_stage(cfg, refine) if refine else None, **kwargs)
+
+
+def default_cascade(overrides: list[str] | tuple[str, ...] = ()) -> Cascade:
+    """The cascade as shipped: :func:`build_cascade` of the default configuration (cascade/configs/default.toml,
+    the one place for the cascade's defaults), with ``--set`` style ``overrides`` such as
+    ``"stages.lpp.epochs=300"``. ``Cascade()`` alone takes the stages' own (paper) defaults instead."""
+    return build_cascade(load_config(None, overrides))
 
 
 def _check_keywords(cls, table: dict, where: str, skip=(), also=()) -> None:

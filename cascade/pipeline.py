@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import build_cascade
 from .metrics import topk_indices
 from .runtime import is_main, mpi_world, run_ranked
 
@@ -217,27 +218,6 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
             then(key, enc)
         enc.release()
     return feats, failures
-
-
-def _build_stage(cfg, name: str):
-    """The stage registered as ``name``, built from its ``[stages.<name>]`` table (keyword arguments, unchanged;
-    checked against the registry and the stage's constraints when the config was loaded)."""
-    from .stages import get_stage
-
-    return get_stage(name)(**cfg.stages.get(name, {}))
-
-
-def _make_cascade(cfg):
-    """The Cascade of [stages.cascade]: its transductive stage, seen stages and refinement named there, each built
-    from its own [stages.<name>] table; the table's other keys are the Cascade's keyword arguments."""
-    from .config import CASCADE_STAGE_KEYS, CASCADE_TABLE, cascade_stage_names
-    from .router import Cascade
-
-    table = cfg.stages.get(CASCADE_TABLE, {})
-    trans, seen, refine = cascade_stage_names(table)
-    kwargs = {k: v for k, v in table.items() if k not in CASCADE_STAGE_KEYS}
-    return Cascade(transductive=_build_stage(cfg, trans), seen_stages=[_build_stage(cfg, n) for n in seen],
-                   refine=_build_stage(cfg, refine) if refine else None, **kwargs)
 
 
 def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_feats, oof, progress):
@@ -435,7 +415,7 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domai
     if not is_main():   # under mpirun: this rank's share of the images is encoded; rank 0 fits and writes
         return {"rank": mpi_world()[0], "seconds": round(time.time() - t0, 1)}
 
-    cascade = _make_cascade(cfg)
+    cascade = build_cascade(cfg)
     _log(f"fitting the cascade on {n_sup} support images")
     cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
 

@@ -100,13 +100,14 @@ def test_balancing_is_kept_where_held_out_rows_gain():
     held-out rows gain > 0.1 nats per row from it, and the queries about 3 points) but not on Food-101 or
     Caltech-101, whose query counts are not those of the marginal."""
     from cascade.bench import load_task
+    from cascade.config import default_cascade
     from cascade.router import Cascade
 
     def run(name, **kw):
         t = load_task(TASKS / f"{name}.npz")
         y = t.pop("query_y")
-        m = Cascade(**kw).fit({"b": t["support_x"]}, t["support_y"], {"b": t["text_x"]}, t["n_seen"],
-                              val=({"b": t["val_x"]}, t["val_y"]))
+        m = default_cascade().set_params(**kw).fit({"b": t["support_x"]}, t["support_y"], {"b": t["text_x"]},
+                                                   t["n_seen"], val=({"b": t["val_x"]}, t["val_y"]))
         res = m.predict({"b": t["query_x"]})
         return 100 * np.mean(res.scores.argmax(1) == y), res.details
 

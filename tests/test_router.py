@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from cascade.config import default_cascade
 from cascade.router import Cascade
 from cascade.stages import InMaP, LinearProbePP
 
@@ -470,11 +471,11 @@ def test_single_query_sets_are_classified_like_zero_shot_not_pulled_to_unseen_cl
     zero_shot = (query["bb0"] @ text["bb0"].T + query["bb1"] @ text["bb1"].T).argmax(1)
 
     def one_at_a_time(refine, **kw):
-        m = Cascade(refine=refine, **kw).fit(support, ys, text, S)
+        m = default_cascade().set_params(refine=refine, **kw).fit(support, ys, text, S)
         res = [m.predict({k: v[i:i + 1] for k, v in query.items()}) for i in range(len(yq))]
         return np.array([r.top5[0, 0] for r in res]), [r.details.get("refine_dropped") for r in res]
 
-    top1, dropped = one_at_a_time("default")
+    top1, dropped = one_at_a_time(GDA())
     assert np.mean(top1 == yq) >= np.mean(zero_shot == yq) - 0.05 and np.mean(top1 == yq) >= 0.85
     assert not any(dropped)
     top1, dropped = one_at_a_time(GDA(mean_prior=0.0))

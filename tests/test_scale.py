@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cascade.output import read_result, write_result, write_routes_csv
-from cascade.router import Cascade
+from cascade.config import default_cascade
 from cascade.stages import calibration
 from cascade.stages.gda import GDA
 from cascade.stages.inmap import InMaP
@@ -67,8 +67,8 @@ def test_cascade_predict_in_blocks_agrees_with_whole(monkeypatch):
     rot = np.linalg.qr(rng.normal(size=(sx.shape[1], sx.shape[1])))[0].astype(np.float32)   # a second backbone
     two = lambda x: {"a": x, "b": np.ascontiguousarray(x @ rot)}  # noqa: E731
     s, v = sy < 10, vy < 10                                          # classes 10 and 11 are unseen
-    cascade = Cascade(transductive=InMaP(n_iter=20)).fit(two(sx[s]), sy[s], two(text), n_seen=10,
-                                                         val=(two(vx[v]), vy[v]))
+    cascade = default_cascade().set_params(transductive=InMaP(n_iter=20))
+    cascade.fit(two(sx[s]), sy[s], two(text), n_seen=10, val=(two(vx[v]), vy[v]))
     a, b = _both(lambda: cascade.predict(two(qx)), monkeypatch, block=41)
     assert np.abs(a.scores - b.scores).max() <= 1e-6
     assert np.array_equal(a.top5, b.top5) and a.route == b.route

@@ -34,10 +34,6 @@ from .routing import apply_specialists, route, route_names
 
 FORMAT = "cascade.router/2"
 ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
-# The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
-# the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed")
-DEFAULT_INMAP_STEPS = 50
-DEFAULT_LPP_EPOCHS = 100
 
 
 @dataclass
@@ -52,16 +48,18 @@ class CascadeResult:
 class Cascade(HasParams):
     """Routed cascade of stages (see :mod:`cascade.router` for the algorithm).
 
+    The constructor's defaults are the stages' own, the papers' settings. The cascade as shipped (fewer InMaP
+    steps and LP++ epochs, which the refinement makes unnecessary) is the one of cascade/configs/default.toml:
+    :func:`cascade.config.default_cascade` builds it.
+
     Parameters
     ----------
-    transductive : Stage
+    transductive : Stage or None
         Stage over all classes fitted on the queries: ``fit(support_x, support_y, text=..., query=...)``.
-        Default ``InMaP(n_iter=50)``: with the refinement after it, the authors' 2000 proxy steps are not needed
-        (docs/stages.md, "Speed").
-    seen_stages : sequence of Stage
+        None: ``InMaP()``.
+    seen_stages : sequence of Stage or None
         Inductive stages over the seen classes, ``fit(X, y, text=..., val=...)``, each one expert of the pool
-        with its own fitted exponent. Default ``[LinearProbePP(epochs=100, select="auto")]`` ("auto": the last
-        epoch unless the validation rows show a clearly better one, see :mod:`cascade.stages.lpp`).
+        with its own fitted exponent. None: ``[LinearProbePP()]``.
     refine : Stage, None or "default"
         Transductive refinement over all classes, ``fit(X, soft_labels)`` (soft labels [N, C]); "default":
         ``GDA()``; None: the pooled distribution is the final score.
@@ -134,11 +132,8 @@ class Cascade(HasParams):
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
-        if transductive is None:
-            transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
-        self.transductive = transductive
-        self.seen_stages = (list(seen_stages) if seen_stages is not None
-                            else [LinearProbePP(epochs=DEFAULT_LPP_EPOCHS, select="auto")])
+        self.transductive = InMaP() if transductive is None else transductive
+        self.seen_stages = [LinearProbePP()] if seen_stages is None else list(seen_stages)
         self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
         self.prior = prior
         self.routing = routing

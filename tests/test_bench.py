@@ -383,3 +383,25 @@ def test_generalisation_without_validation_rows():
     for t in tasks[2:]:
         r = t["top1"]
         assert r["cascade"] > max(r["zero-shot"], r["inmap"], r["inmap-nosinkhorn"], r["lpp"]), t
+
+
+def test_compare_bench_reports_every_changed_score(tmp_path):
+    """benchmarks/compare_bench.py: identical files pass (exit 0); a changed top-1, a changed query count and a
+    missing task are each reported (exit 1); --methods restricts the comparison."""
+    rec = {"task": "a", "n_query": 10, "results": {"cascade": {"top1": 90.0, "top5": 100.0},
+                                                   "lpp": {"top1": 50.0, "top5": 60.0}}}
+    before = tmp_path / "before.jsonl"
+    before.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, task="b")) + "\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "compare_bench.py")]
+    same = subprocess.run(script + [str(before), str(before)], capture_output=True, text=True)
+    assert same.returncode == 0 and "2 tasks: identical top-1/top-5" in same.stdout
+    changed = json.loads(json.dumps(rec))
+    changed["results"]["lpp"]["top1"] = 40.0
+    changed["n_query"] = 11
+    after = tmp_path / "after.jsonl"
+    after.write_text(json.dumps(changed) + "\n")
+    out = subprocess.run(script + [str(before), str(after)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "a lpp:" in out.stdout and "a: n_query 10 -> 11" in out.stdout and "b: only in before" in out.stdout
+    only = subprocess.run(script + [str(before), str(after), "--methods", "cascade"], capture_output=True, text=True)
+    assert "a lpp:" not in only.stdout and "a cascade" not in only.stdout and only.returncode == 1

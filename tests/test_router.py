@@ -4,7 +4,7 @@ import pytest
 
 from cascade.config import default_cascade
 from cascade.router import Cascade
-from cascade.stages import InMaP, LinearProbePP
+from cascade.stages import InMaP, LinearProbePP, NotFittedError
 
 
 def unit(x):
@@ -523,3 +523,59 @@ def test_rebalanced_zero_shot_joins_the_pool_with_biases_fitted_on_the_queries()
     assert len(res_oof.details["pool_weights"]) == 3 and "rebalance_bias" not in res_oof.details
     with pytest.raises(ValueError, match="rebalance"):
         Cascade(rebalance="yes").fit(support, ys, text, S)
+
+
+def test_out_of_fold_scores_each_fold_by_a_model_refitted_without_it():
+    """The one fold loop: every row is scored once, by the call for its own fold (-1: rows never held out), which
+    learns only from the other folds; a list of arrays comes back as a list."""
+    from cascade.router.folds import class_folds, out_of_fold
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])            # class 3 has one row: never held out
+    folds = class_folds(y, 3)
+    assert folds[-1] == -1 and set(folds[:-1]) == {0, 1, 2}
+    for c in (0, 1, 2):                                     # each class spread over the folds
+        assert len(set(folds[y == c])) == min(3, np.sum(y == c))
+    x = np.arange(len(y), dtype=np.float64)
+    calls = []
+
+    def score_fold(f, rows):
+        calls.append(f)
+        train = folds != f if f >= 0 else np.ones(len(y), bool)
+        assert not np.any(train[rows]) or f < 0             # a held-out row is never in its own training part
+        mean = x[train].mean()
+        return [np.stack([x[rows], np.full(len(rows), mean)], axis=1), x[rows]]
+
+    both, same = out_of_fold(folds, score_fold)
+    assert calls == [-1, 0, 1, 2]
+    np.testing.assert_array_equal(same, x)
+    np.testing.assert_array_equal(both[:, 0], x)
+    for f in (0, 1, 2):
+        np.testing.assert_allclose(both[folds == f, 1], x[folds != f].mean())
+    single = out_of_fold(folds, lambda f, rows: x[rows] * 2)
+    assert isinstance(single, np.ndarray) and single.dtype == np.float64
+    np.testing.assert_array_equal(single, 2 * x)
+
+
+def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_stages_defaults():
+    """default.toml is the one place of the shipped cascade's settings; Cascade() takes the stages' own defaults
+    (the papers'), and a --set override reaches the default cascade's stage."""
+    from cascade.config import build_cascade, load_config
+    from cascade.stages import GDA
+
+    cfg = load_config()
+    shipped = default_cascade()
+    assert shipped.transductive.get_params() == InMaP(**cfg.stages["inmap"]).get_params()
+    assert [s.get_params() for s in shipped.seen_stages] == [LinearProbePP(**cfg.stages["lpp"]).get_params()]
+    assert shipped.refine.get_params() == GDA(**cfg.stages["gda"]).get_params()
+    assert shipped.transductive.n_iter == cfg.stages["inmap"]["n_iter"] != InMaP().n_iter
+    for key, value in cfg.stages["cascade"].items():
+        if key not in ("transductive", "seen", "refine"):
+            assert shipped.get_params()[key] == value, key
+    assert repr(build_cascade(cfg)) == repr(shipped)
+    bare = Cascade()
+    assert bare.transductive.get_params() == InMaP().get_params()
+    assert [s.get_params() for s in bare.seen_stages] == [LinearProbePP().get_params()]
+    assert bare.refine.get_params() == GDA().get_params()
+    assert default_cascade(["stages.lpp.epochs=7"]).seen_stages[0].epochs == 7
+    with pytest.raises(NotFittedError):
+        bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})

@@ -13,7 +13,7 @@ Every file is JSON or ``.npz`` arrays plus a JSON document, read with ``allow_pi
 rebuilt from the registry by the names the bundle records, so a bundle loads whatever registered stages it names.
 
 Saving is transactional: the new folder is written beside the old one, validated by loading it back, and only then
-swapped in as a whole (:func:`cascade.output.replace_dir`); a failure at any point leaves the previous model folder
+swapped in as a whole (:func:`cascade.io.replace_dir`); a failure at any point leaves the previous model folder
 as it was. A bundle of another format version is refused with an error that says to train again.
 """
 from __future__ import annotations
@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import ClassList, read_class_file
+from .io import atomic_write_json, atomic_write_text, load_npz_json, replace_dir, save_npz_json
 from .models.weights import save_weights
-from .output import atomic_write_json, atomic_write_text, replace_dir
 from .router import Cascade
 from .stages import UnknownStageError, stage_name
-from .stages.base import load_npz_json, save_npz_json
 from .stages.specialist import SpecialistStage
 
 __all__ = ["Bundle", "BundleError", "FORMAT", "VERSION"]

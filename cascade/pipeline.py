@@ -27,8 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import Bundle
+from .config import CASCADE_STAGE_KEYS, CASCADE_TABLE, add_config_arguments, cascade_stage_names, config_from_args
+from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
+from .evaluate import topk_table, worst_classes
+from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
+from .io import atomic_write_json, atomic_write_text, replace_dir
 from .metrics import topk_indices
-from .runtime import is_main, mpi_world, run_ranked
+from .output import format_table, write_result, write_routes_csv, write_table_csv
+from .router import Cascade
+from .runtime import is_main, jittor, mpi_world, run_ranked, status
+from .stages import get_stage
+from .stages.specialist import SpecialistStage
 
 __all__ = ["add_parser", "train", "test", "PipelineError"]
 
@@ -141,15 +151,11 @@ def _writing(path):
 
 # ------------------------------------------------------------------------------------------------ shared
 def _classes(cfg):
-    from .data import load_classes
-
     all_path = cfg.data_path(cfg.paths.all_classes) if cfg.paths.all_classes else None
     return load_classes(cfg.data_path(cfg.paths.classes), all_path)
 
 
 def _clip_encoders(cfg) -> dict:
-    from .features import clip_encoder
-
     weights = cfg.clip_weights()
     missing = [f"{name}: {p}" for name, p in weights.items() if not p.is_file()]
     if missing:
@@ -175,8 +181,6 @@ def _specialist_setup(cfg, classes):
         raise PipelineError(f"{path}: specialist weights not found (convert the ConvNeXt-V2 checkpoint with "
                             f"`python -m cascade.convert SRC {path}`, or switch the specialist off with "
                             "--set specialist.enabled=false)")
-    from .features import convnext_encoder
-
     stage = _new_specialist(cfg)
     return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage),
                             where="specialist.weights"), present
@@ -184,8 +188,6 @@ def _specialist_setup(cfg, classes):
 
 def _new_specialist(cfg, domain=None):
     """A specialist for ``domain`` from ``[specialist]``; bad parameters fail here, before any long work."""
-    from .stages.specialist import SpecialistStage
-
     try:
         return SpecialistStage(domain=domain, feature_key=cfg.specialist.feature_key,
                                **cfg.specialist.params).validate()
@@ -203,8 +205,6 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
     run one after the other and each model is released when done (``then(key, encoder)`` runs first, on rank
     0 only), so only one model is in memory at a time. Under mpirun every rank makes this call and encodes its
     share of the images (``extract_features(distributed=True)``); only rank 0 gets the features."""
-    from .features import extract_features
-
     feats, failures = {}, {}
     for key, enc in encoders.items():
         res = extract_features(enc, paths, cfg.cache_dir, batch_size=cfg.features.batch_size,
@@ -222,16 +222,12 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
 def _build_stage(cfg, name: str):
     """The stage registered as ``name``, built from its ``[stages.<name>]`` table (keyword arguments, unchanged;
     checked against the registry and the stage's constraints when the config was loaded)."""
-    from .stages import get_stage
-
     return get_stage(name)(**cfg.stages.get(name, {}))
 
 
 def _make_cascade(cfg):
     """The Cascade of [stages.cascade]: its transductive stage, seen stages and refinement named there, each built
     from its own [stages.<name>] table; the table's other keys are the Cascade's keyword arguments."""
-    from .config import CASCADE_STAGE_KEYS, CASCADE_TABLE, cascade_stage_names
-    from .router import Cascade
 
     table = cfg.stages.get(CASCADE_TABLE, {})
     trans, seen, refine = cascade_stage_names(table)
@@ -254,8 +250,6 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
         rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
         paths = [str(cfg.data_dir / support[r].path) for r in rows]
         if stage.finetune != "none":
-            from .runtime import jittor, status
-
             jittor()
             where = status.get("device", "cpu")
             _log(f"fine-tuning the specialist backbone ({stage.finetune}) for {d} on {rows.size} support images on "
@@ -279,11 +273,10 @@ def _finetuned_encoder(stage, preprocess):
     fit_images (``encoder_``), else one built from its weights (``backbone_state_``). Its identity (the weights'
     hash, computed once by the stage) is the one its saved weights file will report, so train and test share
     cached features."""
-    from .features import ModelEncoder
-
     def loader():
         if hasattr(stage, "encoder_"):
             return stage.encoder_
+        # lazy: the architecture module imports Jittor (about a second), which --help, eval and bench never need
         from .models.convnextv2 import model_from_state
 
         return model_from_state(stage.backbone_state_)
@@ -295,8 +288,6 @@ def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, 
     """{query key: rows -> features}: each specialist's backbone encodes only the images routed to it (rows of
     ``paths``), through the feature cache. Fine-tuned backbones come from memory (train) or from their saved
     weights in ``model_dir`` (test)."""
-    from .features import convnext_encoder
-
     out, encoders = {}, []
     for sp in specialists:
         key = sp.query_key
@@ -315,9 +306,6 @@ def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, 
 
 
 def _on_demand(encoder, paths, cfg, progress, what):
-    from .data import DataError
-    from .features import extract_features
-
     def features(rows):
         res = extract_features(encoder, [paths[r] for r in rows], cfg.cache_dir, batch_size=cfg.features.batch_size,
                                workers=cfg.features.workers, chunk=cfg.features.chunk, progress=progress,
@@ -343,8 +331,6 @@ def _report_failures(failures: dict, what: str) -> None:
 # -------------------------------------------------------------------------------------------------- train
 def train(cfg, progress: bool = True) -> dict:
     """Fit the cascade on the few-shot split and save it; returns a summary (also out/report/train.json)."""
-    from .data import DataError, read_image_list, sample_split, split_from_list
-
     t0 = time.time()
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (cfg.cache_dir, "features.cache"),
                     (cfg.split_dir, "--out (paths.out)"), (cfg.report_dir, "--out (paths.out)"),
@@ -395,12 +381,6 @@ def train(cfg, progress: bool = True) -> dict:
 def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0) -> dict:
     """train, once the split is final: features, text embeddings, the cascade and the specialists, the validation
     report; then the model bundle and the split replace the previous ones (only when everything succeeded)."""
-    from .bundle import Bundle
-    from .data import DataError, write_split
-    from .evaluate import topk_table, worst_classes
-    from .features import text_features
-    from .output import atomic_write_json, format_table, replace_dir, write_table_csv
-
     support, val = split.support, split.val
     with _writing(cfg.split_dir):
         split_info = write_split(split, split_tmp) if is_main() else None
@@ -499,10 +479,6 @@ def _count(routes) -> dict:
 # --------------------------------------------------------------------------------------------------- test
 def test(cfg, progress: bool = True) -> dict:
     """Write the submission file for the test folder; returns a summary."""
-    from .bundle import Bundle
-    from .data import list_test_images
-    from .output import atomic_write_text, write_result, write_routes_csv
-
     t0 = time.time()
     result_path = cfg.out_path(cfg.paths.result)
     if result_path.is_dir():
@@ -630,8 +606,6 @@ def test(cfg, progress: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------------------ commands
 def add_parser(subparsers) -> None:
-    from .config import add_config_arguments
-
     p = subparsers.add_parser(
         "train", help="fit the cascade on the few-shot split and report validation accuracy",
         description="Read DATA/classes.txt and DATA/train.txt (the challenge layout; see data/README.md), pick "
@@ -665,8 +639,6 @@ def add_parser(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from .config import config_from_args
-
     cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
                                   "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
     def work():
@@ -678,8 +650,6 @@ def _run_train(args) -> int:
 
 
 def _run_test(args) -> int:
-    from .config import config_from_args
-
     cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
                                   "paths.all_classes": args.all_classes})
     def work():

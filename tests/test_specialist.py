@@ -147,7 +147,8 @@ def test_a_real_stage_saved_through_npz_and_json(fitted, tmp_path):
     """SpecialistStage is a Stage: NotFittedError before fit, the domain a hyperparameter, and the whole state
     (a fine-tuned backbone's weights included) saved by Stage.save and read back by Stage.load, without pickle."""
     from cascade.preprocess import Preprocess
-    from cascade.stages.base import Stage, load_npz_json
+    from cascade.io import load_npz_json
+    from cascade.stages.base import Stage
 
     with pytest.raises(NotFittedError):
         SpecialistStage().predict(np.zeros((1, DIM)))

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..io import atomic_open
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
@@ -482,7 +485,6 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"destination folder {parent} does not exist", p)
-    from cascade.output import atomic_open
 
     with atomic_open(p, "wb") as raw:
         with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -612,8 +614,6 @@ CONVNEXT_CONFIGS = {
 
 
 def _count(shapes, pattern: str) -> int:
-    import re
-
     found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
     return 1 + max(found) if found else 0
 
@@ -685,8 +685,6 @@ def _family(name: str) -> str | None:
 
 def expected_convnext_size(name: str) -> str | None:
     """The ConvNeXt-V2 size a feature key or model name mentions (``convnextv2_base`` -> ``base``), else None."""
-    import re
-
     m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_CONFIGS) + r")(?![a-z])", name.lower())
     return m.group(1) if m else None
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 from .base import log_softmax
@@ -105,8 +106,6 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     The negative log-likelihood is convex in ``w`` (a softmax of a linear function of it), so L-BFGS-B from
     ``w = 1`` finds the optimum. The weights act as both the experts' relative trust and the pool's temperature.
     """
-    from scipy.optimize import minimize
-
     L = [np.asarray(lp, dtype=np.float64) for lp in log_probs]
     y = np.asarray(y, dtype=np.int64)
     rows = np.arange(len(y))

@@ -271,7 +271,7 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
 def _finetuned_encoder(stage, preprocess):
     """An encoder over a specialist's fine-tuned backbone held in memory: the tuned network itself after
     fit_images (``encoder_``), else one built from its weights (``backbone_state_``). Its identity (the weights'
-    hash, computed once by the stage) is the one its saved weights file will report, so train and test share
+    hash, computed once by the stage and saved with its state) is the same at train and test, so both share
     cached features."""
     def loader():
         if hasattr(stage, "encoder_"):
@@ -284,22 +284,16 @@ def _finetuned_encoder(stage, preprocess):
     return ModelEncoder(stage.query_key, loader, f"sha256:{stage.backbone_sha256_}", preprocess)
 
 
-def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what, model_dir=None):
+def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what):
     """{query key: rows -> features}: each specialist's backbone encodes only the images routed to it (rows of
-    ``paths``), through the feature cache. Fine-tuned backbones come from memory (train) or from their saved
-    weights in ``model_dir`` (test)."""
+    ``paths``), through the feature cache. A fine-tuned backbone is the specialist's own (its learned
+    ``backbone_state_``, in memory after train and read back with the model bundle at test)."""
     out, encoders = {}, []
     for sp in specialists:
         key = sp.query_key
         if key in out:
             continue
-        if sp.finetune == "none":
-            enc = base_encoder
-        elif hasattr(sp, "backbone_state_"):
-            enc = _finetuned_encoder(sp, base_encoder.preprocess)
-        else:
-            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess,
-                                   where=f"the fine-tuned backbone saved with the model in {model_dir}")
+        enc = base_encoder if sp.finetune == "none" else _finetuned_encoder(sp, base_encoder.preprocess)
         encoders.append(enc)
         out[key] = _on_demand(enc, paths, cfg, progress, what)
     return out, encoders
@@ -540,8 +534,7 @@ def test(cfg, progress: bool = True) -> dict:
         sp_encoders = []
         if specialists:  # each specialist's backbone encodes only the test images routed to its domain
             ok_paths = [p for p, good in zip(paths, ok) if good]
-            lazy, sp_encoders = _specialist_query_features(specialists, sp_encoder, ok_paths, cfg, progress, "test",
-                                                           model_dir)
+            lazy, sp_encoders = _specialist_query_features(specialists, sp_encoder, ok_paths, cfg, progress, "test")
             query.update(lazy)
         pred = cascade.predict(query)
         _log_pool(pred.details)

@@ -27,6 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import default_cascade
+from .io import read_npz
+from .metrics import top1_top5
+from .router import Cascade
+from .stages import CLIPAdapter, InMaP, LinearProbePP, TipAdapter, TipAdapterF, ZeroShot
+
 ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade")
 ADAPTER_ROWS = ("tip-adapter", "tip-adapter-f", "clip-adapter")   # printed by the bench; not in ROWS, which the
                                                                    # benchmarks/ suites run on every task
@@ -50,8 +56,6 @@ def add_parser(subparsers) -> None:
 
 def load_task(path) -> dict:
     """Read and check a task file; returns a dict of arrays (query_y included, for scoring only)."""
-    from .stages.base import read_npz
-
     path = Path(path)
     task = read_npz(path, ".npz task file")
     need = ("support_x", "support_y", "query_x", "query_y", "text_x")
@@ -69,9 +73,6 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
     """Scores [Nq, C] of each method. Never reads ``task['query_y']``. ``cascade``: keyword arguments of the
     ``cascade`` row's :class:`~cascade.router.Cascade`, set over the default cascade (the one of
     cascade/configs/default.toml, :func:`~cascade.config.default_cascade`)."""
-    from .config import default_cascade
-    from .router import Cascade
-    from .stages import CLIPAdapter, InMaP, LinearProbePP, TipAdapter, TipAdapterF, ZeroShot
 
     seen_only = {"lpp": LinearProbePP, "tip-adapter": TipAdapter, "tip-adapter-f": TipAdapterF,
                  "clip-adapter": CLIPAdapter}        # fitted on the seen classes only (text[:n_seen])
@@ -108,8 +109,6 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
 
 
 def run(args) -> int:
-    from .metrics import top1_top5
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_ROWS]
     if bad:

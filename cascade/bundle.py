@@ -6,14 +6,15 @@ A bundle is a folder (``out/model/``)::
     bundle.json                  format and version, classes, encoders' identities, specialist setup, split, stages
     classes.txt                  the class list the result refers to (seen classes first, then unseen ones)
     cascade.npz                  the cascade and its fitted stages (``Cascade.state_dict``)
-    specialist-<i>.npz           specialist i's head (``SpecialistStage.to_arrays``)
-    specialist-<i>-backbone.npz  specialist i's fine-tuned backbone, when it was fine-tuned (converted-weights format)
+    specialist-<i>.npz           specialist i's whole state (``SpecialistStage.state_dict``): its head and, when
+                                 it was fine-tuned, its backbone's weights (arrays ``backbone_state_/<name>``)
 
-Every file is JSON or ``.npz`` arrays plus a JSON document, read with ``allow_pickle=False``. The stages are
-rebuilt from the registry by the names the bundle records, so a bundle loads whatever registered stages it names.
+Every stage persists through the one state mechanism, ``state_dict``/``from_state``: arrays plus a JSON document in
+one ``.npz`` (:func:`cascade.io.save_npz_json`), read with ``allow_pickle=False``. The stages are rebuilt from the
+registry by the names the bundle records, so a bundle loads whatever registered stages it names.
 
 Saving is transactional: the new folder is written beside the old one, validated by loading it back, and only then
-swapped in as a whole (:func:`cascade.output.replace_dir`); a failure at any point leaves the previous model folder
+swapped in as a whole (:func:`cascade.io.replace_dir`); a failure at any point leaves the previous model folder
 as it was. A bundle of another format version is refused with an error that says to train again.
 """
 from __future__ import annotations
@@ -25,17 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import ClassList, read_class_file
-from .models.weights import save_weights
-from .output import atomic_write_json, atomic_write_text, replace_dir
+from .io import atomic_write_json, atomic_write_text, load_npz_json, replace_dir, save_npz_json
 from .router import Cascade
 from .stages import UnknownStageError, stage_name
-from .stages.base import load_npz_json, save_npz_json
 from .stages.specialist import SpecialistStage
 
 __all__ = ["Bundle", "BundleError", "FORMAT", "VERSION"]
 
 FORMAT = "cascade.bundle"
-VERSION = 1
+VERSION = 2  # 2: a fine-tuned specialist's backbone is part of its specialist-<i>.npz
 INFO_FILE = "bundle.json"
 CASCADE_FILE = "cascade.npz"
 CLASSES_FILE = "classes.txt"
@@ -85,16 +84,7 @@ class Bundle:
         save_npz_json(folder / CASCADE_FILE, *cascade.state_dict())
         saved = []
         for i, sp in enumerate(cascade.specialists):
-            arrays, meta = sp.to_arrays()
-            meta = dict(meta, name=sp.name)
-            if hasattr(sp, "backbone_state_"):
-                from .models.convnextv2 import config_from_state   # lazy: imports Jittor
-
-                meta["backbone_file"] = f"specialist-{i}-backbone.npz"
-                save_weights(folder / meta["backbone_file"], sp.backbone_state_, {
-                    "arch": "convnextv2", "config": config_from_state(sp.backbone_state_),
-                    "fine_tuned_from": self.specialist.get("identity"), "fine_tune": sp.finetune, "domain": sp.name})
-            save_npz_json(folder / f"specialist-{i}.npz", arrays, meta)
+            save_npz_json(folder / _specialist_file(i), *sp.state_dict())
             saved.append(sp.name)
         atomic_write_text(folder / CLASSES_FILE, self.classes.to_lines())
         atomic_write_json(folder / INFO_FILE, {
@@ -165,14 +155,16 @@ class Bundle:
         return bundle
 
 
+def _specialist_file(i: int) -> str:
+    return f"specialist-{i}.npz"
+
+
 def _load_specialist(folder: Path, i: int, name: str) -> SpecialistStage:
-    path = folder / f"specialist-{i}.npz"
-    arrays, meta = load_npz_json(path)
-    sp = SpecialistStage.from_arrays(arrays, meta)
-    sp.name = name
-    if sp.finetune != "none":
-        sp.backbone_file = meta.get("backbone_file")
-        if not sp.backbone_file or not (folder / sp.backbone_file).is_file():
-            raise BundleError(f"{path}: the fine-tuned backbone {sp.backbone_file or '(not recorded)'} is missing "
-                              f"from {folder}; retrain")
+    """Specialist ``i`` from its state file; its recorded name must be the one ``bundle.json`` lists."""
+    path = folder / _specialist_file(i)
+    sp = SpecialistStage.from_state(*load_npz_json(path))
+    if sp.name != name:
+        raise BundleError(f"{path}: holds the specialist for {sp.name!r}, {INFO_FILE} lists {name!r}; run train again")
+    if sp.finetune != "none" and not hasattr(sp, "backbone_state_"):
+        raise BundleError(f"{path}: a fine-tuned specialist without its backbone's weights; retrain")
     return sp

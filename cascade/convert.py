@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from cascade.models.weights import CheckpointError, detect_format, read_checkpoint, save_weights, sha256_file
+
 ARCHES = ("clip", "convnextv2")
 
 DESCRIPTION = """\
@@ -57,8 +59,6 @@ def detect_arch(state: dict) -> str | None:
 
 def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = False) -> dict:
     """Convert ``src`` to our format at ``dst``; returns the stored metadata. Raises CheckpointError."""
-    from cascade.models.weights import CheckpointError, detect_format, read_checkpoint, save_weights, sha256_file
-
     src, dst = Path(src), Path(dst)
 
     def say(msg):
@@ -79,6 +79,7 @@ def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = 
                                   f"nor ConvNeXt-V2 (e.g. {sample}); pass --arch if you are sure", src)
         arch = found
     if arch == "clip":
+        # lazy: the architecture modules import Jittor, which the rest of the CLI never needs at start-up
         from cascade.models.clip import convert_state_dict
         state, meta = convert_state_dict(state, src)
     elif arch == "convnextv2":
@@ -128,8 +129,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from cascade.models.weights import CheckpointError
-
     try:
         meta = convert(args.src, args.dst, arch=args.arch, quiet=args.quiet)
     except CheckpointError as exc:

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .io import atomic_write_json, atomic_write_text, raise_many, read_lines
 
 __all__ = [
     "DataError", "ImageError", "ClassList", "Example", "Split", "IMAGE_EXTENSIONS", "split_class_name",
@@ -34,7 +37,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})
-MAX_LISTED = 20  # problems listed in one error message before "... and N more"
 
 
 class DataError(ValueError):
@@ -48,37 +50,6 @@ class ImageError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
-
-
-def raise_many(problems: list[str], header: str, error: type[Exception] = DataError) -> None:
-    """Raise ``error`` listing every problem (the first MAX_LISTED of them) under ``header``; no-op if none."""
-    if not problems:
-        return
-    shown = problems[:MAX_LISTED]
-    more = len(problems) - len(shown)
-    text = header + "\n  " + "\n  ".join(shown)
-    if more:
-        text += f"\n  ... and {more} more"
-    raise error(text)
-
-
-def read_lines(path, what: str, error: type[Exception] = DataError,
-               comments: bool = True) -> list[tuple[int, str]]:
-    """Non-blank lines (1-based line number, stripped text) of a UTF-8 text file; BOM and CRLF tolerated, lines
-    starting with ``#`` skipped when ``comments``. Problems raise ``error`` naming the file and ``what`` it is."""
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{path}: {what} not found")
-    if path.is_dir():
-        raise error(f"{path}: {what} is a directory, expected a text file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
-    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
-    return [(i, t) for i, t in lines if t and not (comments and t.startswith("#"))]
 
 
 # ------------------------------------------------------------------------------------------------ classes
@@ -112,7 +83,7 @@ def read_class_file(path) -> list[str]:
     """Read ``<name> <index>`` lines; return the names in index order. Indices must be exactly 0..C-1, each
     once; names must be unique."""
     path = Path(path)
-    entries = read_lines(path, "class list")
+    entries = read_lines(path, "class list", DataError)
     if not entries:
         raise DataError(f"{path}: class list is empty")
     problems: list[str] = []
@@ -133,7 +104,7 @@ def read_class_file(path) -> list[str]:
             continue
         by_name[name] = line_no
         by_index[idx] = (name, line_no)
-    raise_many(problems, f"{path}: invalid class list:")
+    raise_many(problems, f"{path}: invalid class list:", DataError)
     n = len(by_index)
     missing = [i for i in range(n) if i not in by_index]
     if missing:
@@ -197,7 +168,7 @@ def load_classes(classes_path, all_classes_path=None) -> ClassList:
     mismatch = [f"index {i}: {every[i]!r} here but {seen[i]!r} in {classes_path}"
                 for i in range(len(seen)) if every[i] != seen[i]]
     raise_many(mismatch, f"{all_classes_path}: the first {len(seen)} classes must be those of {classes_path}, "
-                          "at the same indices:")
+                          "at the same indices:", DataError)
     return ClassList(every, len(seen), str(all_classes_path))
 
 
@@ -215,7 +186,7 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class. All problems are reported
     in one error naming the file and lines."""
     path, root = Path(path), Path(root)
-    entries = read_lines(path, "image list")
+    entries = read_lines(path, "image list", DataError)
     if not entries:
         raise DataError(f"{path}: image list is empty")
     problems: list[str] = []
@@ -249,13 +220,12 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
             missing.append(f"line {line_no}: {rel} ({'a directory' if (root / rel).is_dir() else 'no such file'})")
             continue
         out.append(Example(rel, idx, line_no))
-    raise_many(problems, f"{path}: invalid lines:")
-    raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:")
+    raise_many(problems, f"{path}: invalid lines:", DataError)
+    raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:", DataError)
     return out
 
 
 def write_image_list(path, examples: Iterable[Example]) -> None:
-    from .output import atomic_write_text
 
     atomic_write_text(path, "".join(f"{e.path} {e.label}\n" for e in examples))
 
@@ -307,7 +277,7 @@ class Split:
         short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {self.shots[c]} needed"
                  for c in sorted(self.order) if counts[c] < self.shots[c]]
         if short:
-            raise_many(short, "not enough readable training images:")
+            raise_many(short, "not enough readable training images:", DataError)
 
 
 def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
@@ -320,12 +290,12 @@ def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
 def _check_counts(by_class: dict[int, list[Example]], classes: ClassList, shots: int, allow_fewer: bool,
                   source: str) -> dict[int, int]:
     none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not by_class.get(c)]
-    raise_many(none, f"{source}: {len(none)} class(es) have no training images:")
+    raise_many(none, f"{source}: {len(none)} class(es) have no training images:", DataError)
     few = [f"{classes.names[c]} ({c}): {len(by_class[c])} image(s)" for c in range(classes.n_seen)
            if len(by_class[c]) < shots]
     if few and not allow_fewer:
         raise_many(few, f"{source}: {len(few)} class(es) have fewer than {shots} images (sampling.shots); use "
-                         "`--set sampling.allow_fewer=true` to train them on what they have:")
+                         "`--set sampling.allow_fewer=true` to train them on what they have:", DataError)
     if few:
         warnings.warn(f"{len(few)} class(es) have fewer than {shots} training images and use what they have: "
                       + ", ".join(few[:5]) + (" ..." if len(few) > 5 else ""), stacklevel=3)
@@ -354,7 +324,7 @@ def split_from_list(selection: Sequence[Example], pool: Sequence[Example], class
     """Support = a given selection (like train_label.txt); validation from the rest of ``pool``."""
     chosen = _group(selection)
     none = [f"{classes.names[c]} ({c})" for c in range(classes.n_seen) if not chosen.get(c)]
-    raise_many(none, f"{source}: {len(none)} class(es) have no selected training image:")
+    raise_many(none, f"{source}: {len(none)} class(es) have no selected training image:", DataError)
     picked = {e.path for e in selection}
     by_class = _group(pool)
     order = {}
@@ -370,7 +340,6 @@ def split_from_list(selection: Sequence[Example], pool: Sequence[Example], class
 
 def write_split(split: Split, folder) -> dict:
     """Write support.txt and val.txt (``<path> <index>``, reusable as ``sampling.list``) and split.json."""
-    from .output import atomic_write_json
 
     folder = Path(folder)
     support, val = split.support, split.val
@@ -417,8 +386,6 @@ def list_test_images(folder) -> tuple[list[str], list[str]]:
 def to_rgb(im):
     """Any PIL image -> 8-bit RGB: 16-bit and 32-bit integer images are scaled (not clipped), float images
     mapped from [0, 1] (or clipped to [0, 255]), transparency composited over white."""
-    from PIL import Image
-
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(im)
@@ -454,8 +421,6 @@ def load_image(path, draft_size: int | None = 448, draft_above: int = 4096 * 409
     decoded at a reduced scale (DCT scaling, keeping both sides >= ``draft_size``) so memory stays bounded;
     anything unreadable raises :class:`ImageError` naming the file and the reason."""
     global _bomb_warning_filtered
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if not _bomb_warning_filtered:  # we report sizes ourselves; PIL's warning would only be noise
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         _bomb_warning_filtered = True

@@ -13,7 +13,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .data import parse_indexed, raise_many, read_lines
+from .data import parse_indexed, read_class_file, split_class_name
+from .io import atomic_write_json, raise_many, read_lines
+from .output import format_table, read_result
 
 __all__ = ["topk_table", "worst_classes", "read_labels", "evaluate_files", "add_parser", "LabelError"]
 
@@ -115,9 +117,6 @@ def _match(result: dict[str, list[int]], labels: dict[str, int], result_path, la
 
 def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10, allow_missing: bool = False):
     """Evaluate a result file; returns (table rows, worst-class rows, info)."""
-    from .data import read_class_file, split_class_name
-    from .output import read_result
-
     names = read_class_file(classes_path) if classes_path else None
     result = read_result(result_path, n_classes=len(names) if names else None)
     labelled = _read_labels(labels_path)
@@ -178,8 +177,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .output import atomic_write_json, format_table
-
     rows, worst_rows, info = evaluate_files(args.result, args.labels, args.classes, args.worst, args.allow_missing)
     cols = ["domain", "n"] + [c for c in ("top1", "top5") if c in rows[-1]]
     print(format_table(rows, cols))

@@ -17,12 +17,17 @@ An *encoder* is any object with ``cache_key`` (a string identifying the weights)
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
+import signal
 import sys
+import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from collections import deque
@@ -31,9 +36,15 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from . import runtime
 from .data import ImageError
+from .io import atomic_open, atomic_write_json, atomic_write_text
+from .models import load_clip, load_convnextv2, tokenize
+from .models.weights import CheckpointError, check_weights, detect_format, read_header
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .runtime import jittor, mpi_local
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "FeatureCache", "CacheError", "Failure",
@@ -170,8 +181,6 @@ class FeatureCache:
     def _drop_unsummed(self, summed: set) -> None:
         """Shards without a checksum: ignored; removed once old enough not to be another process's write in
         progress."""
-        import time
-
         stale = []
         for kf in self.dir.glob("*.keys.npy"):
             sid = kf.name[: -len(".keys.npy")]
@@ -271,8 +280,6 @@ class FeatureCache:
         full disk) raises OSError naming the file."""
         if not self._pending_keys:
             return
-        from .output import atomic_open, atomic_write_json
-
         feats = np.concatenate(self._pending_feats, axis=0)
         keys = np.array(self._pending_keys, dtype="S40")
         feats_raw, keys_raw = self._npy_bytes(feats), self._npy_bytes(keys)
@@ -309,8 +316,6 @@ class FeatureCache:
     @staticmethod
     def save_array(path, arr: np.ndarray) -> None:
         """Write one array (``path``, .npy) with its checksum beside it (``path`` + ``.sha256``), atomically."""
-        from .output import atomic_open, atomic_write_text
-
         raw = FeatureCache._npy_bytes(np.asarray(arr))
         path = Path(path)
         target = path
@@ -374,8 +379,6 @@ class FeatureResult(NamedTuple):
 
 def _default_workers() -> int:
     """One decoding process per core, at most 8; under mpirun the node's cores are shared by its ranks."""
-    from .runtime import mpi_local
-
     return max(1, min(8, (os.cpu_count() or 1) // mpi_local()[1]))
 
 
@@ -405,8 +408,6 @@ def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess
     shards, and after all ranks are done every rank reads the complete cache. Only rank 0 gets the features;
     the other ranks get zero-width rows, and every rank gets the same failures. Outside MPI it changes
     nothing."""
-    from . import runtime
-
     rank, size = runtime.mpi_world() if distributed else (0, 1)
     args = dict(preprocess=preprocess, batch_size=batch_size, workers=workers, chunk=chunk,
                 pad_batches=pad_batches)
@@ -444,8 +445,6 @@ def _extract(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None 
              pad_batches: bool = True, gather: bool = True) -> FeatureResult:
     """:func:`extract_features` in this process alone. ``gather=False``: the cached rows are not read (the
     features returned have zero width), only missing rows are encoded and cached."""
-    from tqdm import tqdm
-
     preprocess = preprocess or getattr(encoder, "preprocess", None) or Preprocess.clip()
     paths = [str(p) for p in paths]
     n = len(paths)
@@ -562,13 +561,9 @@ def _decode_in_processes(preprocess, paths, todo, workers, slots):
     shared memory-mapped file; only small messages (slot, index, reason) travel through the pipes, so workers
     keep decoding while this process is busy in Jittor (which holds the GIL). Yields (index, crop, reason) as
     images finish (any order). Returns None when worker processes cannot be started."""
-    import multiprocessing as mp
-
     shape = (preprocess.size, preprocess.size, 3)
     slot_bytes = int(np.prod(shape))
     tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    import tempfile
-
     fd, buf_path = tempfile.mkstemp(prefix="cascade-decode-", suffix=".u8", dir=tmpdir)
     try:
         os.ftruncate(fd, slots * slot_bytes)
@@ -648,8 +643,6 @@ def _get_result(results, procs):
 
 
 def _decode_worker(tasks, results, buf_path, slots, shape, preprocess):  # runs in a spawned process
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     buf = np.memmap(buf_path, dtype=np.uint8, mode="r+", shape=(slots,) + tuple(shape))
     results.put("ready")
@@ -678,8 +671,6 @@ def weights_identity(path) -> str:
     """A string that changes whenever the weights change: the SHA-256 stored in our converted format's
     metadata, else the SHA-256 of the file's bytes. Converted weights that cannot be read (truncated, damaged)
     raise :class:`~cascade.models.weights.CheckpointError` saying so, never a different identity."""
-    from .models.weights import CheckpointError, detect_format, read_header
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: weights file not found (convert the checkpoint first: "
@@ -704,8 +695,6 @@ def _check_converted(path: Path, arch: str, expected: str, where: str | None) ->
     """Converted weights are verified (every array read once) and must hold the expected model
     (:func:`cascade.models.weights.check_weights`); other files are read as they are when the model is loaded
     (a file that is no checkpoint at all is refused then, by name)."""
-    from .models.weights import CheckpointError, check_weights, detect_format
-
     try:
         fmt = detect_format(path)
     except CheckpointError as exc:
@@ -749,15 +738,11 @@ class ModelEncoder:
             if self._model is None:
                 return
             self._model = None
-        import gc
-
         gc.collect()
         if "jittor" in sys.modules:
             sys.modules["jittor"].gc()
 
     def encode_image(self, x: np.ndarray) -> np.ndarray:
-        from .runtime import jittor
-
         jt = jittor()
         model = self.model
         with jt.no_grad():
@@ -777,8 +762,6 @@ def clip_encoder(name: str, weights_path, resolution: int | None = None, where: 
     res = resolution or _peek_resolution(path) or 224
 
     def loader():
-        from .models import load_clip
-
         model = load_clip(path)
         got = int(getattr(model, "input_resolution", res))
         if got != res:
@@ -798,8 +781,6 @@ def convnext_encoder(name: str, weights_path, preprocess: Preprocess | None = No
     _check_converted(path, "convnextv2", name, where)
 
     def loader():
-        from .models import load_convnextv2
-
         return load_convnextv2(path)
 
     return ModelEncoder(name, loader, identity, preprocess or Preprocess.imagenet(), method="encode_image")
@@ -846,8 +827,6 @@ def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache
     """Class text embeddings [C, D], L2-normalised: each class's prompts are encoded, normalised, averaged
     (a prompt ensemble) and normalised again. Cached under the weights' identity and the prompts, with a
     checksum (:meth:`FeatureCache.save_array`): a damaged cached file is reported and computed again."""
-    from tqdm import tqdm
-
     prompts = [list(p) for p in prompts]
     if not prompts or any(not p for p in prompts):
         raise ValueError("text_features: every class needs at least one prompt")
@@ -856,9 +835,6 @@ def text_features(encoder: ModelEncoder, prompts: Sequence[Sequence[str]], cache
     arr = FeatureCache.load_array(path)
     if arr is not None and arr.ndim == 2 and arr.shape[0] == len(prompts):
         return arr
-    from .models import tokenize
-    from .runtime import jittor
-
     jt = jittor()
     flat = [t for p in prompts for t in p]
     owner = np.repeat(np.arange(len(prompts)), [len(p) for p in prompts])

@@ -1,91 +1,20 @@
-"""Everything the tool writes, written atomically: a temporary file in the same folder, flushed and fsynced,
-then ``os.replace`` onto the target, so a crash or Ctrl-C never leaves a half-written file behind (the old
-file, if any, stays intact).
+"""What the tool writes for people: the result file, the routes CSV and report tables, each written atomically
+through :mod:`cascade.io`.
 
 Result file format (the challenge's): one line per test image, ``<file name> <top1> <top2> <top3> <top4> <top5>``
 (class indices), sorted by file name.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .data import raise_many, read_lines
+from .io import atomic_open, atomic_write_text, raise_many, read_lines
 
-__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "ResultError",
-           "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
-    """``with atomic_open(p) as f: f.write(...)``: the file appears at ``p`` only if the block succeeds (written
-    to a temporary file in the same folder, synced, then renamed over ``p``), with the permissions a plain
-    ``open`` would give it (0666 minus the umask). The one atomic writer of the project: result files, reports,
-    feature-cache shards, fitted stages and converted weights all go through it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    binary = "b" in mode
-    try:
-        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    with atomic_open(path, "w", newline="\n") as f:
-        f.write(text)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def replace_dir(tmp_dir, final_dir) -> None:
-    """Move a fully written folder onto ``final_dir``. The old folder is renamed aside first and removed only
-    after the new one is in place, so at every moment either the old or the new folder is complete."""
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+__all__ = ["ResultError", "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
 
 
 # -------------------------------------------------------------------------------------------- result file

@@ -27,9 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import build_cascade
+from .bundle import Bundle
+from .config import add_config_arguments, build_cascade, config_from_args
+from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
+from .evaluate import topk_table, worst_classes
+from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
+from .io import atomic_write_json, atomic_write_text, replace_dir
 from .metrics import topk_indices
-from .runtime import is_main, mpi_world, run_ranked
+from .output import format_table, write_result, write_routes_csv, write_table_csv
+from .runtime import is_main, jittor, mpi_world, run_ranked, status
+from .stages.specialist import SpecialistStage
 
 __all__ = ["add_parser", "train", "test", "PipelineError"]
 
@@ -142,15 +149,11 @@ def _writing(path):
 
 # ------------------------------------------------------------------------------------------------ shared
 def _classes(cfg):
-    from .data import load_classes
-
     all_path = cfg.data_path(cfg.paths.all_classes) if cfg.paths.all_classes else None
     return load_classes(cfg.data_path(cfg.paths.classes), all_path)
 
 
 def _clip_encoders(cfg) -> dict:
-    from .features import clip_encoder
-
     weights = cfg.clip_weights()
     missing = [f"{name}: {p}" for name, p in weights.items() if not p.is_file()]
     if missing:
@@ -176,8 +179,6 @@ def _specialist_setup(cfg, classes):
         raise PipelineError(f"{path}: specialist weights not found (convert the ConvNeXt-V2 checkpoint with "
                             f"`python -m cascade.convert SRC {path}`, or switch the specialist off with "
                             "--set specialist.enabled=false)")
-    from .features import convnext_encoder
-
     stage = _new_specialist(cfg)
     return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage),
                             where="specialist.weights"), present
@@ -185,8 +186,6 @@ def _specialist_setup(cfg, classes):
 
 def _new_specialist(cfg, domain=None):
     """A specialist for ``domain`` from ``[specialist]``; bad parameters fail here, before any long work."""
-    from .stages.specialist import SpecialistStage
-
     try:
         return SpecialistStage(domain=domain, feature_key=cfg.specialist.feature_key,
                                **cfg.specialist.params).validate()
@@ -204,8 +203,6 @@ def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):
     run one after the other and each model is released when done (``then(key, encoder)`` runs first, on rank
     0 only), so only one model is in memory at a time. Under mpirun every rank makes this call and encodes its
     share of the images (``extract_features(distributed=True)``); only rank 0 gets the features."""
-    from .features import extract_features
-
     feats, failures = {}, {}
     for key, enc in encoders.items():
         res = extract_features(enc, paths, cfg.cache_dir, batch_size=cfg.features.batch_size,
@@ -234,8 +231,6 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
         rows = np.flatnonzero(np.isin(y_sup, classes.domain_classes(d)))
         paths = [str(cfg.data_dir / support[r].path) for r in rows]
         if stage.finetune != "none":
-            from .runtime import jittor, status
-
             jittor()
             where = status.get("device", "cpu")
             _log(f"fine-tuning the specialist backbone ({stage.finetune}) for {d} on {rows.size} support images on "
@@ -257,13 +252,12 @@ def _fit_specialists(cfg, classes, domains, encoder, support, y_sup, support_fea
 def _finetuned_encoder(stage, preprocess):
     """An encoder over a specialist's fine-tuned backbone held in memory: the tuned network itself after
     fit_images (``encoder_``), else one built from its weights (``backbone_state_``). Its identity (the weights'
-    hash, computed once by the stage) is the one its saved weights file will report, so train and test share
+    hash, computed once by the stage and saved with its state) is the same at train and test, so both share
     cached features."""
-    from .features import ModelEncoder
-
     def loader():
         if hasattr(stage, "encoder_"):
             return stage.encoder_
+        # lazy: the architecture module imports Jittor (about a second), which --help, eval and bench never need
         from .models.convnextv2 import model_from_state
 
         return model_from_state(stage.backbone_state_)
@@ -271,33 +265,22 @@ def _finetuned_encoder(stage, preprocess):
     return ModelEncoder(stage.query_key, loader, f"sha256:{stage.backbone_sha256_}", preprocess)
 
 
-def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what, model_dir=None):
+def _specialist_query_features(specialists, base_encoder, paths, cfg, progress, what):
     """{query key: rows -> features}: each specialist's backbone encodes only the images routed to it (rows of
-    ``paths``), through the feature cache. Fine-tuned backbones come from memory (train) or from their saved
-    weights in ``model_dir`` (test)."""
-    from .features import convnext_encoder
-
+    ``paths``), through the feature cache. A fine-tuned backbone is the specialist's own (its learned
+    ``backbone_state_``, in memory after train and read back with the model bundle at test)."""
     out, encoders = {}, []
     for sp in specialists:
         key = sp.query_key
         if key in out:
             continue
-        if sp.finetune == "none":
-            enc = base_encoder
-        elif hasattr(sp, "backbone_state_"):
-            enc = _finetuned_encoder(sp, base_encoder.preprocess)
-        else:
-            enc = convnext_encoder(key, model_dir / sp.backbone_file, base_encoder.preprocess,
-                                   where=f"the fine-tuned backbone saved with the model in {model_dir}")
+        enc = base_encoder if sp.finetune == "none" else _finetuned_encoder(sp, base_encoder.preprocess)
         encoders.append(enc)
         out[key] = _on_demand(enc, paths, cfg, progress, what)
     return out, encoders
 
 
 def _on_demand(encoder, paths, cfg, progress, what):
-    from .data import DataError
-    from .features import extract_features
-
     def features(rows):
         res = extract_features(encoder, [paths[r] for r in rows], cfg.cache_dir, batch_size=cfg.features.batch_size,
                                workers=cfg.features.workers, chunk=cfg.features.chunk, progress=progress,
@@ -323,8 +306,6 @@ def _report_failures(failures: dict, what: str) -> None:
 # -------------------------------------------------------------------------------------------------- train
 def train(cfg, progress: bool = True) -> dict:
     """Fit the cascade on the few-shot split and save it; returns a summary (also out/report/train.json)."""
-    from .data import DataError, read_image_list, sample_split, split_from_list
-
     t0 = time.time()
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (cfg.cache_dir, "features.cache"),
                     (cfg.split_dir, "--out (paths.out)"), (cfg.report_dir, "--out (paths.out)"),
@@ -375,12 +356,6 @@ def train(cfg, progress: bool = True) -> dict:
 def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0) -> dict:
     """train, once the split is final: features, text embeddings, the cascade and the specialists, the validation
     report; then the model bundle and the split replace the previous ones (only when everything succeeded)."""
-    from .bundle import Bundle
-    from .data import DataError, write_split
-    from .evaluate import topk_table, worst_classes
-    from .features import text_features
-    from .output import atomic_write_json, format_table, replace_dir, write_table_csv
-
     support, val = split.support, split.val
     with _writing(cfg.split_dir):
         split_info = write_split(split, split_tmp) if is_main() else None
@@ -479,10 +454,6 @@ def _count(routes) -> dict:
 # --------------------------------------------------------------------------------------------------- test
 def test(cfg, progress: bool = True) -> dict:
     """Write the submission file for the test folder; returns a summary."""
-    from .bundle import Bundle
-    from .data import list_test_images
-    from .output import atomic_write_text, write_result, write_routes_csv
-
     t0 = time.time()
     result_path = cfg.out_path(cfg.paths.result)
     if result_path.is_dir():
@@ -544,8 +515,7 @@ def test(cfg, progress: bool = True) -> dict:
         sp_encoders = []
         if specialists:  # each specialist's backbone encodes only the test images routed to its domain
             ok_paths = [p for p, good in zip(paths, ok) if good]
-            lazy, sp_encoders = _specialist_query_features(specialists, sp_encoder, ok_paths, cfg, progress, "test",
-                                                           model_dir)
+            lazy, sp_encoders = _specialist_query_features(specialists, sp_encoder, ok_paths, cfg, progress, "test")
             query.update(lazy)
         pred = cascade.predict(query)
         _log_pool(pred.details)
@@ -610,8 +580,6 @@ def test(cfg, progress: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------------------ commands
 def add_parser(subparsers) -> None:
-    from .config import add_config_arguments
-
     p = subparsers.add_parser(
         "train", help="fit the cascade on the few-shot split and report validation accuracy",
         description="Read DATA/classes.txt and DATA/train.txt (the challenge layout; see data/README.md), pick "
@@ -645,8 +613,6 @@ def add_parser(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from .config import config_from_args
-
     cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
                                   "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
     def work():
@@ -658,8 +624,6 @@ def _run_train(args) -> int:
 
 
 def _run_test(args) -> int:
-    from .config import config_from_args
-
     cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
                                   "paths.all_classes": args.all_classes})
     def work():

@@ -32,8 +32,10 @@ import glob
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -116,9 +118,6 @@ def cuda_usable() -> bool:
 
 
 def _python_sigint() -> None:
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from _tiny_workspace import make_workspace, overrides
 from cascade.__main__ import main
-from cascade.bundle import Bundle, BundleError
+from cascade.bundle import VERSION, Bundle, BundleError
 from cascade.config import load_config
+from cascade.data import ClassList
+from cascade.io import load_npz_json, save_npz_json
 from cascade.pipeline import train
+from cascade.router import Cascade
+from cascade.stages import GDA, InMaP, LinearProbePP
+from cascade.stages.specialist import SpecialistStage
 
 
 def _snapshot(folder):
@@ -36,7 +42,7 @@ def trained(tmp_path_factory):
 def test_bundle_holds_the_whole_model(trained):
     model = trained / "out/model"
     info = json.loads((model / "bundle.json").read_text())
-    assert info["format"] == "cascade.bundle" and info["version"] == 1
+    assert info["format"] == "cascade.bundle" and info["version"] == VERSION == 2
     assert info["n_classes"] == 6 and info["n_seen"] == 6 and info["backbones"] == ["ViT-B/32"]
     assert info["stages"] == {"transductive": "inmap", "seen": ["lpp"], "refine": "gda"}
     assert info["split"]["n_support"] == 12
@@ -113,7 +119,7 @@ def test_incompatible_or_old_model_folders_are_refused_by_name(trained, tmp_path
     info = json.loads((model / "bundle.json").read_text())
     (model / "bundle.json").write_text(json.dumps(dict(info, version=99)))
     with pytest.raises(BundleError, match=r"bundle.json: model format 'cascade.bundle' version 99, this version of "
-                                          r"cascade reads 'cascade.bundle' version 1; run train again"):
+                                          r"cascade reads 'cascade.bundle' version 2; run train again"):
         Bundle.load(model)
     (model / "bundle.json").unlink()                     # a folder written before the bundle existed
     with pytest.raises(BundleError, match="older version of cascade .no bundle.json.; run train again"):
@@ -130,3 +136,64 @@ def test_incompatible_or_old_model_folders_are_refused_by_name(trained, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bundle.json" in err[0] and "version 0" in err[0] and "run train again" in err[0]
     assert not (out / "result.txt").exists()
+
+
+def _blobs(rng, means, n_per_class):
+    y = np.repeat(np.arange(len(means)), n_per_class)
+    X = means[y] + 0.6 * rng.standard_normal((len(y), means.shape[1]))
+    return X / np.linalg.norm(X, axis=1, keepdims=True), y
+
+
+def test_specialists_round_trip_through_the_bundle(tmp_path):
+    """A cascade with two specialists, one of them fine-tuned (its backbone's weights part of its state), saved
+    and loaded through the bundle: each specialist comes back from its one state file, and the loaded model
+    gives the same scores and routes on the same queries. A specialist file that lost its backbone is refused."""
+    rng = np.random.default_rng(0)
+    names = ["Animal_Bear", "Animal_Bee", "Animal_Cat", "Food-101_Pizza", "Food-101_Sushi", "Food-101_Taco"]
+    classes = ClassList(names, len(names))
+    D, D_sp = 16, 12
+    text = rng.standard_normal((len(names), D))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    sx, sy = _blobs(rng, text, 4)
+    qx, qy = _blobs(rng, text, 10)
+    cascade = Cascade(transductive=InMaP(n_iter=20), seen_stages=[LinearProbePP(epochs=20)], refine=GDA())
+    cascade.fit({"ViT-B/32": sx}, sy, {"ViT-B/32": text}, len(names))
+    sp_means = rng.standard_normal((len(names), D_sp))
+    sp_support, _ = _blobs(rng, sp_means, 4)
+    sp_query, _ = _blobs(rng, sp_means, 10)
+    specialists = []
+    for domain, finetune in (("Animal", "none"), ("Food-101", "last_stage")):
+        rows = np.isin(sy, classes.domain_classes(domain))
+        sp = SpecialistStage(domain=domain, feature_key="convnextv2_atto", C=1.0, weight=0.5, finetune=finetune)
+        sp.fit(sp_support[rows], sy[rows])
+        if finetune != "none":       # what fit_images leaves besides the head: the tuned weights and their hash
+            sp.backbone_state_ = {"stages.3.0.weight": rng.standard_normal((2, 3)).astype(np.float32)}
+            sp.backbone_sha256_ = "1" * 64
+            sp.feature_key_ = "convnextv2_atto@ft-111111111111"
+        specialists.append(sp)
+    cascade.specialists = specialists
+    query = {"ViT-B/32": qx, "convnextv2_atto": sp_query, "convnextv2_atto@ft-111111111111": sp_query}
+    before = cascade.predict(query)
+
+    folder = Bundle(cascade=cascade, classes=classes, encoders={"ViT-B/32": "sha256:" + "0" * 64}).save(
+        tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["bundle.json", "cascade.npz", "classes.txt",
+                                                         "specialist-0.npz", "specialist-1.npz"]
+    back = Bundle.load(folder)
+    loaded = back.cascade.specialists
+    assert [sp.name for sp in loaded] == ["Animal", "Food-101"]
+    assert [sp.query_key for sp in loaded] == [sp.query_key for sp in specialists]
+    assert all(a.get_params() == b.get_params() for a, b in zip(loaded, specialists))
+    np.testing.assert_array_equal(loaded[1].backbone_state_["stages.3.0.weight"],
+                                  specialists[1].backbone_state_["stages.3.0.weight"])
+    assert loaded[1].backbone_sha256_ == "1" * 64 and not hasattr(loaded[0], "backbone_state_")
+    after = back.cascade.predict(query)
+    assert after.route == before.route and any(r.startswith("specialist:") for r in after.route)
+    np.testing.assert_array_equal(after.scores, before.scores)
+
+    arrays, meta = load_npz_json(folder / "specialist-1.npz")
+    save_npz_json(folder / "specialist-1.npz", {k: v for k, v in arrays.items()
+                                                if not k.startswith("backbone_state_/")}, meta)
+    with pytest.raises(BundleError, match=r"specialist-1.npz: a fine-tuned specialist without its backbone's "
+                                          r"weights; retrain"):
+        Bundle.load(folder)

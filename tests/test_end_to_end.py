@@ -237,12 +237,14 @@ def test_interrupted_train_resumes_from_the_cache(workspace, trained):
 
 def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(workspace, tested):
     """specialist.params.finetune=last_stage: train fine-tunes the ConvNeXt's last stage for Thu-dog and saves
-    the fine-tuned backbone with the model (converted-weights format, provenance in its meta); test reloads it
-    and encodes with it only the test images routed to Thu-dog. The CLIP features come from the first run's
-    cache (features.cache points at it)."""
+    the fine-tuned backbone with the model, in the specialist's own state file (its hyperparameters say how it
+    was tuned, bundle.json which weights it started from); test reloads it and encodes with it only the test
+    images routed to Thu-dog. The CLIP features come from the first run's cache (features.cache points at it)."""
     import json
     import shutil
 
+    from cascade.features import weights_identity
+    from cascade.io import load_npz_json, save_npz_json
     from cascade.models.weights import load_weights
 
     root = workspace["root"]
@@ -258,10 +260,12 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
     model = out / "model"
     meta = json.loads((model / "bundle.json").read_text())
     assert meta["specialist"]["saved"] == ["Thu-dog"]
-    tuned, tmeta = load_weights(model / "specialist-0-backbone.npz")
+    arrays, smeta = load_npz_json(model / "specialist-0.npz")
+    tuned = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("backbone_state_/")}
     base, _ = load_weights(out / "weights/convnextv2_base.npz")
-    assert tmeta["fine_tune"] == "last_stage" and tmeta["domain"] == "Thu-dog"
-    assert tmeta["fine_tuned_from"] == meta["specialist"]["identity"]
+    assert smeta["params"]["finetune"] == "last_stage" and smeta["params"]["domain"] == "Thu-dog"
+    assert weights_identity(out / "weights/convnextv2_base.npz") == meta["specialist"]["identity"]
+    assert not (model / "specialist-0-backbone.npz").exists()
     last = str(len([k for k in base if k.startswith("downsample_layers.") and k.endswith(".0.weight")]) - 1)
     changed = {k for k in base if not np.array_equal(base[k], tuned[k])}
     assert changed and all(k.startswith((f"stages.{last}.", f"downsample_layers.{last}.", "norm.")) for k in changed)
@@ -283,9 +287,10 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
     assert n_rows == len(routed) + val_routed and len(routed) < n_test
     # a model folder that lost its fine-tuned backbone is refused with the file's name, and nothing is written
     before = (out / "result.txt").read_bytes()
-    (model / "specialist-0-backbone.npz").rename(root / "moved-backbone.npz")
+    save_npz_json(model / "specialist-0.npz", {k: v for k, v in arrays.items() if k not in
+                                               {f"backbone_state_/{name}" for name in tuned}}, smeta)
     r = _run([sys.executable, "-m", "cascade", "test"] + ft, root)
-    assert r.returncode == 2 and "specialist-0-backbone.npz" in r.stderr and "retrain" in r.stderr
+    assert r.returncode == 2 and "specialist-0.npz" in r.stderr and "retrain" in r.stderr
     assert (out / "result.txt").read_bytes() == before
 
 

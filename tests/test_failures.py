@@ -278,12 +278,12 @@ def read_only(folder: Path, monkeypatch):
 
 def _no_long_work(monkeypatch):
     """Fail the test if feature extraction starts (the fault must be found before any long work)."""
-    import cascade.features as features
+    import cascade.pipeline as pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("feature extraction started before the output folder was checked")
 
-    monkeypatch.setattr(features, "extract_features", refuse)
+    monkeypatch.setattr(pipeline, "extract_features", refuse)
 
 
 @pytest.mark.parametrize("command", ["train", "test"])

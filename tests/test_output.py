@@ -1,4 +1,5 @@
-"""Result file, routes CSV and tables (cascade.output): format, order, completeness, atomic writes."""
+"""Result file, routes CSV and tables (cascade.output) and the atomic writers under them (cascade.io): format,
+order, completeness, atomic writes."""
 from __future__ import annotations
 
 import csv
@@ -6,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from cascade.output import (ResultError, atomic_write_json, format_table, read_result, replace_dir,
-                            write_result, write_routes_csv)
+from cascade.io import atomic_open, atomic_write_json, replace_dir, save_npz_json
+from cascade.output import ResultError, format_table, read_result, write_result, write_routes_csv
 
 
 def test_result_lines_sorted_by_name_one_per_image(tmp_path):
@@ -81,8 +82,6 @@ def test_every_atomic_writer_gives_plain_open_permissions_and_leaves_nothing_on_
     import os
 
     from cascade.models.weights import save_weights
-    from cascade.output import atomic_open
-    from cascade.stages.base import save_npz_json
 
     old = os.umask(0o022)
     try:

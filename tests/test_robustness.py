@@ -14,7 +14,8 @@ from PIL import Image
 from cascade.data import (DataError, ImageError, load_classes, load_image, read_class_file,
                           read_image_list, sample_split)
 from cascade.features import Preprocess, extract_features
-from cascade.output import atomic_open, atomic_write_text, write_result
+from cascade.io import atomic_open, atomic_write_text
+from cascade.output import write_result
 from test_data import make_dataset
 
 

@@ -186,7 +186,7 @@ def test_save_load_roundtrip(tmp_path):
     np.testing.assert_allclose(back.predict(query).scores, m.predict(query).scores, atol=1e-6)
     assert back.refine.get_params() == m.refine.get_params()
     # a model written before the GDA's mean prior existed loads with the plain means it was fitted with
-    from cascade.stages.base import load_npz_json, save_npz_json
+    from cascade.io import load_npz_json, save_npz_json
     arrays, meta = load_npz_json(path)
     del meta["refine"]["params"]["mean_prior"]
     save_npz_json(path, arrays, meta)

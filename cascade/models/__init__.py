@@ -1,10 +1,12 @@
 """Model architectures (one file each) and safe weight loading.
 
-Importing this package is cheap: jittor, torch and the tokenizer's vocabulary are loaded only when a function
-that needs them is called.
+Importing this package is cheap: the architecture modules import Jittor (several seconds, and it must be configured
+first by :func:`cascade.runtime.jittor`), so :func:`load_clip` and :func:`load_convnextv2` import them when called;
+torch is imported only to read PyTorch checkpoints; the tokenizer's vocabulary is read on first use.
 """
 from __future__ import annotations
 
+from .tokenizer import tokenize
 from .weights import CheckpointError, load_weights, read_checkpoint, save_weights
 
 __all__ = ["load_clip", "tokenize", "load_convnextv2", "CheckpointError", "read_checkpoint", "save_weights",
@@ -17,13 +19,6 @@ def load_clip(path, **kwargs):
     from .clip import load_clip as _load_clip
 
     return _load_clip(path, **kwargs)
-
-
-def tokenize(texts, context_length: int = 77):
-    """OpenAI CLIP token ids, int64 numpy [N, context_length]. See :func:`cascade.models.tokenizer.tokenize`."""
-    from .tokenizer import tokenize as _tokenize
-
-    return _tokenize(texts, context_length=context_length)
 
 
 def load_convnextv2(path, **kwargs):

@@ -36,6 +36,7 @@ jt = _jittor()
 from jittor import nn  # noqa: E402  (after the runtime wiring)
 
 from .layers import LayerNorm  # noqa: E402
+from .weights import load_weights  # noqa: E402
 
 __all__ = [
     "CONFIGS", "DEFAULT_CONFIG", "ConvNeXtV2", "LayerNorm", "GRN", "Block", "DepthwiseConv7", "PatchConv",
@@ -409,8 +410,6 @@ def model_from_state(state: dict[str, np.ndarray], config: dict | None = None) -
 
 def load_convnextv2(path) -> ConvNeXtV2:
     """Load a ConvNeXt-V2 converted by ``python -m cascade.convert`` (our safe .npz + JSON format)."""
-    from cascade.models.weights import load_weights  # written by the CLIP part
-
     state, meta = load_weights(path)
     arch = (meta or {}).get("arch")
     if arch not in (None, "convnextv2"):

@@ -14,7 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
+import ftfy
 import numpy as np
+import regex
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 N_MERGES = 49152 - 256 - 2  # merges used by CLIP (the file holds more); vocabulary = 2*256 + merges + 2
@@ -35,9 +37,6 @@ class Tokenizer:
     """OpenAI CLIP's BPE tokenizer (our implementation). ``encode(text) -> list[int]`` without start/end."""
 
     def __init__(self, vocab_path: str | Path = VOCAB_PATH):
-        import ftfy  # noqa: F401  (fail early with a clear ImportError if missing)
-        import regex
-
         lines = gzip.open(vocab_path, "rt", encoding="utf-8").read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]
         pairs = byte_symbols()
@@ -61,8 +60,6 @@ class Tokenizer:
         return len(self.id_token)
 
     def clean(self, text: str) -> str:
-        import ftfy
-
         text = ftfy.fix_text(text)
         text = html.unescape(html.unescape(text)).strip()
         return self._spaces.sub(" ", text).strip().lower()

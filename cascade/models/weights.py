@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..io import atomic_open
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "save_weights", "load_weights", "detect_format", "sha256_file",
@@ -312,20 +315,27 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- our own format
-def _read_ours(path: Path, with_meta: bool):
+def _walk_archive(z: zipfile.ZipFile, path, read) -> tuple[dict, dict]:
+    """(metadata, {array name: read(member file)}) of a converted-weights zip: the JSON metadata member and one
+    entry per ``.npy`` member; any other member is refused. The one walk over the archive, whether the arrays are
+    loaded or only their headers are read."""
     meta: dict = {}
-    state: dict[str, np.ndarray] = {}
+    out: dict = {}
+    for info in z.infolist():
+        if info.filename == META_MEMBER:
+            meta = json.loads(z.read(info).decode("utf-8"))
+            continue
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", path)
+        with z.open(info) as f:
+            out[info.filename[:-4]] = read(f)
+    return meta, out
+
+
+def _read_ours(path: Path, with_meta: bool):
     try:
         with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.filename == META_MEMBER:
-                    meta = json.loads(z.read(info).decode("utf-8"))
-                    continue
-                if not info.filename.endswith(".npy"):
-                    raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", path)
-                with z.open(info) as f:
-                    arr = np.lib.format.read_array(f, allow_pickle=False)
-                state[info.filename[:-4]] = arr
+            meta, state = _walk_archive(z, path, lambda f: np.lib.format.read_array(f, allow_pickle=False))
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
@@ -482,7 +492,6 @@ def save_weights(path: str | os.PathLike, state: dict[str, np.ndarray], meta: di
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"destination folder {parent} does not exist", p)
-    from cascade.output import atomic_open
 
     with atomic_open(p, "wb") as raw:
         with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -532,27 +541,17 @@ def read_header(path: str | os.PathLike) -> WeightsInfo:
     if fmt not in ("cascade", "npz"):
         raise CheckpointError(f"is a {fmt} file, not converted weights: convert it first with "
                               f"`python -m cascade.convert {p} OUT.npz`", p)
-    meta: dict = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, np.dtype] = {}
     try:
         with zipfile.ZipFile(p) as z:
-            for info in z.infolist():
-                if info.filename == META_MEMBER:
-                    meta = json.loads(z.read(info).decode("utf-8"))
-                    continue
-                if not info.filename.endswith(".npy"):
-                    raise CheckpointError(f"unexpected member {info.filename!r} in weights archive", p)
-                with z.open(info) as f:
-                    shape, _, dtype = _npy_header(f)
-                shapes[info.filename[:-4]] = tuple(int(n) for n in shape)
-                dtypes[info.filename[:-4]] = dtype
+            meta, headers = _walk_archive(z, p, _npy_header)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise _damaged(p, f"unreadable archive member ({exc})") from None
     if not isinstance(meta, dict):
         raise _damaged(p, "its metadata is not a JSON object")
+    shapes = {k: tuple(int(n) for n in shape) for k, (shape, _, _) in headers.items()}
+    dtypes = {k: dtype for k, (_, _, dtype) in headers.items()}
     if meta.get("format") not in (None, FORMAT_NAME):
         raise CheckpointError(f"unknown weights format {meta.get('format')!r}", p)
     if not shapes:
@@ -612,8 +611,6 @@ CONVNEXT_CONFIGS = {
 
 
 def _count(shapes, pattern: str) -> int:
-    import re
-
     found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
     return 1 + max(found) if found else 0
 
@@ -685,8 +682,6 @@ def _family(name: str) -> str | None:
 
 def expected_convnext_size(name: str) -> str | None:
     """The ConvNeXt-V2 size a feature key or model name mentions (``convnextv2_base`` -> ``base``), else None."""
-    import re
-
     m = re.search(r"convnext(?:[-_]?v2)?[-_]?(" + "|".join(CONVNEXT_CONFIGS) + r")(?![a-z])", name.lower())
     return m.group(1) if m else None
 

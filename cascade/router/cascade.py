@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import load_npz_json, save_npz_json
 from ..metrics import topk_indices
 from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, TypeOf, describe_stage,
-                           load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
+                           log_softmax, stage_name, validate_params)
 from ..stages.calibration import (compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature,
                                   marginal_test)
 from ..stages.gda import GDA

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import load_npz_json, save_npz_json
+
 _REGISTRY: dict[str, type["Stage"]] = {}        # registered name -> stage class (the only list of names)
 _BY_CLASS: dict[str, type["Stage"]] = {}        # class name -> class, to read files that name the class
 
@@ -384,46 +386,3 @@ def describe_stage(stage: Stage) -> dict:
     registered = stage_name(stage)
     return {"stage": registered if registered in _REGISTRY else None, "class": type(stage).__name__,
             "params": params}
-
-
-def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Atomically write ``arrays`` plus a JSON ``meta`` document into one .npz file."""
-    path = Path(path)
-    if "__meta__" in arrays:
-        raise ValueError("'__meta__' is reserved")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {k: np.asarray(v) for k, v in arrays.items()}
-    for k, v in payload.items():
-        if v.dtype == object:
-            raise ValueError(f"{path}: array {k!r} has dtype object, which cannot be saved without pickle")
-    payload["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
-    from ..output import atomic_open
-
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, **payload)
-    return path
-
-
-def read_npz(path, what: str = "file") -> dict[str, np.ndarray]:
-    """All arrays of an .npz file, read without pickle; errors name the file and say it is not a readable
-    ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:  # zipfile / format errors, object arrays
-        raise ValueError(f"{path}: not a readable {what} ({exc})") from exc
-
-
-def load_npz_json(path) -> tuple[dict[str, np.ndarray], dict]:
-    path = Path(path)
-    arrays = read_npz(path, "stage file")
-    if "__meta__" not in arrays:
-        raise ValueError(f"{path}: missing the '__meta__' entry; not a file written by cascade")
-    try:
-        meta = json.loads(str(arrays.pop("__meta__")))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt '__meta__' JSON ({exc})") from exc
-    return arrays, meta

@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from .base import log_softmax
+from .base import log_softmax, softmax
 
 # Row blocks for the computations that see every query at once: their [N, C] and [N, D] temporaries are made
 # one block of rows at a time, so memory grows linearly in N with a small constant. Up to CHUNK_ROWS rows there
@@ -105,8 +106,6 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     The negative log-likelihood is convex in ``w`` (a softmax of a linear function of it), so L-BFGS-B from
     ``w = 1`` finds the optimum. The weights act as both the experts' relative trust and the pool's temperature.
     """
-    from scipy.optimize import minimize
-
     L = [np.asarray(lp, dtype=np.float64) for lp in log_probs]
     y = np.asarray(y, dtype=np.int64)
     rows = np.arange(len(y))
@@ -141,8 +140,7 @@ def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: flo
         raise ValueError(f"marginal must be {c} finite non-negative weights with a positive sum")
     tiny = np.finfo(np.float64).tiny
     q = np.maximum(q / q.sum(), 1e-300)
-    P = np.exp(L - L.max(axis=1, keepdims=True))
-    P /= P.sum(axis=1, keepdims=True)
+    P = softmax(L)
     np.maximum(P, tiny, out=P)
     log_w = np.zeros(c)
     Lc = None
@@ -188,8 +186,7 @@ def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, b
     balanced query sets.
     """
     n, c = log_post.shape
-    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
-    post /= post.sum(axis=1, keepdims=True)
+    post = softmax(log_post)
     q = np.full(c, 1.0 / c)
     for _ in range(n_iter):
         # E and M steps without the [N, C] responsibilities r_ik = post_ik w_k / (post_i . w), w = q C:

@@ -28,6 +28,8 @@ from __future__ import annotations
 from numbers import Real
 
 import numpy as np
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.linalg.blas import ssyrk
 
 from . import calibration
 from .base import Interval, Options, Stage, check_features, check_labels, register_stage
@@ -158,8 +160,6 @@ def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
 def _weighted_scatter(Xc: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``sum_i w_i x_i x_i^T`` [D, D] (float64) of float32 rows ``Xc`` [N, D] and weights ``w >= 0``: one BLAS
     symmetric rank-k update (half the products of a general matrix product), mirrored."""
-    from scipy.linalg.blas import ssyrk
-
     Xs = Xc * np.sqrt(w).astype(np.float32)[:, None]
     upper = ssyrk(1.0, Xs.T, trans=0, lower=0)          # Xs.T is Fortran-ordered: no copy
     out = np.triu(upper).astype(np.float64)
@@ -168,8 +168,6 @@ def _weighted_scatter(Xc: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def _solve_psd(cov: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """cov^-1 rhs for a symmetric positive semi-definite cov (Cholesky; pseudo-inverse when singular)."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve
-
     try:
         return cho_solve(cho_factor(cov, lower=True, check_finite=False), rhs, check_finite=False)
     except LinAlgError:

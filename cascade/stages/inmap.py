@@ -19,6 +19,7 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
+from scipy.special import logsumexp
 
 from .base import (BOOL, ArrayLike, Interval, Options, Stage, check_features, check_labels, log_softmax,
                    register_stage, softmax)
@@ -72,8 +73,6 @@ def _sinkhorn_scaling(P: np.ndarray, q, n_iter: int) -> np.ndarray:
 
 
 def _sinkhorn_log(Z: np.ndarray, q, n_iter: int) -> np.ndarray:
-    from scipy.special import logsumexp
-
     n, c = Z.shape
     logq = (np.full((1, c), -np.log(c)) if q is None
             else np.log(np.maximum(q, np.finfo(np.float64).tiny)))

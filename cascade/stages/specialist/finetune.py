@@ -56,7 +56,7 @@ def finetune_backbone(model, images, y_local, n_classes: int, mode: str = "last_
     applies to the feature cache's normalised features); it is returned as (W [K, D] with that scale folded
     in, b [K]) numpy arrays: logits = l2(feature) @ W.T + b."""
     jt = _jittor()
-    from jittor import nn
+    from jittor import nn  # lazy: Jittor is imported (and configured) only when fine-tuning runs
 
     rng = np.random.default_rng(seed)
     jt.set_global_seed(seed)

@@ -373,14 +373,14 @@ class SpecialistStage(Stage):
         return out
 
     # --------------------------------------------------------------------------------------- save/load
-    def state_dict(self, include_backbone: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, JSON-able meta) of the hyperparameters and the whole learned state, no pickle. The
-        fine-tuned backbone's weights are arrays named ``backbone_state_/<parameter>`` unless
-        ``include_backbone`` is False. ``encoder_`` is not saved: :meth:`from_state` keeps the weights, which
-        :func:`cascade.models.convnextv2.model_from_state` turns back into a network."""
+        fine-tuned backbone's weights are arrays named ``backbone_state_/<parameter>``. ``encoder_`` is not
+        saved: :meth:`from_state` keeps the weights, which :func:`cascade.models.convnextv2.model_from_state`
+        turns back into a network."""
         self._check_fitted()
         arrays = {k: getattr(self, k) for k in _HEAD_ARRAYS}
-        if include_backbone and hasattr(self, "backbone_state_"):
+        if hasattr(self, "backbone_state_"):
             arrays.update({_BACKBONE_PREFIX + k: v for k, v in self.backbone_state_.items()})
         params = self.get_params()
         if isinstance(params["preset"], Preprocess):
@@ -392,8 +392,8 @@ class SpecialistStage(Stage):
 
     @classmethod
     def from_state(cls, arrays: dict, meta: dict) -> "SpecialistStage":
-        """Rebuild a fitted specialist from :meth:`state_dict` (also reads the head-only layout of
-        :meth:`to_arrays` and that of models saved before ``state_dict`` existed)."""
+        """Rebuild a fitted specialist from :meth:`state_dict` (also reads the layout of files saved before
+        ``state_dict`` existed: scalars at the top level, arrays without the trailing underscore)."""
         params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["params"].items()}
         if isinstance(params.get("preset"), dict):
             params["preset"] = Preprocess.from_dict(params["preset"])
@@ -415,14 +415,6 @@ class SpecialistStage(Stage):
             self.backbone_state_ = backbone
             self.backbone_sha256_ = state.get("backbone_sha256_") or state_sha256(backbone)
         return self
-
-    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
-        """:meth:`state_dict` without the backbone's weights (the head alone)."""
-        return self.state_dict(include_backbone=False)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict, meta: dict) -> "SpecialistStage":
-        return cls.from_state(arrays, meta)
 
     # ---------------------------------------------------------------------------------- from images
     def fit_images(self, images, y, backbone, clip_probs=None, progress: bool = True, cache_dir=None):

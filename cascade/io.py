@@ -1,0 +1,167 @@
+"""File helpers shared by the whole package: atomic writes, text-line readers, error aggregation and the
+npz + JSON state format.
+
+This module is a leaf: it imports nothing from ``cascade``, so any module may use it without an import circle.
+
+Atomic writes go to a temporary file in the target's folder, which is flushed, fsynced and then renamed onto the
+target with ``os.replace``. A crash or Ctrl-C therefore never leaves a half-written file; an old file stays
+intact until the new one is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MAX_LISTED", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
+           "read_lines", "read_npz", "save_npz_json", "load_npz_json"]
+
+MAX_LISTED = 20  # problems listed in one error message before "... and N more"
+META_KEY = "__meta__"  # the npz entry that holds the JSON document of save_npz_json
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
+    """``with atomic_open(p) as f: f.write(...)``: the file appears at ``p`` only if the block succeeds (written
+    to a temporary file in the same folder, synced, then renamed over ``p``), with the permissions a plain
+    ``open`` would give it (0666 minus the umask). The one atomic writer of the project: result files, reports,
+    feature-cache shards, fitted stages and converted weights all go through it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically."""
+    with atomic_open(path, "w", newline="\n") as f:
+        f.write(text)
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON atomically; NumPy scalars, arrays and paths are converted."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def replace_dir(tmp_dir, final_dir) -> None:
+    """Move a fully written folder onto ``final_dir``. The old folder is renamed aside first and removed only
+    after the new one is in place, so at every moment either the old or the new folder is complete."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def raise_many(problems: list[str], header: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` listing every problem (the first MAX_LISTED of them) under ``header``; no-op if none.
+    Input files are checked as a whole so that a user fixes every problem in one pass."""
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED]
+    more = len(problems) - len(shown)
+    text = header + "\n  " + "\n  ".join(shown)
+    if more:
+        text += f"\n  ... and {more} more"
+    raise error(text)
+
+
+def read_lines(path, what: str, error: type[Exception] = ValueError,
+               comments: bool = True) -> list[tuple[int, str]]:
+    """Non-blank lines (1-based line number, stripped text) of a UTF-8 text file; BOM and CRLF tolerated, lines
+    starting with ``#`` skipped when ``comments``. Problems raise ``error`` naming the file and ``what`` it is."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: {what} not found")
+    if path.is_dir():
+        raise error(f"{path}: {what} is a directory, expected a text file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
+    return [(i, t) for i, t in lines if t and not (comments and t.startswith("#"))]
+
+
+# ------------------------------------------------------------------------------------------ npz + JSON
+def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Atomically write ``arrays`` plus a JSON ``meta`` document into one .npz file. Object arrays are refused:
+    they would need pickle, which loading never allows."""
+    path = Path(path)
+    if META_KEY in arrays:
+        raise ValueError(f"{META_KEY!r} is reserved")
+    payload = {k: np.asarray(v) for k, v in arrays.items()}
+    for k, v in payload.items():
+        if v.dtype == object:
+            raise ValueError(f"{path}: array {k!r} has dtype object, which cannot be saved without pickle")
+    payload[META_KEY] = np.array(json.dumps(meta, sort_keys=True))
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **payload)
+    return path
+
+
+def read_npz(path, what: str = "file") -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, read without pickle; errors name the file and say it is not a readable
+    ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile / format errors, object arrays
+        raise ValueError(f"{path}: not a readable {what} ({exc})") from exc
+
+
+def load_npz_json(path, what: str = "stage file") -> tuple[dict[str, np.ndarray], dict]:
+    """The ``(arrays, meta)`` pair written by :func:`save_npz_json`; errors name the file."""
+    path = Path(path)
+    arrays = read_npz(path, what)
+    if META_KEY not in arrays:
+        raise ValueError(f"{path}: missing the {META_KEY!r} entry; not a file written by cascade")
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt {META_KEY!r} JSON ({exc})") from exc
+    return arrays, meta

@@ -30,7 +30,9 @@
    Gaussian fitted to mostly wrong soft labels does worse than the experts it started from. Last (``balance``),
    the final distribution is balanced to the class marginal of step 2 when the held-out rows, balanced together
    with the queries, gain more than ``balance_min_gain`` nats per row from it (balanced query sets over many
-   classes: the experts' class bias is then the error, which the pool's exponents cannot see);
+   classes: the experts' class bias is then the error, which the pool's exponents cannot see); when it does and
+   ``balance_refit`` is on, the refinement is first refitted on the pooled distribution balanced the same way
+   and the final distribution is the balanced product of its posterior and that pool;
 5. **routing** (``routing="joint"``): a query whose final arg-max is an unseen class is routed ``unseen`` (it
    leaves the cascade with that ranking); the others are ``seen`` and may be re-ranked by a specialist inside its
    domain. ``routing="stage1"`` is the seeds' rule: a query whose stage-1 arg-max is unseen keeps stage 1's
@@ -161,6 +163,13 @@ class Cascade(HasParams):
     balance_min_gain : float
         The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md: the
         measured gains on balanced ImageNet tasks and on sampled Food-101 / Caltech-101 query sets).
+    balance_refit : bool
+        When the final distribution is balanced and the refinement was kept: refit the refinement on the pooled
+        distribution balanced to the same marginal (its soft labels then carry the marginal as well), and take
+        as the final distribution the balanced product of that refinement's posterior and the pooled
+        distribution (the pool anchors the refinement, as TransCLIP's text prior anchors its Gaussian mixture).
+        A Gaussian fitted to unbalanced soft labels learns the experts' class bias, which balancing its output
+        afterwards undoes only in part. One more refinement fit, only where the final distribution is balanced.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -180,12 +189,14 @@ class Cascade(HasParams):
         "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
         "balance": [Options("none", "check", "always")],
         "balance_min_gain": [Interval(Real, 0, None)],
+        "balance_refit": [BOOL],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
+                 balance_refit: bool = True):
         if transductive is None:
             transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
         self.transductive = transductive
@@ -203,6 +214,7 @@ class Cascade(HasParams):
         self.rebalance = rebalance
         self.balance = balance
         self.balance_min_gain = balance_min_gain
+        self.balance_refit = balance_refit
 
     def _check_params(self):
         validate_params(self._parameter_constraints, self.get_params())
@@ -605,6 +617,7 @@ class Cascade(HasParams):
             return p / p.sum(axis=1, keepdims=True)
 
         scores = pooled(lp1, lp0, lp_seen)
+        pooled_scores = scores
         scores_v = pooled(lp1v, lp0v, lp_seen_v) if val is not None else None
         t_ref = None
         if self.refine is not None:
@@ -626,7 +639,15 @@ class Cascade(HasParams):
                 keep = bool(gain > max(float(self.balance_min_gain), se))
                 details.update(balance_gain=gain, balance_gain_se=se)
             details["balanced"] = keep
-            if keep:
+            details["balance_refit"] = bool(keep and self.balance_refit and t_ref is not None)
+            if details["balance_refit"]:
+                # the refinement refitted on the balanced pool, anchored by the pool (biases cancel in the product)
+                pool_balanced = _balanced(pooled_scores, marginal)
+                refit, t_ref = self._refined(xq, pool_balanced, val_joint)
+                anchored = (np.log(np.maximum(refit, np.finfo(np.float64).tiny))
+                            + np.log(np.maximum(pool_balanced, np.finfo(np.float64).tiny)))
+                scores = _balanced(np.exp(log_softmax(anchored)), marginal)
+            elif keep:
                 scores = _balanced(scores, marginal)
 
         if S == C:
@@ -745,6 +766,7 @@ class Cascade(HasParams):
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
+            "balance_refit": bool(self.balance_refit),
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(self.transductive),
             "refine": describe_stage(self.refine) if self.refine is not None else None,
@@ -778,7 +800,9 @@ class Cascade(HasParams):
                   # written before the rebalanced zero-shot expert existed: the pool had none
                   rebalance=bool(meta.get("rebalance", False)),
                   # written before the balancing existed: the final distribution was never balanced
-                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1))
+                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1),
+                  # written before the refit existed: a balanced final distribution was the refinement's, balanced
+                  balance_refit=bool(meta.get("balance_refit", False)))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

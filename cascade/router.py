@@ -639,7 +639,7 @@ class Cascade(HasParams):
                 keep = bool(gain > max(float(self.balance_min_gain), se))
                 details.update(balance_gain=gain, balance_gain_se=se)
             details["balanced"] = keep
-            details["balance_refit"] = bool(keep and self.balance_refit and t_ref is not None)
+            details["balance_refit"] = bool(keep and self.balance_refit and self.refine is not None)
             if details["balance_refit"]:
                 # the refinement refitted on the balanced pool, anchored by the pool (biases cancel in the product)
                 pool_balanced = _balanced(pooled_scores, marginal)

@@ -113,6 +113,8 @@ def main(argv=None):
     print(f"  {'TOTAL default cascade (fit + predict, all stages)':<58}{total:8.2f} s  (cpu {cpu:6.2f} s)")
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
+    print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced pool: "
+          f"{res.details.get('balance_refit')}")
     return 0
 
 

@@ -83,16 +83,17 @@ def bench_imagenet():
 
 
 def test_imagenet_no_regret(bench_imagenet):
-    """131 classes, balanced queries: the balanced final distribution keeps the cascade above zero-shot, LP++ and
-    InMaP without Sinkhorn by a wide margin, above InMaP (Sinkhorn) on the open task, and within 0.5 points of
-    it on the closed one. The issue's goal (1.0 above InMaP on both) is not reached: docs/accuracy.md."""
+    """131 classes, balanced queries: the balanced final distribution (the refinement refitted on the balanced
+    pool) keeps the cascade above zero-shot, LP++ and InMaP without Sinkhorn by a wide margin, at least level with
+    InMaP (Sinkhorn) on the open task and more than 2 points above it on the closed one. The issue's goal (1.0
+    above InMaP on both) is reached on the closed task only: docs/accuracy.md."""
     for name in IMAGENET:
         res = bench_imagenet[name]
         casc = res["cascade"]["top1"]
         assert casc > max(res[m]["top1"] for m in ("zero-shot", "inmap-nosinkhorn", "lpp")) + 4.0, (name, res)
-        assert casc >= res["inmap"]["top1"] - 0.5, (name, res)
+        assert casc >= res["inmap"]["top1"], (name, res)
         assert res["cascade"]["top5"] > res["inmap"]["top5"], (name, res)
-    assert bench_imagenet["imagenet_dev-open"]["cascade"]["top1"] > bench_imagenet["imagenet_dev-open"]["inmap"]["top1"]
+    assert bench_imagenet["imagenet_dev"]["cascade"]["top1"] > bench_imagenet["imagenet_dev"]["inmap"]["top1"] + 2.0
 
 
 def test_balancing_is_kept_where_held_out_rows_gain():
@@ -115,11 +116,18 @@ def test_balancing_is_kept_where_held_out_rows_gain():
     assert det["balanced"] and det["balance_gain"] > 0.1
     acc_none, det_none = run("imagenet_dev", balance="none")
     assert "balanced" not in det_none and acc > acc_none + 2.0
+    # the refinement refitted on the balanced pool and anchored by it: 2 points above balancing its output alone
+    acc_plain, det_plain = run("imagenet_dev", balance_refit=False)
+    assert det["balance_refit"] and not det_plain["balance_refit"] and det_plain["balanced"]
+    assert acc > acc_plain + 2.0, (acc, acc_plain)
     for name in ("food101", "caltech101-open"):
         _, det = run(name)
-        assert not det["balanced"] and det["balance_gain"] < 0.1, (name, det["balance_gain"])
+        assert not det["balanced"] and not det["balance_refit"] and det["balance_gain"] < 0.1, (name, det)
     with pytest.raises(ValueError, match="balance"):
         Cascade(balance="sometimes").fit({"b": np.eye(2, 4, dtype=np.float32)}, [0, 1],
+                                         {"b": np.eye(2, 4, dtype=np.float32)}, 2)
+    with pytest.raises(ValueError, match="balance_refit"):
+        Cascade(balance_refit="yes").fit({"b": np.eye(2, 4, dtype=np.float32)}, [0, 1],
                                          {"b": np.eye(2, 4, dtype=np.float32)}, 2)
 
 

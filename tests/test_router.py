@@ -201,6 +201,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["rebalance"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").rebalance is False
+    # ... and one written before the balanced refit existed balances the refinement's output, as it did
+    assert back.balance_refit is True
+    del meta["balance_refit"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").balance_refit is False
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 

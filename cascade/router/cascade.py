@@ -108,6 +108,15 @@ class Cascade(HasParams):
         classes, whose counts no marginal describes). Only with ``combine="pool"``.
     balance_min_gain : float
         The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md).
+    balance_refit : bool
+        When the final distribution is balanced: refit the refinement on the pooled distribution balanced to the
+        same marginal (its soft labels then carry the marginal as well), and take as the final distribution the
+        balanced product of that refinement's posterior and the balanced pool (the pool anchors the refinement,
+        as TransCLIP's text prior anchors its Gaussian mixture). A Gaussian fitted to unbalanced soft labels
+        learns the experts' class bias, which balancing its output afterwards undoes only in part. Also where the
+        check dropped the refinement of the unbalanced pool: that check judged another fit, and the anchor keeps
+        a weak refinement from overriding the pool. One more refinement fit, only where the final distribution
+        is balanced.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -127,12 +136,14 @@ class Cascade(HasParams):
         "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
         "balance": [Options("none", "check", "always")],
         "balance_min_gain": [Interval(Real, 0, None)],
+        "balance_refit": [BOOL],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
+                 balance_refit: bool = True):
         self.transductive = InMaP() if transductive is None else transductive
         self.seen_stages = [LinearProbePP()] if seen_stages is None else list(seen_stages)
         self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
@@ -147,6 +158,7 @@ class Cascade(HasParams):
         self.rebalance = rebalance
         self.balance = balance
         self.balance_min_gain = balance_min_gain
+        self.balance_refit = balance_refit
 
     def _check_params(self):
         validate_params(self._parameter_constraints, self.get_params())
@@ -236,12 +248,16 @@ class Cascade(HasParams):
         scores = pooled(queries, weights, self.n_seen_, self.combine)
         held_scores = pooled(held, weights, self.n_seen_, self.combine) if held is not None else None
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
-        t_ref = None
+        t_ref, pool_scores = None, scores
         if refinement is not None:
             scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
-        # 6. the final distribution balanced to the class marginal, when held-out rows gain from it
+        # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement
+        #    then refitted on the balanced pool and anchored by it, ``balance_refit``)
         if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
             scores = self._balance(scores, held_scores, marginal, details)
+            if details["balanced"] and self.balance_refit and refinement is not None:
+                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, marginal)
+            details["balance_refit"] = bool(details["balanced"] and self.balance_refit and refinement is not None)
         # 7. routing, then the specialists re-rank inside their domains
         scores, unseen = route(scores, queries.transductive, self.n_seen_, self.routing)
         routes = route_names(unseen)
@@ -317,6 +333,17 @@ class Cascade(HasParams):
             details.update(balance_gain=gain, balance_gain_se=se)
         details["balanced"] = keep
         return balanced(scores, marginal) if keep else scores
+
+    def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal):
+        """(final distribution, temperature): the refinement refitted on the pool balanced to ``marginal``, its
+        posterior times that balanced pool, balanced again (per-class biases cancel in the product)."""
+        C = self.n_classes_
+        marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
+        pool_balanced = balanced(pool_scores, marginal)
+        refit, _, t_ref = refinement.fit_predict(xq, pool_balanced)
+        tiny = np.finfo(np.float64).tiny
+        anchored = np.log(np.maximum(refit, tiny)) + np.log(np.maximum(pool_balanced, tiny))
+        return balanced(np.exp(log_softmax(anchored)), marginal), t_ref
 
     def _pool_details(self, weights) -> dict:
         out = {"pool_weights": None if weights.seen_block is None else list(weights.seen_block),
@@ -448,6 +475,7 @@ class Cascade(HasParams):
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
+            "balance_refit": bool(self.balance_refit),
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(self.transductive),
             "refine": describe_stage(self.refine) if self.refine is not None else None,
@@ -481,7 +509,9 @@ class Cascade(HasParams):
                   # written before the rebalanced zero-shot expert existed: the pool had none
                   rebalance=bool(meta.get("rebalance", False)),
                   # written before the balancing existed: the final distribution was never balanced
-                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1))
+                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1),
+                  # written before the refit existed: a balanced final distribution was the refinement's, balanced
+                  balance_refit=bool(meta.get("balance_refit", False)))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

@@ -15,10 +15,16 @@ child caps its address space (``--mem-limit-gib``) so that a size that does not 
 instead of pushing other processes out of memory. The cascade is the configured one (cascade/configs/default.toml,
 ``stages.inmap.n_iter`` set by ``--inmap-steps``). Prints one line per size, then the growth exponents between
 consecutive sizes (time ~ N^a, peak memory above the smallest run ~ N^b).
+
+``--profile N`` runs one size under ``tracemalloc`` and prints, for every line of ``Cascade.predict`` that ran
+(in order), the memory its arrays hold after the line and the peak during it, both above what was held when
+``predict`` started (the query features): where the per-query memory goes. Tracing makes it slower, so its
+times are not the benchmark's.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -26,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from cascade.config import load_config  # noqa: E402
 from cascade.pipeline import _make_cascade  # noqa: E402
+from cascade.router import Cascade  # noqa: E402
 
 TASKS = ("caltech101", "food101", "imagenet_dev")
 SHOTS, VAL = 4, 1
@@ -111,6 +119,55 @@ def run_one(n: int, args) -> dict:
         resource.RUSAGE_SELF).ru_maxrss / 1024, "top1": top1}
 
 
+def profile_one(n: int, args) -> None:
+    """Fit, then predict under tracemalloc with a line tracer on ``Cascade.predict``: per line, the MiB held after
+    it and the peak MiB during it (calls made on that line included), above the start of ``predict``."""
+    support, ys, val, yv, query, yq, text = make_task(n, args.classes, args.backbones)
+    cfg = load_config(overrides=[f"stages.inmap.n_iter={args.inmap_steps}"])
+    cascade = _make_cascade(cfg)
+    cascade.fit(support, ys, text, n_seen=args.classes, val=(val, yv))
+    code = Cascade.predict.__code__
+    lines, _ = inspect.getsourcelines(Cascade.predict)
+    rows, state = [], {}
+
+    def close(lineno):
+        cur, peak = tracemalloc.get_traced_memory()
+        rows.append((lineno, (cur - state["base"]) / 2 ** 20, (peak - state["base"]) / 2 ** 20))
+
+    def local(frame, event, arg):
+        if event in ("line", "return"):
+            if "line" in state:
+                close(state["line"])
+            tracemalloc.reset_peak()
+            state["line"] = frame.f_lineno if event == "line" else None
+            if event == "return":
+                state.pop("line")
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and event == "call":
+            state["base"] = tracemalloc.get_traced_memory()[0]
+            return local
+        return None
+
+    tracemalloc.start()
+    sys.settrace(tracer)
+    t0 = time.perf_counter()
+    try:
+        cascade.predict(query)
+    finally:
+        sys.settrace(None)
+    took = time.perf_counter() - t0
+    tracemalloc.stop()
+    first = code.co_firstlineno
+    print(f"# Cascade.predict on {n} queries x {args.classes} classes (traced, {took:.1f} s): per line, MiB held "
+          f"after it / peak MiB during it, above the {n} queries' features; [N, C] float64 = "
+          f"{n * args.classes * 8 / 2 ** 20:.1f} MiB")
+    for lineno, held, peak in rows:
+        text = lines[lineno - first].strip() if 0 <= lineno - first < len(lines) else "?"
+        print(f"{lineno:>5} {held:>9.1f} {peak:>9.1f}  {text[:90]}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1000,10000,100000,1000000", help="query counts, comma-separated")
@@ -118,8 +175,13 @@ def main(argv=None) -> int:
     p.add_argument("--backbones", type=int, default=2)
     p.add_argument("--inmap-steps", type=int, default=50, help="stages.inmap.n_iter (the configured default: 50)")
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="address-space cap of each size's process")
+    p.add_argument("--profile", type=int, metavar="N", help="trace the memory of Cascade.predict line by line "
+                                                             "on N queries (one size, no table)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile is not None:
+        profile_one(args.profile, args)
+        return 0
     if args.one is not None:
         print(json.dumps(run_one(args.one, args)))
         return 0

@@ -49,7 +49,8 @@ def test_inmap_and_gda_in_blocks_agree_with_whole(monkeypatch):
     sx, sy, _, _, qx, text = _task()
     fit_inmap = lambda: InMaP(n_iter=30, prior="auto").fit(sx, sy, text=text, query=qx)  # noqa: E731
     a, b = _both(fit_inmap, monkeypatch)
-    assert np.abs(a.proxies_ - b.proxies_).max() <= 1e-6 and np.allclose(a.prior_, b.prior_, atol=1e-9)
+    # the proxies' float32 descent sums its gradient over blocks of rows: rounding, carried through 30 steps
+    assert np.abs(a.proxies_ - b.proxies_).max() <= 2e-5 and np.allclose(a.prior_, b.prior_, atol=1e-9)
     soft = np.random.default_rng(1).dirichlet(np.ones(text.shape[0]), size=len(qx))
     fit_gda = lambda: GDA(shrinkage=0.3).fit(qx, soft)  # noqa: E731
     a, b = _both(fit_gda, monkeypatch)

@@ -18,8 +18,10 @@ consecutive sizes (time ~ N^a, peak memory above the smallest run ~ N^b).
 
 ``--profile N`` runs one size under ``tracemalloc`` and prints, for every line of ``Cascade.predict`` that ran
 (in order), the memory its arrays hold after the line and the peak during it, both above what was held when
-``predict`` started (the query features): where the per-query memory goes. Tracing makes it slower, so its
-times are not the benchmark's.
+``predict`` started (the query features), and its seconds: where the per-query memory and time go. Tracing makes it slower, so its
+times are not the benchmark's. ``--chunk-rows R`` sets ``calibration.CHUNK_ROWS`` and ``calibration.FLOAT64_ROWS``
+to R in the measured process, so that a small query set is computed as a large one is (blocks of R rows,
+float32 distributions beyond R queries).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cascade.config import load_config  # noqa: E402
+from cascade.stages import calibration  # noqa: E402
 from cascade.pipeline import _make_cascade  # noqa: E402
 from cascade.router import Cascade  # noqa: E402
 
@@ -132,13 +135,15 @@ def profile_one(n: int, args) -> None:
 
     def close(lineno):
         cur, peak = tracemalloc.get_traced_memory()
-        rows.append((lineno, (cur - state["base"]) / 2 ** 20, (peak - state["base"]) / 2 ** 20))
+        rows.append((lineno, (cur - state["base"]) / 2 ** 20, (peak - state["base"]) / 2 ** 20,
+                     time.perf_counter() - state["t"]))
 
     def local(frame, event, arg):
         if event in ("line", "return"):
             if "line" in state:
                 close(state["line"])
             tracemalloc.reset_peak()
+            state["t"] = time.perf_counter()
             state["line"] = frame.f_lineno if event == "line" else None
             if event == "return":
                 state.pop("line")
@@ -161,11 +166,12 @@ def profile_one(n: int, args) -> None:
     tracemalloc.stop()
     first = code.co_firstlineno
     print(f"# Cascade.predict on {n} queries x {args.classes} classes (traced, {took:.1f} s): per line, MiB held "
-          f"after it / peak MiB during it, above the {n} queries' features; [N, C] float64 = "
-          f"{n * args.classes * 8 / 2 ** 20:.1f} MiB")
-    for lineno, held, peak in rows:
+          f"after it / peak MiB during it, above the {n} queries' features, and seconds; [N, C] float64 = "
+          f"{n * args.classes * 8 / 2 ** 20:.1f} MiB; blocks of {calibration.CHUNK_ROWS} rows, float32 beyond "
+          f"{calibration.FLOAT64_ROWS} queries")
+    for lineno, held, peak, secs in rows:
         text = lines[lineno - first].strip() if 0 <= lineno - first < len(lines) else "?"
-        print(f"{lineno:>5} {held:>9.1f} {peak:>9.1f}  {text[:90]}")
+        print(f"{lineno:>5} {held:>9.1f} {peak:>9.1f} {secs:>7.2f}  {text[:80]}")
 
 
 def main(argv=None) -> int:
@@ -177,8 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="address-space cap of each size's process")
     p.add_argument("--profile", type=int, metavar="N", help="trace the memory of Cascade.predict line by line "
                                                              "on N queries (one size, no table)")
+    p.add_argument("--chunk-rows", type=int, metavar="R", help="calibration.CHUNK_ROWS and FLOAT64_ROWS in the "
+                                                                "measured process (default: the package's)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.chunk_rows is not None:
+        calibration.CHUNK_ROWS = calibration.FLOAT64_ROWS = int(args.chunk_rows)
     if args.profile is not None:
         profile_one(args.profile, args)
         return 0
@@ -189,12 +199,15 @@ def main(argv=None) -> int:
         "/proc/cpuinfo") else []
     print(f"# {args.classes} classes x {args.backbones} backbones x 512-D, InMaP {args.inmap_steps} steps; "
           f"{os.cpu_count()} cores ({', '.join(flags) or 'no avx2/avx512f'}), load average "
-          f"{os.getloadavg()[0]:.1f} at start")
+          f"{os.getloadavg()[0]:.1f} at start; blocks of {calibration.CHUNK_ROWS} rows, float32 distributions "
+          f"beyond {calibration.FLOAT64_ROWS} queries")
     print(f"{'queries':>10} {'predict_s':>10} {'fit_s':>8} {'peak_MiB':>10} {'top1_%':>7}")
     done = []
     for n in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(n), "--classes", str(args.classes), "--backbones",
                str(args.backbones), "--inmap-steps", str(args.inmap_steps), "--mem-limit-gib", str(args.mem_limit_gib)]
+        if args.chunk_rows is not None:
+            cmd += ["--chunk-rows", str(args.chunk_rows)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]

@@ -54,8 +54,9 @@ import numpy as np
 from .metrics import topk_indices
 from .stages.base import (BOOL, HasParams, Interval, Options, Stage, TypeOf, check_features, check_labels,
                           describe_stage, load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
+from .stages import calibration
 from .stages.calibration import (balancing_bias, compatible_marginal, estimate_prior, fit_pool_weights,
-                                 fit_temperature, marginal_test, paired_difference, row_blocks)
+                                 fit_temperature, marginal_test, paired_difference, row_blocks, store_dtype)
 from .stages.gda import GDA
 from .stages.inmap import InMaP
 from .stages.lpp import LinearProbePP
@@ -376,9 +377,14 @@ class Cascade(HasParams):
     def _joint(self, feats: dict) -> np.ndarray:
         """Concatenate backbones scaled by sqrt(weight): dot products become weighted sums (a backbone of weight
         0 is left out)."""
-        parts = [np.sqrt(self.weights_[k], dtype=np.float32) * feats[k] for k in self.backbones_
-                 if self.weights_[k] > 0]
-        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+        keys = [k for k in self.backbones_ if self.weights_[k] > 0]
+        dims = [feats[k].shape[1] for k in keys]
+        out = np.empty((feats[keys[0]].shape[0], sum(dims)), dtype=np.float32)   # written in place: no copies
+        start = 0
+        for k, d in zip(keys, dims):
+            np.multiply(np.sqrt(self.weights_[k], dtype=np.float32), feats[k], out=out[:, start:start + d])
+            start += d
+        return out
 
     def _zero_shot_logits(self, feats: dict) -> np.ndarray:
         tj = self._joint(self.text_).T.astype(np.float64)
@@ -438,13 +444,11 @@ class Cascade(HasParams):
     def _refined(self, xq: np.ndarray, soft: np.ndarray, val_joint):
         """Fit the refinement stage on the queries (soft labels ``soft``) and the labelled support rows; its
         posterior over the queries and its temperature."""
-        C = self.n_classes_
+        C, n = self.n_classes_, len(xq)
         sj, onehot = self._support_rows()
-        X, Y = np.concatenate([xq, sj]), np.concatenate([soft, onehot])
-        g = _clone(self.refine).fit(X, Y)
-        z = g.decision_function(xq)
+        g = self._fit_refine([(xq, soft), (sj, onehot)])
         folds = getattr(self, "val_folds_", None)
-        zv = None
+        z, zv = None, None
         if not self.calibrate:
             t = 1.0
         elif val_joint is not None and folds is not None:
@@ -452,17 +456,32 @@ class Cascade(HasParams):
             support_folds = _folds(self.support_y_, self.cv_folds)
             zv = np.empty((len(folds), C))
             for f in np.unique(folds):
-                train = np.concatenate([np.ones(len(xq), bool), support_folds != f])
-                zv[folds == f] = _clone(self.refine).fit(X[train], Y[train]).decision_function(
+                train = support_folds != f
+                zv[folds == f] = self._fit_refine([(xq, soft), (sj[train], onehot[train])]).decision_function(
                     val_joint[folds == f])
             t = fit_temperature(zv, self.val_y_)
         elif val_joint is not None:
             zv = g.decision_function(val_joint)
             t = fit_temperature(zv, self.val_y_)
-        else:
+        else:                       # the temperature from the queries' own scores: kept, in store_dtype
+            z = _gather(n, C, lambda b: g.decision_function(xq[b]))
             t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
         self._refined_val = None if zv is None else np.exp(log_softmax(t * zv))
-        return np.exp(log_softmax(t * z)), t
+        # the queries' posterior, a block of rows at a time (their scores recomputed unless kept above)
+        return _gather(n, C, lambda b: np.exp(log_softmax(
+            t * (g.decision_function(xq[b]) if z is None else np.asarray(z[b], dtype=np.float64))))), t
+
+    def _fit_refine(self, parts):
+        """A clone of the refinement stage fitted on the rows of ``parts`` [(X, soft labels), ...] as on their
+        concatenation. Beyond ``CHUNK_ROWS`` rows, without making it when the stage can (its ``fit_parts``, as the
+        GDA's, serves its ``fit``), so that the large query set is not copied to add a few labelled rows."""
+        g = _clone(self.refine)
+        cls = type(g)
+        owner = next((c for c in cls.__mro__ if "fit_parts" in vars(c)), None)
+        if (owner is not None and cls.fit is owner.fit
+                and sum(len(X) for X, _ in parts) > calibration.CHUNK_ROWS):
+            return g.fit_parts(parts)
+        return g.fit(np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts]))
 
     def _refinement_gain(self, xq: np.ndarray, soft: np.ndarray, val_joint: np.ndarray, soft_v: np.ndarray):
         """Mean and standard error of the per-row difference in log-likelihood of the held-out rows' labels,
@@ -483,17 +502,14 @@ class Cascade(HasParams):
             if folds is not None:
                 folds = folds[keep]
         if folds is None:
-            X = np.concatenate([xq, val_joint, sj])
-            Y = np.concatenate([soft, soft_v, onehot])
-            z = _clone(self.refine).fit(X, Y).decision_function(val_joint)
+            z = self._fit_refine([(xq, soft), (val_joint, soft_v), (sj, onehot)]).decision_function(val_joint)
         else:
             support_folds = _folds(self.support_y_, self.cv_folds)
             z = np.empty((len(folds), C))
             for f in np.unique(folds):
                 train, held = support_folds != f, folds == f
-                X = np.concatenate([xq, sj[train], val_joint[held]])
-                Y = np.concatenate([soft, onehot[train], soft_v[held]])
-                z[held] = _clone(self.refine).fit(X, Y).decision_function(val_joint[held])
+                z[held] = self._fit_refine([(xq, soft), (sj[train], onehot[train]),
+                                            (val_joint[held], soft_v[held])]).decision_function(val_joint[held])
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(soft_v[rows, y], np.finfo(np.float64).tiny)))
@@ -515,7 +531,10 @@ class Cascade(HasParams):
         if seen.sum() <= 0:
             return 0.0, float("inf")
         target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
-        lp = np.log(np.maximum(np.concatenate([scores, scores_v]), BALANCE_FLOOR))
+        lp = np.empty((n + len(scores_v), scores.shape[1]), dtype=scores.dtype)    # no concatenated copy
+        for b in row_blocks(n):
+            lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
+        lp[n:] = np.log(np.maximum(scores_v, BALANCE_FLOOR))
         bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
         lv = lp[n:]
         rows = np.arange(len(y))
@@ -541,7 +560,13 @@ class Cascade(HasParams):
     # ------------------------------------------------------------------------------------------------
     def predict(self, query: dict) -> CascadeResult:
         """Score the queries (transductively: the query set is used, without labels, by stage 1, the prior
-        estimate and the refinement)."""
+        estimate and the refinement).
+
+        Memory grows linearly in the number of queries N: besides their features and one joint copy, it keeps
+        at most about three [N, C] arrays at a time. The experts' log-probabilities are recomputed a block of
+        rows at a time wherever they are used (:func:`~cascade.stages.calibration.row_blocks`), never kept for
+        all queries; the distributions that are kept (pooled, refined, balanced) are float64 up to
+        ``calibration.FLOAT64_ROWS`` queries and float32 beyond (docs/scale.md)."""
         self._check_fitted()
         self._check_params()
         feats = self._check_query(query)
@@ -552,39 +577,50 @@ class Cascade(HasParams):
         sj = self._support_joint()
         val = getattr(self, "val_", None)
         val_joint = self._joint(val) if val is not None else None
-        lp_seen = self._seen_log_proba(feats)
-        lp0 = self._zero_shot_log_proba(feats)
         details = {}
+
+        def rows(b):
+            return {k: v[b] for k, v in feats.items()}
+
+        def zero_shot(b):                   # the inductive experts' log-probabilities of the rows b
+            return self._zero_shot_log_proba(rows(b))
+
+        def seen(b):
+            return self._seen_log_proba(rows(b))
 
         stage = _clone(self.transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
-            inductive = self._pool(lp0, lp_seen, weights=self.inductive_pool_)
+            # zero-shot's own EM estimate (what InMaP's prior="auto" takes)
+            q_zs, _ = estimate_prior(_gather(n, C, zero_shot))
+            inductive = _gather(n, C, lambda b: self._pool(zero_shot(b), seen(b), weights=self.inductive_pool_))
             if self.refine is not None:
                 inductive, _ = self._refined(xq, inductive, val_joint)
             q, gain, kept = marginal_test(inductive)
             source = "refined" if kept else "uniform"
-            q_zs, _ = estimate_prior(lp0)          # zero-shot's own EM estimate (what InMaP's prior="auto" takes)
             if compatible_marginal(q_zs, inductive):
                 q, source = q_zs, "zero-shot"
+            del inductive
             stage.set_params(prior=q)
             details.update(prior=q, prior_gain=gain, prior_source=source)
         stage.fit(sj, self.support_y_, text=tj, query=xq)
         a1 = (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)
               if self.calibrate else 1.0)
-        lp1 = log_softmax(a1 * stage.decision_function(xq).astype(np.float64))
+
+        def transductive(b):
+            return log_softmax(a1 * stage.decision_function(xq[b]).astype(np.float64))
 
         # the final pool: stage 1, the seen stages, zero-shot CLIP (the text prior, from which stage 1 drifts) and
         # zero-shot rebalanced on the query set to stage 1's class marginal (biases that score any row alike)
         weights, split_weights, bias = None, None, None
         if (val is not None and getattr(self, "val_folds_", None) is None and self.rebalance
-                and self.combine == "pool" and lp_seen):
+                and self.combine == "pool" and self.seen_stages):
             marginal = details.get("prior", getattr(stage, "prior_", None))
-            bias = balancing_bias(lp0, np.full(C, 1.0 / C) if marginal is None else marginal)
+            bias = balancing_bias(_gather(n, C, zero_shot), np.full(C, 1.0 / C) if marginal is None else marginal)
             details["rebalance_bias"] = bias
         if val is not None:
             lp1v = log_softmax(a1 * stage.decision_function(val_joint).astype(np.float64))
             lp0v, lp_seen_v = self._val_experts()
-            if self.combine == "pool" and lp_seen:
+            if self.combine == "pool" and self.seen_stages:
                 experts = [lp1v[:, :S], *lp_seen_v, lp0v[:, :S]]
                 if bias is not None:
                     experts.append(log_softmax(lp0v + bias)[:, :S])
@@ -604,7 +640,7 @@ class Cascade(HasParams):
             p = self._pool(l1, l_seen, others, weights, split=split)
             return p / p.sum(axis=1, keepdims=True)
 
-        scores = pooled(lp1, lp0, lp_seen)
+        scores = _gather(n, C, lambda b: pooled(transductive(b), zero_shot(b), seen(b)))
         scores_v = pooled(lp1v, lp0v, lp_seen_v) if val is not None else None
         t_ref = None
         if self.refine is not None:
@@ -617,6 +653,7 @@ class Cascade(HasParams):
                 if dropped:
                     refined, t_ref, refined_v = scores, None, scores_v
             scores, scores_v = refined, refined_v
+            del refined                     # one name for the kept distribution: balancing may replace it
         if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
             marginal = details.get("prior", getattr(stage, "prior_", None))
             marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
@@ -634,12 +671,15 @@ class Cascade(HasParams):
         elif self.routing == "joint":
             unseen = scores.argmax(axis=1) >= S
         else:   # the seeds' rule: stage 1 decides, and keeps its probabilities outside the seen block
-            p1 = np.exp(lp1)
-            unseen = p1.argmax(axis=1) >= S
-            seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
-            block = scores[:, :S] / scores[:, :S].sum(axis=1, keepdims=True)
-            scores = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
-            scores[unseen] = p1[unseen]
+            unseen = np.empty(n, bool)
+            for b in row_blocks(n):
+                p1 = np.exp(transductive(b))
+                u = p1.argmax(axis=1) >= S
+                seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
+                block = scores[b, :S] / scores[b, :S].sum(axis=1, keepdims=True)
+                new = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
+                new[u] = p1[u]
+                scores[b], unseen[b] = new, u
         route = [ROUTE_UNSEEN if u else ROUTE_SEEN for u in unseen]
         scores = self._apply_specialists(scores, query, route)
         scores /= scores.sum(axis=1, keepdims=True)
@@ -837,6 +877,20 @@ def _folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
 def _balanced(probs: np.ndarray, marginal) -> np.ndarray:
     """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal`` (Sinkhorn's balancing
     kept as per-class biases, :func:`~cascade.stages.calibration.balancing_bias`, on the probabilities floored at
-    ``BALANCE_FLOOR``); rows sum to 1."""
-    lp = np.log(np.maximum(probs, BALANCE_FLOOR))
-    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)))
+    ``BALANCE_FLOOR``); rows sum to 1. Made a block of rows at a time in the dtype of ``probs``."""
+    lp = np.empty_like(probs)
+    for b in row_blocks(len(probs)):
+        lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
+    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
+        lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+    return lp
+
+
+def _gather(n: int, width: int, block) -> np.ndarray:
+    """[n, width] array in ``store_dtype(n)`` (float64 up to FLOAT64_ROWS rows) filled with ``block(rows)`` for
+    every block of rows: how the cascade keeps a per-query distribution it computes block by block."""
+    out = np.empty((n, width), dtype=store_dtype(n))
+    for b in row_blocks(n):
+        out[b] = block(b)
+    return out

@@ -364,7 +364,7 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     """No validation rows: the support rows, each scored by LP++ refitted without its fold and by the GDA
     refitted without its fold, stand in for them (the rows of a class with one support row are left out); the
     fitted model saves and loads them."""
-    from cascade.router import _folds
+    from cascade.router.folds import class_folds
     from cascade.stages import GDA
     from cascade.stages.base import log_softmax
     from cascade.stages.calibration import fit_pool_weights, fit_temperature
@@ -374,7 +374,7 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     support = {k: np.delete(v, drop, axis=0) for k, v in support.items()}
     ys = np.delete(ys, drop)
     m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")]).fit(support, ys, text, S)
-    folds = _folds(ys, 4)
+    folds = class_folds(ys, 4)
     assert np.all(folds[ys == 2] == -1) and set(folds[ys != 2]) == {0, 1, 2, 3}
     keep = folds >= 0
     np.testing.assert_array_equal(m.val_y_, ys[keep])

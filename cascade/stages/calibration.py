@@ -44,6 +44,15 @@ def store_dtype(n_rows: int):
     return np.float64 if n_rows <= FLOAT64_ROWS else np.float32
 
 
+def fill_rows(n: int, width: int, block) -> np.ndarray:
+    """[n, width] array in :func:`store_dtype` filled with ``block(rows)`` for every block of rows
+    (:func:`row_blocks`): how a per-row distribution computed a block of rows at a time is kept."""
+    out = np.empty((n, width), dtype=store_dtype(n))
+    for b in row_blocks(n):
+        out[b] = block(b)
+    return out
+
+
 def _float(a) -> np.ndarray:
     """``a`` as a float32 or float64 array (float32 stays float32: no float64 copy of a large array)."""
     a = np.asarray(a)

@@ -1,0 +1,549 @@
+"""The ``Cascade`` estimator: fit the inductive experts on the support rows, then score a query set.
+
+``fit`` keeps the labelled rows and fits what needs no query: each seen stage per backbone, the temperatures of
+the seen stages and of zero-shot CLIP, and the inductive pool behind the prior estimate. ``predict`` runs the
+algorithm's steps on a query set (see :mod:`cascade.router`). Every weight and temperature is fitted on labelled
+rows the expert did not train on: the validation rows or, without them, the support rows scored out of fold.
+Query labels are never used.
+
+The fitted cascade is saved as arrays plus JSON meta (``state_dict`` / ``from_state``), never pickled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics import topk_indices
+from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, TypeOf, describe_stage,
+                           load_npz_json, log_softmax, save_npz_json, stage_name, validate_params)
+from ..stages.calibration import (compatible_marginal, estimate_prior, fill_rows, fit_pool_weights,
+                                  fit_temperature, marginal_test)
+from ..stages.gda import GDA
+from ..stages.inmap import InMaP
+from ..stages.lpp import LinearProbePP
+from .folds import class_folds
+from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combined_logits, joint_features,
+                    joint_logits)
+from .pool import (Experts, balance_gain, balanced, clone, expert_names, fit_pool, fit_seen_stages, pool, pooled,
+                   rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
+from .refine import Refinement
+from .routing import apply_specialists, route, route_names
+
+FORMAT = "cascade.router/2"
+ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
+# The cascade's own settings of its default stages (the stages' defaults stay the papers'): the refinement makes
+# the authors' 2000 InMaP steps and 300 LP++ epochs unnecessary (docs/stages.md, "Speed")
+DEFAULT_INMAP_STEPS = 50
+DEFAULT_LPP_EPOCHS = 100
+
+
+@dataclass
+class CascadeResult:
+    """Output of :meth:`Cascade.predict`."""
+    scores: np.ndarray                 # [N, C] probabilities (rows sum to 1)
+    top5: np.ndarray                   # [N, k] class indices, best first (k = min(5, C)), distinct
+    route: list                        # per query: "unseen", "seen" or "specialist:<name>"
+    details: dict = field(default_factory=dict)   # diagnostics (prior, weights, temperatures, steps)
+
+
+class Cascade(HasParams):
+    """Routed cascade of stages (see :mod:`cascade.router` for the algorithm).
+
+    Parameters
+    ----------
+    transductive : Stage
+        Stage over all classes fitted on the queries: ``fit(support_x, support_y, text=..., query=...)``.
+        Default ``InMaP(n_iter=50)``: with the refinement after it, the authors' 2000 proxy steps are not needed
+        (docs/stages.md, "Speed").
+    seen_stages : sequence of Stage
+        Inductive stages over the seen classes, ``fit(X, y, text=..., val=...)``, each one expert of the pool
+        with its own fitted exponent. Default ``[LinearProbePP(epochs=100, select="auto")]`` ("auto": the last
+        epoch unless the validation rows show a clearly better one, see :mod:`cascade.stages.lpp`).
+    refine : Stage, None or "default"
+        Transductive refinement over all classes, ``fit(X, soft_labels)`` (soft labels [N, C]); "default":
+        ``GDA()``; None: the pooled distribution is the final score.
+    prior : "estimate" | "stage"
+        "estimate": the cascade estimates the query set's class marginal and sets it as the transductive
+        stage's ``prior`` (when it has one); "stage": the stage's own setting is used.
+    routing : "joint" | "stage1"
+        Which distribution decides that a query belongs to an unseen class (:mod:`cascade.router.routing`).
+    backbone_weights : dict or None
+        Weight per CLIP backbone (normalised to sum 1); None = equal weights over the backbones present
+        in both ``support`` and ``text``.
+    combine : "pool" | "replace"
+        How the seen block is scored: the pool of stage 1, the seen stages and zero-shot, or the seen stages
+        alone.
+    calibrate : bool
+        Fit temperatures and pooling weights on held-out labelled rows (zero-shot and stage 1 on the support
+        rows, whose labels they never see; the seen stages, the pools and the refinement on the validation
+        rows). Without validation rows, the support rows scored out of fold stand in for them (``cv_folds``).
+        False: CLIP's fixed scale, unit weights, temperature 1 for everything.
+    cv_folds : int
+        Without validation rows (and ``calibrate=True``): the support rows are split into this many folds per
+        class, the seen stages refitted on the other folds score each fold, the refinement likewise leaves each
+        fold out, and these out-of-fold scores of the support rows calibrate everything the validation rows
+        would (rows of a class with a single support row cannot be held out and are left out). 0 or 1: no
+        held-out rows; the pools then get unit weights and the refinement's temperature is fitted to its own
+        soft labels.
+    rebalance : bool
+        With validation rows and ``combine="pool"``: add zero-shot CLIP rebalanced on the query set to the pool
+        of the seen block, ``softmax(log p_zero-shot + b)`` with per-class biases ``b`` chosen so that its mean
+        posterior over the queries equals the class marginal given to the transductive stage. Unlike the
+        transductive stage, whose proxies are fitted on the queries they score, it scores the held-out rows as it
+        scores the queries, so its exponent is fitted fairly. Its exponent is fitted with the others (0 when the
+        held-out rows find no use for it). Not used when the support rows out of fold stand in for validation
+        rows: a few shots per class fit a fourth exponent poorly (docs/stages.md).
+    refine_check : float or None
+        With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
+        them as soft-labelled rows, :mod:`cascade.router.refine`) falls more than this many standard errors (of
+        the paired per-row difference) below the pooled distribution's. None or False: always keep it.
+    balance : "check" | "always" | "none"
+        Balance the final distribution of the queries to the class marginal (per-class biases that make its mean
+        over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its pseudo-labels).
+        "check": only when the held-out rows, joining the queries in the balanced set so that they are scored
+        in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their labels and
+        more than one standard error of that mean (never without held-out rows, nor for fewer queries than
+        classes, whose counts no marginal describes). Only with ``combine="pool"``.
+    balance_min_gain : float
+        The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md).
+    specialists : sequence
+        Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
+        (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
+        [N, D] or a callable ``rows -> [len(rows), D]`` that computes features for the queries routed to the
+        specialist only (so an expensive backbone runs on those images alone).
+    """
+
+    #: the keys of ``[stages.cascade]`` besides the stage names, checked here and when the config is loaded
+    _parameter_constraints = {
+        "prior": [Options("estimate", "stage")],
+        "routing": [Options("joint", "stage1")],
+        "combine": [Options("pool", "replace")],
+        "calibrate": [BOOL],
+        "cv_folds": [Interval(Integral, 0, None)],
+        "refine_check": [Interval(Real, 0, None), Options(None, False)],
+        "rebalance": [BOOL],
+        "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
+        "balance": [Options("none", "check", "always")],
+        "balance_min_gain": [Interval(Real, 0, None)],
+    }
+
+    def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
+                 prior: str = "estimate", routing: str = "joint", backbone_weights=None,
+                 combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1):
+        if transductive is None:
+            transductive = InMaP(n_iter=DEFAULT_INMAP_STEPS)
+        self.transductive = transductive
+        self.seen_stages = (list(seen_stages) if seen_stages is not None
+                            else [LinearProbePP(epochs=DEFAULT_LPP_EPOCHS, select="auto")])
+        self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
+        self.prior = prior
+        self.routing = routing
+        self.backbone_weights = backbone_weights
+        self.combine = combine
+        self.calibrate = calibrate
+        self.cv_folds = cv_folds
+        self.specialists = list(specialists)
+        self.refine_check = refine_check
+        self.rebalance = rebalance
+        self.balance = balance
+        self.balance_min_gain = balance_min_gain
+
+    def _check_params(self):
+        validate_params(self._parameter_constraints, self.get_params())
+        if not isinstance(self.transductive, Stage):
+            raise ValueError(f"transductive must be a Stage, got {self.transductive!r}")
+        if self.refine is not None and not isinstance(self.refine, Stage):
+            raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
+        for st in self.seen_stages:
+            if not isinstance(st, Stage):
+                raise ValueError(f"seen_stages must be Stages, got {st!r}")
+            if st.transductive:
+                raise ValueError(f"seen stage {stage_name(st)!r} is transductive; the seen experts are fitted on the "
+                                 "support rows before any query is known")
+
+    def _check_fitted(self):
+        if not hasattr(self, "seen_fitted_"):
+            raise NotFittedError("this Cascade is not fitted yet; call fit(...) first")
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
+        """Fit the inductive experts on the support rows.
+
+        support: {backbone: [Ns, D_b]}; support_y: [Ns] labels in 0..n_seen-1; text: {backbone: [C, D_b]}
+        (seen classes first); val: optional ``({backbone: [Nv, D_b]}, labels)`` for model selection and
+        calibration only.
+        """
+        self._check_params()
+        self._oof_cache = None          # out-of-fold logits of an earlier fit's support rows
+        keys, texts, sups, y, n_seen, val = check_fit_inputs(support, support_y, text, n_seen, val)
+        self.backbones_ = keys
+        self.weights_ = backbone_weights(keys, self.backbone_weights)
+        self.n_classes_ = int(texts[keys[0]].shape[0])
+        self.n_seen_ = n_seen
+        self.text_ = texts
+        self.support_ = sups
+        self.support_y_ = y
+        self.seen_fitted_ = fit_seen_stages(self.seen_stages, sups, y, texts, n_seen, val)
+        # held-out labelled rows: the validation rows, or else the support rows scored out of fold
+        self.val_folds_, self.val_seen_logits_ = None, None
+        if self.calibrate and val is None and self.cv_folds > 1:
+            folds = class_folds(y, self.cv_folds)
+            keep = folds >= 0
+            if keep.any():
+                val = ({k: v[keep] for k, v in sups.items()}, y[keep])
+                self.val_folds_ = folds[keep]
+                self.val_seen_logits_ = [z[keep] for z in self._oof_seen_logits(folds)]
+        use_val = self.calibrate and val is not None
+        # the seen stages' temperatures on the held-out rows, zero-shot's on the support rows (it never saw them)
+        self.seen_temperatures_ = [fit_temperature(self._held_out_seen_logits(i, val[0]), val[1]) if use_val
+                                   else 1.0 for i in range(len(self.seen_fitted_))]
+        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(sups), y) if self.calibrate
+                                       else ZERO_SHOT_SCALE)
+        # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
+        self.val_, self.val_y_ = val if use_val else (None, None)
+        # the pool of zero-shot and the seen stages (the inductive posterior behind the prior estimate)
+        self.inductive_pool_ = None
+        if use_val and self.combine == "pool" and self.seen_fitted_:
+            lp0v, lp_seen_v = self._val_experts()
+            self.inductive_pool_ = fit_pool_weights([lp0v[:, :n_seen], *lp_seen_v], self.val_y_).tolist()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ predict
+    def predict(self, query: dict) -> CascadeResult:
+        """Score the queries (transductively: the query set is used, without labels, by the transductive stage,
+        the marginal estimate, the refinement and the balancing).
+
+        Memory grows linearly in the number of queries N: besides their features and one joint copy, at most
+        about three [N, C] arrays are kept at a time. The experts' log-probabilities are recomputed a block of
+        rows at a time wherever they are used (``calibration.row_blocks``), never kept for all queries; the
+        distributions that are kept (pooled, refined, balanced) are float64 up to ``calibration.FLOAT64_ROWS``
+        queries and float32 beyond (docs/scale.md)."""
+        self._check_fitted()
+        self._check_params()
+        feats = check_feature_set(query, self.backbones_, "query", {k: t.shape[1] for k, t in self.text_.items()})
+        n, C, S = len(feats[self.backbones_[0]]), self.n_classes_, self.n_seen_
+        xq = self._joint(feats)
+        held_x = self._joint(self.val_) if self.val_ is not None else None
+        refinement = self._refinement(held_x) if self.refine is not None else None
+        details = {}
+
+        # 1. the inductive experts: zero-shot over all classes, each seen stage over the seen classes, of the
+        #    queries ``rows`` (a block of rows; all queries' are made by fill_rows where needed)
+        def zero_shot(rows):
+            return self._zero_shot_log_proba({k: v[rows] for k, v in feats.items()})
+
+        def seen(rows):
+            return self._seen_log_proba({k: v[rows] for k, v in feats.items()})
+
+        # 2. the class marginal of the query set, the transductive stage's prior
+        stage = clone(self.transductive)
+        if self.prior == "estimate" and "prior" in stage.get_params():
+            stage.set_params(prior=self._estimate_marginal(xq, zero_shot, seen, refinement, details))
+        # 3. the transductive stage over all classes, fitted on the queries
+        a1 = self._fit_transductive(stage, xq)
+
+        def transductive(rows):
+            return self._transductive_log_proba(stage, a1, xq[rows])
+
+        held = (Experts(self._transductive_log_proba(stage, a1, held_x), *self._val_experts())
+                if held_x is not None else None)
+        # 4. the pool of experts, its exponents fitted on the held-out rows
+        marginal = details.get("prior", getattr(stage, "prior_", None))
+        weights = fit_pool(held, self.val_y_, S, self.combine, self._rebalancing(zero_shot, n, marginal))
+        scores = fill_rows(n, C, lambda rows: pooled(Experts(transductive(rows), zero_shot(rows), seen(rows)),
+                                                     weights, S, self.combine))
+        held_scores = pooled(held, weights, S, self.combine) if held is not None else None
+        # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
+        t_ref = None
+        if refinement is not None:
+            scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
+        # 6. the final distribution balanced to the class marginal, when held-out rows gain from it
+        if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
+            scores = self._balance(scores, held_scores, marginal, details)
+        # 7. routing, then the specialists re-rank inside their domains
+        scores, unseen = route(scores, transductive, S, self.routing)
+        routes = route_names(unseen)
+        scores = apply_specialists(self.specialists, scores, query, routes)
+        scores /= scores.sum(axis=1, keepdims=True)
+        details.update(self._pool_details(weights),
+                       transductive_temperature=a1, refine_temperature=t_ref,
+                       seen_temperatures=list(self.seen_temperatures_), n_unseen_routed=int(unseen.sum()))
+        if hasattr(stage, "n_iter_"):
+            details["n_iter"] = stage.n_iter_
+        return CascadeResult(scores=scores, top5=topk_indices(scores, min(5, self.n_classes_)), route=routes,
+                             details=details)
+
+    def _estimate_marginal(self, xq: np.ndarray, zero_shot, seen, refinement, details: dict) -> np.ndarray:
+        """The class marginal of the query set. Zero-shot's own EM estimate (the marginal InMaP's
+        ``prior="auto"`` takes) when it is statistically compatible with the soft class counts of the inductive
+        experts' pooled posterior, refined as the final pool will be; otherwise that refined posterior's mean,
+        kept only when it beats the uniform marginal by the BIC margin. ``zero_shot(rows)``, ``seen(rows)``: the
+        inductive experts of a block of query rows."""
+        n, C = len(xq), self.n_classes_
+        q_zs, _ = estimate_prior(fill_rows(n, C, zero_shot))     # made first: one [N, C] array at a time
+        inductive = fill_rows(n, C, lambda rows: pool(zero_shot(rows), seen(rows), self.n_seen_, self.combine,
+                                                      weights=self.inductive_pool_))
+        if refinement is not None:
+            inductive = refinement.fit_predict(xq, inductive)[0]
+        q, gain, kept = marginal_test(inductive)
+        source = "refined" if kept else "uniform"
+        if compatible_marginal(q_zs, inductive):
+            q, source = q_zs, "zero-shot"
+        details.update(prior=q, prior_gain=gain, prior_source=source)
+        return q
+
+    def _fit_transductive(self, stage: Stage, xq: np.ndarray) -> float:
+        """Fit ``stage`` on the queries ``xq``, the support rows and the joint text; its temperature, fitted on
+        the support rows (whose labels it never saw)."""
+        sj = self._support_joint()
+        stage.fit(sj, self.support_y_, text=self._joint(self.text_), query=xq)
+        return (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)
+                if self.calibrate else 1.0)
+
+    @staticmethod
+    def _transductive_log_proba(stage: Stage, temperature: float, x: np.ndarray) -> np.ndarray:
+        return log_softmax(temperature * stage.decision_function(x).astype(np.float64))
+
+    def _rebalancing(self, zero_shot, n: int, marginal):
+        """Zero-shot's rebalancing biases on the ``n`` queries (the rebalanced expert; ``zero_shot(rows)``: its
+        log-probabilities of a block of rows), or None where it is not used: without validation rows (held-out
+        support rows fit its exponent poorly), with ``rebalance`` off, with ``combine="replace"`` or without seen
+        stages."""
+        if (self.val_ is None or self.val_folds_ is not None or not self.rebalance or self.combine != "pool"
+                or not self.seen_stages):
+            return None
+        return rebalancing_bias(fill_rows(n, self.n_classes_, zero_shot), marginal)
+
+    def _refine(self, refinement: Refinement, xq: np.ndarray, scores: np.ndarray, held_scores, details: dict):
+        """(scores, held-out rows' scores, temperature) after the refinement, or the pool's when the check drops
+        it."""
+        refined, refined_held, t_ref = refinement.fit_predict(xq, scores)
+        if self.refine_check is not None and self.refine_check is not False and self.val_ is not None:
+            gain, se = refinement.gain(xq, scores, held_scores)
+            dropped = bool(gain < -float(self.refine_check) * se)
+            details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)
+            if dropped:
+                return scores, held_scores, None
+        return refined, refined_held, t_ref
+
+    def _balance(self, scores: np.ndarray, held_scores, marginal, details: dict) -> np.ndarray:
+        """``scores`` balanced to ``marginal`` (None: uniform) when ``balance`` says so ("check": when the held-out
+        rows gain enough from it)."""
+        C = self.n_classes_
+        marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
+        keep = self.balance == "always"
+        if self.balance == "check" and held_scores is not None and len(scores) >= C:
+            gain, se = balance_gain(scores, held_scores, self.val_y_, marginal, self.n_seen_)
+            keep = bool(gain > max(float(self.balance_min_gain), se))
+            details.update(balance_gain=gain, balance_gain_se=se)
+        details["balanced"] = keep
+        return balanced(scores, marginal) if keep else scores
+
+    def _pool_details(self, weights) -> dict:
+        out = {"pool_weights": None if weights.seen_block is None else list(weights.seen_block),
+               "pool_experts": self.pool_experts(rebalanced=weights.bias is not None)}
+        if weights.bias is not None:
+            out["rebalance_bias"] = weights.bias
+        if self.combine == "pool" and self.n_seen_ < self.n_classes_:
+            out["split_weights"] = [float(v) for v in (weights.split if weights.split is not None else (0.5, 0.5))]
+        return out
+
+    def pool_experts(self, rebalanced: bool = False) -> list:
+        """The names of the seen block's pooled experts, in the order of ``details["pool_weights"]``: the
+        transductive stage, each seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced."""
+        return expert_names(self.transductive, self.seen_stages, rebalanced)
+
+    # ------------------------------------------------------------------------------------ the fitted experts
+    def _joint(self, feats: dict) -> np.ndarray:
+        """Joint features of ``feats`` (:func:`~cascade.router.joint.joint_features`)."""
+        return joint_features(feats, self.weights_)
+
+    def _support_joint(self) -> np.ndarray:
+        """The support rows' joint features (built once per fitted or loaded support set)."""
+        cache = getattr(self, "_support_joint_cache", None)
+        if cache is None or cache[0] is not self.support_:
+            cache = (self.support_, self._joint(self.support_))
+            self._support_joint_cache = cache
+        return cache[1]
+
+    def _refinement(self, held_x) -> Refinement:
+        """The refine stage with the labelled rows it is fitted and judged with (``held_x``: the held-out rows'
+        joint features, or None)."""
+        folds = self.val_folds_
+        return Refinement(self.refine, self._support_joint(), self.support_y_, self.n_classes_,
+                          held_x=held_x, held_y=self.val_y_, held_folds=folds,
+                          support_folds=None if folds is None else class_folds(self.support_y_, self.cv_folds),
+                          calibrate=self.calibrate)
+
+    def _zero_shot_logits(self, feats: dict) -> np.ndarray:
+        return joint_logits(feats, self.text_, self.weights_)
+
+    def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
+        return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
+
+    def _seen_log_proba(self, feats: dict, logits=None) -> list:
+        """Each seen stage's calibrated log-probabilities [N, S] over the seen classes (one expert per stage)."""
+        return seen_log_proba(self.seen_fitted_, self.seen_temperatures_, feats, self.weights_, logits)
+
+    def _val_experts(self):
+        """Zero-shot's and the seen stages' log-probabilities of the held-out rows (computed once)."""
+        cache = getattr(self, "_val_cache", None)
+        if cache is None or cache[0] is not self.val_:
+            if self.val_seen_logits_ is None:
+                lp_seen = self._seen_log_proba(self.val_)
+            else:
+                lp_seen = self._seen_log_proba(None, logits=self.val_seen_logits_)
+            cache = (self.val_, self._zero_shot_log_proba(self.val_), lp_seen)
+            self._val_cache = cache
+        return cache[1], cache[2]
+
+    def _held_out_seen_logits(self, i: int, feats: dict) -> np.ndarray:
+        """Seen stage ``i``'s combined logits of the held-out rows (out of fold when they are support rows)."""
+        if self.val_seen_logits_ is not None:
+            return self.val_seen_logits_[i]
+        return self._seen_logits(i, feats)
+
+    def _seen_logits(self, i: int, feats: dict) -> np.ndarray:
+        return combined_logits(self.seen_fitted_[i], feats, self.weights_)
+
+    def _oof_seen_logits(self, folds: np.ndarray) -> list:
+        """Each seen stage's combined logits [Ns, S] of the support rows out of fold. Computed once per fold
+        assignment (``fit`` without validation rows and ``support_oof_proba`` share them)."""
+        cache = getattr(self, "_oof_cache", None)
+        if cache is not None and np.array_equal(cache[0], folds):
+            return cache[1]
+        out = seen_logits_out_of_fold(self.seen_stages, self.seen_fitted_, self.support_, self.support_y_,
+                                      self.text_, self.n_seen_, self.weights_, folds)
+        self._oof_cache = (folds.copy(), out)
+        return out
+
+    def support_oof_proba(self, n_folds: int = 4, random_state: int = 0) -> np.ndarray:
+        """Out-of-fold probabilities [Ns, C] of the support rows from the inductive experts.
+
+        Rows are split into ``n_folds`` folds per class (round-robin after a seeded shuffle); each fold is
+        scored by the seen stages refitted on the other folds (their calibrated temperatures are reused),
+        pooled with zero-shot over all classes as the inductive posterior behind the prior estimate (no
+        queries are involved). Rows of a class with a single support row cannot be held out and are scored by
+        the full model. Use these to choose a specialist's blending weight without touching query labels.
+        """
+        self._check_fitted()
+        logits = self._oof_seen_logits(class_folds(self.support_y_, n_folds, random_state))
+        lp0 = self._zero_shot_log_proba(self.support_)
+        p = pool(lp0, self._seen_log_proba(None, logits=logits), self.n_seen_, self.combine,
+                 weights=self.inductive_pool_)
+        return p / p.sum(axis=1, keepdims=True)
+
+    # ------------------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> tuple[dict, dict]:
+        """(arrays, JSON meta) of the fitted cascade: its settings, its stages (each through its own
+        ``state_dict``) and the labelled rows it keeps for calibration at predict time. No pickle; the model
+        bundle (:mod:`cascade.bundle`) writes them with the rest of a trained model."""
+        self._check_fitted()
+        arrays = {"support_y": self.support_y_}
+        for i, k in enumerate(self.backbones_):
+            arrays[f"text/{i}"] = self.text_[k]
+            arrays[f"support/{i}"] = self.support_[k]
+            if self.val_ is not None:
+                arrays[f"val/{i}"] = self.val_[k]
+        if self.val_ is not None:
+            arrays["val_y"] = self.val_y_
+        if self.val_folds_ is not None:      # held-out rows = support rows out of fold
+            arrays["val_folds"] = self.val_folds_
+            for j, z in enumerate(self.val_seen_logits_):
+                arrays[f"val_seen/{j}"] = z
+        stages_meta = []
+        for j, per_backbone in enumerate(self.seen_fitted_):
+            metas = []
+            for i, k in enumerate(self.backbones_):
+                a, m = per_backbone[k].state_dict()
+                for name, arr in a.items():
+                    arrays[f"seen/{j}/{i}/{name}"] = arr
+                metas.append(m)
+            stages_meta.append(metas)
+        meta = {
+            "format": FORMAT,
+            "backbones": self.backbones_, "weights": self.weights_, "n_classes": self.n_classes_,
+            "n_seen": self.n_seen_, "seen_temperatures": self.seen_temperatures_,
+            "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
+            "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
+            "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
+            "rebalance": bool(self.rebalance),
+            "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
+            "backbone_weights": self.backbone_weights,
+            "transductive": describe_stage(self.transductive),
+            "refine": describe_stage(self.refine) if self.refine is not None else None,
+            "seen_prototypes": [describe_stage(s) for s in self.seen_stages],
+            "seen_fitted": stages_meta,
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict, meta: dict, specialists=(), source: str = "cascade state") -> "Cascade":
+        """Rebuild a fitted cascade from :meth:`state_dict`'s output (``source`` names it in errors). Its stages
+        are found in the stage registry by the names the state gives. Specialists are not part of it; pass
+        them again."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r} (a model written by "
+                             f"another version of cascade); run train again")
+
+        def build(m):
+            return Stage.from_state({}, dict(m, state={}))
+
+        if meta["refine"] is not None and meta["refine"]["class"] == "GDA":
+            # written before the GDA had a mean prior: its means were the plain weighted means
+            meta["refine"]["params"].setdefault("mean_prior", 0.0)
+
+        obj = cls(build(meta["transductive"]), [build(m) for m in meta["seen_prototypes"]],
+                  refine=build(meta["refine"]) if meta["refine"] is not None else None, prior=meta["prior"],
+                  routing=meta["routing"], backbone_weights=meta["backbone_weights"], combine=meta["combine"],
+                  calibrate=meta["calibrate"], cv_folds=meta.get("cv_folds", 4), specialists=specialists,
+                  # written before the check existed: the refinement was always kept
+                  refine_check=meta.get("refine_check"),
+                  # written before the rebalanced zero-shot expert existed: the pool had none
+                  rebalance=bool(meta.get("rebalance", False)),
+                  # written before the balancing existed: the final distribution was never balanced
+                  balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1))
+        keys = meta["backbones"]
+        obj.backbones_ = keys
+        obj.weights_ = meta["weights"]
+        obj.n_classes_, obj.n_seen_ = meta["n_classes"], meta["n_seen"]
+        obj.seen_temperatures_ = meta["seen_temperatures"]
+        obj.zero_shot_temperature_ = meta["zero_shot_temperature"]
+        obj.inductive_pool_ = meta["inductive_pool"]
+        obj.text_ = {k: arrays[f"text/{i}"] for i, k in enumerate(keys)}
+        obj.support_ = {k: arrays[f"support/{i}"] for i, k in enumerate(keys)}
+        obj.support_y_ = arrays["support_y"]
+        if "val_y" in arrays:
+            obj.val_ = {k: arrays[f"val/{i}"] for i, k in enumerate(keys)}
+            obj.val_y_ = arrays["val_y"]
+        else:
+            obj.val_, obj.val_y_ = None, None
+        obj.val_folds_ = arrays.get("val_folds")
+        obj.val_seen_logits_ = ([arrays[f"val_seen/{j}"] for j in range(len(meta["seen_fitted"]))]
+                                if obj.val_folds_ is not None else None)
+        fitted = []
+        for j, metas in enumerate(meta["seen_fitted"]):
+            per_backbone = {}
+            for i, k in enumerate(keys):
+                prefix = f"seen/{j}/{i}/"
+                a = {name[len(prefix):]: v for name, v in arrays.items() if name.startswith(prefix)}
+                per_backbone[k] = Stage.from_state(a, metas[i])
+            fitted.append(per_backbone)
+        obj.seen_fitted_ = fitted
+        return obj
+
+    def save(self, directory) -> Path:
+        """Write the fitted cascade alone to ``directory``/cascade.npz (arrays + JSON meta, no pickle); a whole
+        trained model is written by :class:`cascade.bundle.Bundle`."""
+        return save_npz_json(Path(directory) / "cascade.npz", *self.state_dict())
+
+    @classmethod
+    def load(cls, directory, specialists=()) -> "Cascade":
+        """Read a cascade written by :meth:`save` (specialists are not saved; pass them again)."""
+        path = Path(directory) / "cascade.npz"
+        arrays, meta = load_npz_json(path)
+        return cls.from_state(arrays, meta, specialists, source=str(path))

@@ -1,0 +1,206 @@
+"""The pool of experts: the seen stages, how the experts' scores combine, and the balancing to a class marginal.
+
+The experts of a query set are the transductive stage and zero-shot CLIP over all classes, and each seen stage
+over the seen classes (one expert per stage, fitted per backbone, logits summed with the backbone weights).
+With validation rows, zero-shot rebalanced on the query set is one more expert: per-class biases make its mean
+posterior over the queries the class marginal. It scores held-out rows as it scores the queries, so its
+exponent can be fitted fairly.
+
+The seen block of a query's distribution is the log-linear pool ``softmax(sum_j w_j log p_j)`` of the experts
+over the seen classes, each expert with its own exponent ``w_j`` (fitted on held-out labelled rows). The split
+between the seen block and each unseen class comes from the pool of the two experts over all classes, with
+exponents fitted over all classes (1/2 each without held-out rows). So probability that a seen row puts on the
+unseen classes counts against an expert, and a transductive stage that drifted from the truth cannot move
+queries into or out of the unseen classes alone. ``combine="replace"`` (the seeds' cascade) gives the seen
+block to the seen stages alone.
+
+Balancing rescales the final distribution per class so that its mean over the queries is the class marginal
+(Sinkhorn's balancing kept as per-class biases). It pays where the query set is balanced and the experts' class
+bias is the error, which the pool's exponents cannot see; it is kept only when held-out rows gain from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..stages.base import Stage, log_softmax, stage_name
+from ..stages.calibration import balancing_bias, fit_pool_weights, paired_difference, row_blocks
+from .folds import out_of_fold
+from .joint import combined_logits
+
+# probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
+# hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
+BALANCE_FLOOR = 1e-12
+BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
+
+
+def clone(stage: Stage) -> Stage:
+    """An unfitted copy of ``stage`` with the same hyperparameters."""
+    return type(stage)(**stage.get_params())
+
+
+# ------------------------------------------------------------------------------------------------ seen experts
+def fit_seen_stages(prototypes, support: dict, y: np.ndarray, text: dict, n_seen: int, val=None) -> list:
+    """Each seen stage fitted on every backbone's support rows over the seen classes: a list (one per stage) of
+    {backbone: fitted stage}. ``val``: optional ``({backbone: features}, labels)`` passed to each stage."""
+    return [{k: clone(proto).fit(support[k], y, text=text[k][:n_seen],
+                                 val=None if val is None else (val[0][k], val[1]))
+             for k in support} for proto in prototypes]
+
+
+def seen_logits_out_of_fold(prototypes, fitted: list, support: dict, y: np.ndarray, text: dict, n_seen: int,
+                            weights: dict, folds: np.ndarray) -> list:
+    """Each seen stage's combined logits [Ns, S] of the support rows, every fold scored by the stage refitted on
+    the other folds (rows of fold -1 are always in training and scored by the ``fitted`` stages)."""
+    def score_fold(f, rows):
+        feats = {k: v[rows] for k, v in support.items()}
+        if f < 0:
+            models = fitted
+        else:
+            train = np.flatnonzero(folds != f)
+            models = fit_seen_stages(prototypes, {k: v[train] for k, v in support.items()}, y[train], text, n_seen)
+        return [combined_logits(per_backbone, feats, weights) for per_backbone in models]
+
+    return out_of_fold(folds, score_fold)
+
+
+def seen_log_proba(fitted: list, temperatures, feats: dict, weights: dict, logits=None) -> list:
+    """Each seen stage's calibrated log-probabilities [N, S] over the seen classes: one expert of the pool per
+    stage (an empty list without seen stages). ``logits``: the stages' combined logits, when already computed."""
+    out = []
+    for i, (per_backbone, a) in enumerate(zip(fitted, temperatures)):
+        z = combined_logits(per_backbone, feats, weights) if logits is None else logits[i]
+        out.append(log_softmax(log_softmax(a * z)))      # rows normalised again, as every pool input is
+    return out
+
+
+def expert_names(transductive: Stage, seen_stages, rebalanced: bool = False) -> list:
+    """The names of the seen block's pooled experts, in the order of their exponents: the transductive stage, each
+    seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced."""
+    names = [stage_name(transductive), *(stage_name(st) for st in seen_stages), "zeroshot"]
+    return names + ["zeroshot-rebalanced"] if rebalanced else names
+
+
+# -------------------------------------------------------------------------------------------------------- pool
+def pool(lp_first: np.ndarray, lp_seen: list, n_seen: int, combine: str = "pool", others=(), weights=None,
+         split=None) -> np.ndarray:
+    """Distribution over all classes (rows not renormalised).
+
+    ``split`` (default ``lp_first``; log-probabilities over all classes) gives each row's mass on the seen block
+    and on each unseen class. The seen block is replaced, at the same total mass, by the log-linear pool
+    ``softmax(w_0 lp_first + sum_i w_i lp_seen_i + sum_j w_j others_j)`` over the seen classes
+    (``combine="pool"``; ``lp_first``: an expert over all classes; ``lp_seen``: one expert per seen stage;
+    ``others``: more experts over the seen classes; ``weights`` None: unit exponents), or by
+    ``softmax(sum_i lp_seen_i)`` (``combine="replace"``). Without seen stages it is ``split``'s distribution."""
+    S = n_seen
+    out = np.exp(lp_first if split is None else split)
+    if not lp_seen:
+        return out
+    experts = [lp_first[:, :S], *lp_seen, *others]
+    w = np.ones(len(experts)) if weights is None else weights
+    for b in row_blocks(out.shape[0]):          # the pool's [N, S] temporaries a block of rows at a time
+        if combine == "pool":
+            block = sum(wj * lp[b] for wj, lp in zip(w, experts))
+        else:
+            block = sum(lp[b] for lp in lp_seen)
+        out[b, :S] = out[b, :S].sum(axis=1, keepdims=True) * np.exp(log_softmax(block))
+    return out
+
+
+@dataclass
+class Experts:
+    """The experts' log-probabilities of one set of rows."""
+    transductive: np.ndarray        # [N, C]
+    zero_shot: np.ndarray           # [N, C]
+    seen: list                      # one [N, S] per seen stage
+
+
+@dataclass
+class PoolWeights:
+    """What the final pool learned from the held-out rows."""
+    seen_block: np.ndarray | None   # exponents of [transductive, *seen, zero-shot(, rebalanced)]; None: unit ones
+    split: np.ndarray | None        # exponents of [transductive, zero-shot] over all classes; None: no split
+    bias: np.ndarray | None         # zero-shot's rebalancing biases; None: no rebalanced expert
+
+
+def rebalancing_bias(zero_shot: np.ndarray, marginal) -> np.ndarray:
+    """Per-class biases that make zero-shot's mean posterior over the queries ``marginal`` (None: uniform)."""
+    C = zero_shot.shape[1]
+    return balancing_bias(zero_shot, np.full(C, 1.0 / C) if marginal is None else marginal)
+
+
+def fit_pool(held: Experts | None, y, n_seen: int, combine: str, bias=None) -> PoolWeights:
+    """The final pool's exponents, fitted on the held-out rows' experts ``held`` and labels ``y`` (``held`` None:
+    unit exponents in the seen block, 1/2 each for the split). ``bias``: zero-shot's rebalancing biases, which
+    add the rebalanced expert to the seen block."""
+    weights, split = None, None
+    n_classes = None if held is None else held.transductive.shape[1]
+    if held is not None and combine == "pool":
+        if held.seen:
+            experts = [held.transductive[:, :n_seen], *held.seen, held.zero_shot[:, :n_seen]]
+            if bias is not None:
+                experts.append(log_softmax(held.zero_shot + bias)[:, :n_seen])
+            weights = fit_pool_weights(experts, y)
+        if n_seen < n_classes:      # the seen/unseen split: the experts over all classes
+            split = fit_pool_weights([held.transductive, held.zero_shot], y)
+    return PoolWeights(seen_block=weights, split=split, bias=bias)
+
+
+def pooled(experts: Experts, weights: PoolWeights, n_seen: int, combine: str) -> np.ndarray:
+    """The final pool of ``experts`` (see the module docstring); rows sum to 1."""
+    l1, l0 = experts.transductive, experts.zero_shot
+    split = None
+    if combine == "pool" and n_seen < l1.shape[1]:
+        sw = np.array([0.5, 0.5]) if weights.split is None else weights.split
+        split = log_softmax(sw[0] * l1 + sw[1] * l0)
+    others = [l0[:, :n_seen]]
+    if weights.bias is not None:
+        others.append(log_softmax(l0 + weights.bias)[:, :n_seen])
+    p = pool(l1, experts.seen, n_seen, combine, others, weights.seen_block, split=split)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------- balancing
+def balanced(probs: np.ndarray, marginal) -> np.ndarray:
+    """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal``; rows sum to 1.
+
+    Sinkhorn's balancing kept as per-class biases (:func:`~cascade.stages.calibration.balancing_bias`), on the
+    probabilities floored at ``BALANCE_FLOOR``. Made a block of rows at a time, in the dtype of ``probs``."""
+    lp = np.empty_like(probs)
+    for b in row_blocks(len(probs)):
+        lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
+    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
+        lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+    return lp
+
+
+def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray, marginal: np.ndarray,
+                 n_seen: int):
+    """Mean and standard error of the per-row gain in log-likelihood of the held-out rows' labels when the final
+    distribution is balanced to ``marginal``.
+
+    The held-out rows join the queries in the balanced set, so they are scored in sample as the queries are.
+    Being rows of the seen classes, their share of the target marginal is ``marginal`` restricted to the seen
+    classes (no label of theirs is used). At most as many held-out rows as queries take part (a seeded random
+    subset), so the set stays mostly the queries'."""
+    y = held_y
+    n = len(scores)
+    if len(y) > n:
+        keep = np.sort(np.random.default_rng(0).permutation(len(y))[:n])
+        held_scores, y = held_scores[keep], y[keep]
+    seen = np.zeros_like(marginal)
+    seen[:n_seen] = marginal[:n_seen]
+    if seen.sum() <= 0:
+        return 0.0, float("inf")
+    target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
+    lp = np.empty((n + len(held_scores), scores.shape[1]), dtype=scores.dtype)    # no concatenated copy
+    for b in row_blocks(n):
+        lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
+    lp[n:] = np.log(np.maximum(held_scores, BALANCE_FLOOR))
+    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    lv = lp[n:]
+    rows = np.arange(len(y))
+    d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
+    return paired_difference(d)

@@ -22,6 +22,10 @@ consecutive sizes (time ~ N^a, peak memory above the smallest run ~ N^b).
 times are not the benchmark's. ``--chunk-rows R`` sets ``calibration.CHUNK_ROWS`` and ``calibration.FLOAT64_ROWS``
 to R in the measured process, so that a small query set is computed as a large one is (blocks of R rows,
 float32 distributions beyond R queries).
+
+``--agreement R`` checks that computation on the real tasks themselves (benchmarks/realbench, with and without
+their validation rows): per task, the largest difference between the cascade's scores computed as today (one
+block, float64) and with blocks of R rows and float32 distributions, and the share of queries whose top-1 agrees.
 """
 from __future__ import annotations
 
@@ -174,6 +178,30 @@ def profile_one(n: int, args) -> None:
         print(f"{lineno:>5} {held:>9.1f} {peak:>9.1f} {secs:>7.2f}  {text[:80]}")
 
 
+def agreement(chunk_rows: int) -> None:
+    """Print, per real task, max |scores (one block, float64) - scores (blocks of ``chunk_rows``, float32)| and the
+    share of queries with the same top-1."""
+    cfg = load_config()
+    keep = calibration.CHUNK_ROWS, calibration.FLOAT64_ROWS
+    print(f"# the cascade on the real tasks: one block in float64 against blocks of {chunk_rows} rows in float32")
+    print(f"{'task':>18} {'val':>5} {'queries':>8} {'max_abs_diff':>13} {'same_top1_%':>12}")
+    for path in sorted((REPO / "benchmarks" / "realbench").glob("*.npz")):
+        t = np.load(path, allow_pickle=False)
+        n_seen = int(t["n_seen"]) if "n_seen" in t.files else t["text_x"].shape[0]
+        for with_val in (True, False):
+            cascade = _make_cascade(cfg).fit({"b": t["support_x"]}, t["support_y"], {"b": t["text_x"]}, n_seen,
+                                             val=({"b": t["val_x"]}, t["val_y"]) if with_val else None)
+            calibration.CHUNK_ROWS, calibration.FLOAT64_ROWS = keep
+            whole = cascade.predict({"b": t["query_x"]})
+            calibration.CHUNK_ROWS = calibration.FLOAT64_ROWS = int(chunk_rows)
+            blocks = cascade.predict({"b": t["query_x"]})
+            calibration.CHUNK_ROWS, calibration.FLOAT64_ROWS = keep
+            diff = float(np.abs(whole.scores - blocks.scores).max())
+            same = float((whole.top5[:, 0] == blocks.top5[:, 0]).mean() * 100)
+            print(f"{path.stem:>18} {str(with_val):>5} {len(t['query_y']):>8} {diff:>13.2e} {same:>12.2f}",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1000,10000,100000,1000000", help="query counts, comma-separated")
@@ -185,8 +213,13 @@ def main(argv=None) -> int:
                                                              "on N queries (one size, no table)")
     p.add_argument("--chunk-rows", type=int, metavar="R", help="calibration.CHUNK_ROWS and FLOAT64_ROWS in the "
                                                                 "measured process (default: the package's)")
+    p.add_argument("--agreement", type=int, metavar="R", help="on the real tasks: scores in one float64 block "
+                                                               "against blocks of R rows in float32 (no table)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.agreement is not None:
+        agreement(args.agreement)
+        return 0
     if args.chunk_rows is not None:
         calibration.CHUNK_ROWS = calibration.FLOAT64_ROWS = int(args.chunk_rows)
     if args.profile is not None:

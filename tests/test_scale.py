@@ -1,5 +1,7 @@
 """Large query sets (docs/scale.md): the stages that see every query at once work in blocks of rows
-(``cascade.stages.calibration.CHUNK_ROWS``) and give the unchunked results; the result file and routes CSV are
+(``cascade.stages.calibration.CHUNK_ROWS``) and give the unchunked results; beyond ``FLOAT64_ROWS`` queries the
+distributions the cascade keeps are float32 and agree with float64, and ``predict`` keeps only the joint features
+and a few of them; the GDA fits on parts of rows as on their concatenation; the result file and routes CSV are
 streamed (memory does not grow with their text) and stay atomic; benchmarks/scale.py runs."""
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from ..io import load_npz_json, save_npz_json
 from ..metrics import topk_indices
 from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, TypeOf, describe_stage,
                            log_softmax, stage_name, validate_params)
-from ..stages.calibration import (compatible_marginal, estimate_prior, fit_pool_weights, fit_temperature,
-                                  marginal_test)
+from ..stages.calibration import (compatible_marginal, estimate_prior, fill_rows, fit_pool_weights,
+                                  fit_temperature, marginal_test, row_blocks)
 from ..stages.gda import GDA
 from ..stages.inmap import InMaP
 from ..stages.lpp import LinearProbePP
@@ -223,30 +223,48 @@ class Cascade(HasParams):
     # ------------------------------------------------------------------------------------------------ predict
     def predict(self, query: dict) -> CascadeResult:
         """Score the queries (transductively: the query set is used, without labels, by the transductive stage,
-        the marginal estimate, the refinement and the balancing)."""
+        the marginal estimate, the refinement and the balancing).
+
+        Memory grows linearly in the number of queries N: besides their features and one joint copy, at most
+        about three [N, C] arrays are kept at a time. The experts' log-probabilities are recomputed a block of
+        rows at a time wherever they are used (``calibration.row_blocks``), never kept for all queries; the
+        distributions that are kept (pooled, refined, balanced) are float64 up to ``calibration.FLOAT64_ROWS``
+        queries and float32 beyond (docs/scale.md)."""
         self._check_fitted()
         self._check_params()
         feats = check_feature_set(query, self.backbones_, "query", {k: t.shape[1] for k, t in self.text_.items()})
+        n, C, S = len(feats[self.backbones_[0]]), self.n_classes_, self.n_seen_
         xq = self._joint(feats)
         held_x = self._joint(self.val_) if self.val_ is not None else None
         refinement = self._refinement(held_x) if self.refine is not None else None
         details = {}
-        # 1. the inductive experts: zero-shot over all classes, each seen stage over the seen classes
-        lp0, lp_seen = self._zero_shot_log_proba(feats), self._seen_log_proba(feats)
+
+        # 1. the inductive experts: zero-shot over all classes, each seen stage over the seen classes, of the
+        #    queries ``rows`` (a block of rows; all queries' are made by fill_rows where needed)
+        def zero_shot(rows):
+            return self._zero_shot_log_proba({k: v[rows] for k, v in feats.items()})
+
+        def seen(rows):
+            return self._seen_log_proba({k: v[rows] for k, v in feats.items()})
+
         # 2. the class marginal of the query set, the transductive stage's prior
         stage = clone(self.transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
-            stage.set_params(prior=self._estimate_marginal(xq, lp0, lp_seen, refinement, details))
+            stage.set_params(prior=self._estimate_marginal(xq, zero_shot, seen, refinement, details))
         # 3. the transductive stage over all classes, fitted on the queries
         a1 = self._fit_transductive(stage, xq)
-        queries = Experts(self._transductive_log_proba(stage, a1, xq), lp0, lp_seen)
+
+        def transductive(rows):
+            return self._transductive_log_proba(stage, a1, xq[rows])
+
         held = (Experts(self._transductive_log_proba(stage, a1, held_x), *self._val_experts())
                 if held_x is not None else None)
         # 4. the pool of experts, its exponents fitted on the held-out rows
         marginal = details.get("prior", getattr(stage, "prior_", None))
-        weights = fit_pool(held, self.val_y_, self.n_seen_, self.combine, self._rebalancing(lp0, lp_seen, marginal))
-        scores = pooled(queries, weights, self.n_seen_, self.combine)
-        held_scores = pooled(held, weights, self.n_seen_, self.combine) if held is not None else None
+        weights = fit_pool(held, self.val_y_, S, self.combine, self._rebalancing(zero_shot, n, marginal))
+        scores = fill_rows(n, C, lambda rows: pooled(Experts(transductive(rows), zero_shot(rows), seen(rows)),
+                                                     weights, S, self.combine))
+        held_scores = pooled(held, weights, S, self.combine) if held is not None else None
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
         t_ref, pool_scores = None, scores
         if refinement is not None:
@@ -256,10 +274,12 @@ class Cascade(HasParams):
         if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
             scores = self._balance(scores, held_scores, marginal, details)
             if details["balanced"] and self.balance_refit and refinement is not None:
+                del scores
                 scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, marginal)
             details["balance_refit"] = bool(details["balanced"] and self.balance_refit and refinement is not None)
+        del pool_scores
         # 7. routing, then the specialists re-rank inside their domains
-        scores, unseen = route(scores, queries.transductive, self.n_seen_, self.routing)
+        scores, unseen = route(scores, transductive, S, self.routing)
         routes = route_names(unseen)
         scores = apply_specialists(self.specialists, scores, query, routes)
         scores /= scores.sum(axis=1, keepdims=True)
@@ -271,18 +291,20 @@ class Cascade(HasParams):
         return CascadeResult(scores=scores, top5=topk_indices(scores, min(5, self.n_classes_)), route=routes,
                              details=details)
 
-    def _estimate_marginal(self, xq: np.ndarray, lp0: np.ndarray, lp_seen: list, refinement, details: dict
-                           ) -> np.ndarray:
+    def _estimate_marginal(self, xq: np.ndarray, zero_shot, seen, refinement, details: dict) -> np.ndarray:
         """The class marginal of the query set. Zero-shot's own EM estimate (the marginal InMaP's
         ``prior="auto"`` takes) when it is statistically compatible with the soft class counts of the inductive
         experts' pooled posterior, refined as the final pool will be; otherwise that refined posterior's mean,
-        kept only when it beats the uniform marginal by the BIC margin."""
-        inductive = pool(lp0, lp_seen, self.n_seen_, self.combine, weights=self.inductive_pool_)
+        kept only when it beats the uniform marginal by the BIC margin. ``zero_shot(rows)``, ``seen(rows)``: the
+        inductive experts of a block of query rows."""
+        n, C = len(xq), self.n_classes_
+        q_zs, _ = estimate_prior(fill_rows(n, C, zero_shot))     # made first: one [N, C] array at a time
+        inductive = fill_rows(n, C, lambda rows: pool(zero_shot(rows), seen(rows), self.n_seen_, self.combine,
+                                                      weights=self.inductive_pool_))
         if refinement is not None:
             inductive = refinement.fit_predict(xq, inductive)[0]
         q, gain, kept = marginal_test(inductive)
         source = "refined" if kept else "uniform"
-        q_zs, _ = estimate_prior(lp0)
         if compatible_marginal(q_zs, inductive):
             q, source = q_zs, "zero-shot"
         details.update(prior=q, prior_gain=gain, prior_source=source)
@@ -300,14 +322,15 @@ class Cascade(HasParams):
     def _transductive_log_proba(stage: Stage, temperature: float, x: np.ndarray) -> np.ndarray:
         return log_softmax(temperature * stage.decision_function(x).astype(np.float64))
 
-    def _rebalancing(self, lp0: np.ndarray, lp_seen: list, marginal):
-        """Zero-shot's rebalancing biases on the query set (the rebalanced expert), or None where it is not used:
-        without validation rows (held-out support rows fit its exponent poorly), with ``rebalance`` off, with
-        ``combine="replace"`` or without seen stages."""
+    def _rebalancing(self, zero_shot, n: int, marginal):
+        """Zero-shot's rebalancing biases on the ``n`` queries (the rebalanced expert; ``zero_shot(rows)``: its
+        log-probabilities of a block of rows), or None where it is not used: without validation rows (held-out
+        support rows fit its exponent poorly), with ``rebalance`` off, with ``combine="replace"`` or without seen
+        stages."""
         if (self.val_ is None or self.val_folds_ is not None or not self.rebalance or self.combine != "pool"
-                or not lp_seen):
+                or not self.seen_stages):
             return None
-        return rebalancing_bias(lp0, marginal)
+        return rebalancing_bias(fill_rows(n, self.n_classes_, zero_shot), marginal)
 
     def _refine(self, refinement: Refinement, xq: np.ndarray, scores: np.ndarray, held_scores, details: dict):
         """(scores, held-out rows' scores, temperature) after the refinement, or the pool's when the check drops
@@ -342,8 +365,12 @@ class Cascade(HasParams):
         pool_balanced = balanced(pool_scores, marginal)
         refit, _, t_ref = refinement.fit_predict(xq, pool_balanced)
         tiny = np.finfo(np.float64).tiny
-        anchored = np.log(np.maximum(refit, tiny)) + np.log(np.maximum(pool_balanced, tiny))
-        return balanced(np.exp(log_softmax(anchored)), marginal), t_ref
+        for rows in row_blocks(len(refit)):            # the product replaces the refit, a block of rows at a time
+            anchored = (np.log(np.maximum(np.asarray(refit[rows], dtype=np.float64), tiny))
+                        + np.log(np.maximum(np.asarray(pool_balanced[rows], dtype=np.float64), tiny)))
+            refit[rows] = np.exp(log_softmax(anchored))
+        del pool_balanced
+        return balanced(refit, marginal), t_ref
 
     def _pool_details(self, weights) -> dict:
         out = {"pool_weights": None if weights.seen_block is None else list(weights.seen_block),

@@ -82,8 +82,14 @@ def backbone_weights(keys, weights: dict | None) -> dict:
 def joint_features(feats: dict, weights: dict) -> np.ndarray:
     """The backbones' features concatenated, each scaled by ``sqrt(weight)`` (float32, C-contiguous), so that dot
     products become weighted sums of the per-backbone ones; backbones of weight 0 are left out."""
-    parts = [np.sqrt(w, dtype=np.float32) * feats[k] for k, w in weights.items() if w > 0]
-    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+    keys = [k for k, w in weights.items() if w > 0]
+    dims = [feats[k].shape[1] for k in keys]
+    out = np.empty((feats[keys[0]].shape[0], sum(dims)), dtype=np.float32)   # written in place: no copies
+    start = 0
+    for k, d in zip(keys, dims):
+        np.multiply(np.sqrt(weights[k], dtype=np.float32), feats[k], out=out[:, start:start + d])
+        start += d
+    return out
 
 
 def combined_logits(per_backbone: dict, feats: dict, weights: dict) -> np.ndarray:

@@ -166,9 +166,14 @@ def balanced(probs: np.ndarray, marginal) -> np.ndarray:
     """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal``; rows sum to 1.
 
     Sinkhorn's balancing kept as per-class biases (:func:`~cascade.stages.calibration.balancing_bias`), on the
-    probabilities floored at ``BALANCE_FLOOR``."""
-    lp = np.log(np.maximum(probs, BALANCE_FLOOR))
-    return np.exp(log_softmax(lp + balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)))
+    probabilities floored at ``BALANCE_FLOOR``. Made a block of rows at a time, in the dtype of ``probs``."""
+    lp = np.empty_like(probs)
+    for b in row_blocks(len(probs)):
+        lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
+    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
+        lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+    return lp
 
 
 def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray, marginal: np.ndarray,
@@ -190,7 +195,10 @@ def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray
     if seen.sum() <= 0:
         return 0.0, float("inf")
     target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
-    lp = np.log(np.maximum(np.concatenate([scores, held_scores]), BALANCE_FLOOR))
+    lp = np.empty((n + len(held_scores), scores.shape[1]), dtype=scores.dtype)    # no concatenated copy
+    for b in row_blocks(n):
+        lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
+    lp[n:] = np.log(np.maximum(held_scores, BALANCE_FLOOR))
     bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
     lv = lp[n:]
     rows = np.arange(len(y))

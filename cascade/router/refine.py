@@ -11,6 +11,10 @@ log-likelihood of their labels falls more than ``refine_check`` standard errors 
 
 Held-out support rows (no validation rows) are scored fold by fold, by the refinement refitted without their
 fold (:func:`~cascade.router.folds.out_of_fold`).
+
+Large query sets: the rows are given to the stage as parts (queries, support rows, held-out rows) that a stage
+with ``fit_parts`` (the GDA) fits on without concatenating them, and the queries' posterior is made a block of
+rows at a time, kept in ``calibration.store_dtype`` (float32 beyond ``FLOAT64_ROWS`` queries).
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..stages import calibration
 from ..stages.base import Stage, log_softmax
-from ..stages.calibration import fit_temperature, paired_difference
+from ..stages.calibration import fill_rows, fit_temperature, paired_difference
 from .folds import out_of_fold
 from .pool import clone
 
@@ -42,6 +47,18 @@ class Refinement:
         onehot[np.arange(len(self.support_y)), self.support_y] = 1.0
         return self.support_x, onehot
 
+    def _fit(self, parts) -> Stage:
+        """A clone of the stage fitted on the rows of ``parts`` [(X, soft labels), ...] as on their concatenation.
+        Beyond ``CHUNK_ROWS`` rows, without making it when the stage can (its ``fit_parts``, as the GDA's, serves
+        its ``fit``), so that the large query set is not copied to add a few labelled rows."""
+        g = clone(self.stage)
+        cls = type(g)
+        owner = next((c for c in cls.__mro__ if "fit_parts" in vars(c)), None)
+        if (owner is not None and cls.fit is owner.fit
+                and sum(len(X) for X, _ in parts) > calibration.CHUNK_ROWS):
+            return g.fit_parts(parts)
+        return g.fit(np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts]))
+
     def fit_predict(self, xq: np.ndarray, soft: np.ndarray):
         """Fit on the queries ``xq`` (soft labels ``soft`` [Nq, C]) and the support rows: (posterior of the
         queries, posterior of the held-out rows or None, temperature).
@@ -49,26 +66,29 @@ class Refinement:
         The temperature is fitted on the held-out rows (each fold of held-out support rows scored by the stage
         refitted without it), else on the queries' soft labels; 1 when ``calibrate`` is off."""
         sj, onehot = self._support_rows()
-        X, Y = np.concatenate([xq, sj]), np.concatenate([soft, onehot])
-        g = clone(self.stage).fit(X, Y)
-        z = g.decision_function(xq)
-        zv = None
+        n, C = len(xq), self.n_classes
+        g = self._fit([(xq, soft), (sj, onehot)])
+        z, zv = None, None
         if not self.calibrate:
             t = 1.0
         elif self.held_x is not None and self.held_folds is not None:
             def score_fold(f, rows):
-                train = np.concatenate([np.ones(len(xq), bool), self.support_folds != f])
-                return clone(self.stage).fit(X[train], Y[train]).decision_function(self.held_x[rows])
+                train = self.support_folds != f
+                return self._fit([(xq, soft), (sj[train], onehot[train])]).decision_function(self.held_x[rows])
 
             zv = out_of_fold(self.held_folds, score_fold)
             t = fit_temperature(zv, self.held_y)
         elif self.held_x is not None:
             zv = g.decision_function(self.held_x)
             t = fit_temperature(zv, self.held_y)
-        else:
+        else:                       # the temperature from the queries' own scores: kept, in store_dtype
+            z = fill_rows(n, C, lambda b: g.decision_function(xq[b]))
             t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
         held = None if zv is None else np.exp(log_softmax(t * zv))
-        return np.exp(log_softmax(t * z)), held, t
+        # the queries' posterior, a block of rows at a time (their scores recomputed unless kept above)
+        posterior = fill_rows(n, C, lambda b: np.exp(log_softmax(
+            t * (g.decision_function(xq[b]) if z is None else np.asarray(z[b], dtype=np.float64)))))
+        return posterior, held, t
 
     def gain(self, xq: np.ndarray, soft: np.ndarray, held_soft: np.ndarray):
         """Mean and standard error of the per-row difference in log-likelihood of the held-out rows' labels,
@@ -87,15 +107,12 @@ class Refinement:
             if folds is not None:
                 folds = folds[keep]
         if folds is None:
-            X = np.concatenate([xq, xv, sj])
-            Y = np.concatenate([soft, held_soft, onehot])
-            z = clone(self.stage).fit(X, Y).decision_function(xv)
+            z = self._fit([(xq, soft), (xv, held_soft), (sj, onehot)]).decision_function(xv)
         else:
             def score_fold(f, rows):
                 train = self.support_folds != f
-                X = np.concatenate([xq, sj[train], xv[rows]])
-                Y = np.concatenate([soft, onehot[train], held_soft[rows]])
-                return clone(self.stage).fit(X, Y).decision_function(xv[rows])
+                return self._fit([(xq, soft), (sj[train], onehot[train]),
+                                  (xv[rows], held_soft[rows])]).decision_function(xv[rows])
 
             z = out_of_fold(folds, score_fold)
         rows = np.arange(len(y))

@@ -14,14 +14,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..stages.base import check_features
+from ..stages.calibration import row_blocks
 
 ROUTE_UNSEEN = "unseen"
 ROUTE_SEEN = "seen"
 
 
-def route(scores: np.ndarray, transductive: np.ndarray, n_seen: int, routing: str):
-    """(scores, unseen mask): the final scores [N, C] after the routing rule, and which queries are routed unseen.
-    ``transductive``: the transductive stage's log-probabilities [N, C] (used by ``routing="stage1"``)."""
+def route(scores: np.ndarray, transductive, n_seen: int, routing: str):
+    """(scores, unseen mask): the final scores [N, C] after the routing rule (updated in place), and which queries
+    are routed unseen. ``transductive(rows)``: the transductive stage's log-probabilities [len(rows), C] of the
+    rows ``rows`` (used by ``routing="stage1"``, a block of rows at a time)."""
     n, C = scores.shape
     if n_seen == C:
         return scores, np.zeros(n, bool)
@@ -29,12 +31,15 @@ def route(scores: np.ndarray, transductive: np.ndarray, n_seen: int, routing: st
         return scores, scores.argmax(axis=1) >= n_seen
     # the seeds' rule: stage 1 decides, and keeps its probabilities outside the seen block
     S = n_seen
-    p1 = np.exp(transductive)
-    unseen = p1.argmax(axis=1) >= S
-    seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
-    block = scores[:, :S] / scores[:, :S].sum(axis=1, keepdims=True)
-    scores = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
-    scores[unseen] = p1[unseen]
+    unseen = np.empty(n, bool)
+    for b in row_blocks(n):
+        p1 = np.exp(transductive(b))
+        u = p1.argmax(axis=1) >= S
+        seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
+        block = scores[b, :S] / scores[b, :S].sum(axis=1, keepdims=True)
+        new = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
+        new[u] = p1[u]
+        scores[b], unseen[b] = new, u
     return scores, unseen
 
 

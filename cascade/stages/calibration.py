@@ -24,6 +24,12 @@ from .base import log_softmax, softmax
 # one block of rows at a time, so memory grows linearly in N with a small constant. Up to CHUNK_ROWS rows there
 # is one block and the computation is exactly the unchunked one; beyond, results agree to rounding.
 CHUNK_ROWS = 65536
+# [N, C] arrays kept across passes over the rows (posteriors, soft labels, the matrices that the balancing and the
+# EM iterate on) are float64 up to FLOAT64_ROWS rows and float32 beyond: half the memory at ~7 significant digits.
+# Up to this size the computation is exactly the float64 one; the iterations still accumulate in float64.
+FLOAT64_ROWS = 65536
+# float32 rows are widened to float64 this many at a time inside the iterations (a block that stays in cache)
+_CAST_ROWS = 2048
 
 
 def row_blocks(n: int, size: int | None = None):
@@ -33,15 +39,56 @@ def row_blocks(n: int, size: int | None = None):
         yield slice(start, min(n, start + size))
 
 
-def _targets(y, n_rows: int, n_classes: int) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim == 2:
-        if y.shape != (n_rows, n_classes):
-            raise ValueError(f"soft targets must have shape {(n_rows, n_classes)}, got {y.shape}")
-        return np.asarray(y, dtype=np.float64)
-    T = np.zeros((n_rows, n_classes))
-    T[np.arange(n_rows), y.astype(np.int64)] = 1.0
-    return T
+def store_dtype(n_rows: int):
+    """dtype of the [N, C] arrays kept for ``n_rows`` rows: float64 up to :data:`FLOAT64_ROWS` (read at call
+    time), float32 beyond."""
+    return np.float64 if n_rows <= FLOAT64_ROWS else np.float32
+
+
+def fill_rows(n: int, width: int, block) -> np.ndarray:
+    """[n, width] array in :func:`store_dtype` filled with ``block(rows)`` for every block of rows
+    (:func:`row_blocks`): how a per-row distribution computed a block of rows at a time is kept."""
+    out = np.empty((n, width), dtype=store_dtype(n))
+    for b in row_blocks(n):
+        out[b] = block(b)
+    return out
+
+
+def _float(a) -> np.ndarray:
+    """``a`` as a float32 or float64 array (float32 stays float32: no float64 copy of a large array)."""
+    a = np.asarray(a)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
+
+
+def _posterior_blocks(P: np.ndarray):
+    """(rows, float64 block) pairs covering ``P``: float64 arrays in blocks of :data:`CHUNK_ROWS` rows (one block,
+    the unchunked computation, up to that size), float32 ones widened :data:`_CAST_ROWS` rows at a time."""
+    size = None if P.dtype == np.float64 else _CAST_ROWS
+    for b in row_blocks(P.shape[0], size):
+        yield b, np.asarray(P[b], dtype=np.float64)
+
+
+def _normalised_mean(P: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``P^T (1 / (P w))`` [C] over the rows of ``P`` [N, C] (the sum over rows of each row's posterior under the
+    class weights ``w``, divided by ``w``), in float64 a block of rows at a time."""
+    acc = np.zeros(P.shape[1])
+    for _, Pb in _posterior_blocks(P):
+        acc += Pb.T @ (1.0 / (Pb @ w))
+    return acc
+
+
+def _posteriors(L: np.ndarray, floor: float | None = None) -> np.ndarray:
+    """``softmax(L)`` row by row, in the dtype of ``L`` (float32 stays float32), floored at ``floor`` (default: the
+    dtype's smallest normal number, so that no posterior is exactly zero)."""
+    P = np.empty(L.shape, dtype=L.dtype)
+    tiny = np.finfo(L.dtype).tiny if floor is None else floor
+    for b in row_blocks(L.shape[0]):
+        Lb = np.asarray(L[b], dtype=np.float64)
+        Pb = np.exp(Lb - Lb.max(axis=1, keepdims=True))
+        Pb /= Pb.sum(axis=1, keepdims=True)
+        np.maximum(Pb, tiny, out=Pb)
+        P[b] = Pb
+    return P
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6) -> float:
@@ -52,25 +99,31 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
     of the logits under ``p``), so Newton's method, kept inside a shrinking bracket (bisection when a step
     leaves it), finds the optimum in a handful of softmax evaluations; ``s`` is clipped to ``bounds``.
     """
-    z = np.asarray(logits, dtype=np.float64)
+    z = _float(logits)                  # float32 logits stay float32; every block is widened to float64
     n, c = z.shape
     y = np.asarray(y)
     if y.ndim == 2:
-        T = _targets(y, n, c)
-        target = np.einsum("ij,ij->", T, z) / T.sum()
+        if y.shape != (n, c):
+            raise ValueError(f"soft targets must have shape {(n, c)}, got {y.shape}")
+        num = den = 0.0
+        for b in row_blocks(n):
+            Tb = np.asarray(y[b], dtype=np.float64)
+            num += np.einsum("ij,ij->", Tb, np.asarray(z[b], dtype=np.float64))
+            den += Tb.sum()
+        target = num / den
     else:
-        target = z[np.arange(n), y.astype(np.int64)].mean()
-    finite = np.isfinite(z)
-    all_finite = bool(finite.all())                 # the usual case: no masking needed
-    if not all_finite:
-        z = np.where(finite, z, 0.0)
+        target = np.asarray(z[np.arange(n), y.astype(np.int64)], dtype=np.float64).mean()
+    all_finite = all(bool(np.isfinite(z[b]).all()) for b in row_blocks(n))   # the usual case: no masking
     lo, hi = float(bounds[0]), float(bounds[1])
     m, var = np.empty(n), np.empty(n)
 
     def derivatives(s):
         for b in row_blocks(n):             # [N, C] temporaries one block of rows at a time
-            zb = z[b]
-            e = s * zb if all_finite else np.where(finite[b], s * zb, -np.inf)   # exp(-inf) = 0: no mass
+            zb = np.asarray(z[b], dtype=np.float64)
+            if not all_finite:
+                finite = np.isfinite(zb)
+                zb = np.where(finite, zb, 0.0)
+            e = s * zb if all_finite else np.where(finite, s * zb, -np.inf)   # exp(-inf) = 0: no mass
             e -= e.max(axis=1, keepdims=True)
             p = np.exp(e, out=e)
             p /= p.sum(axis=1, keepdims=True)
@@ -133,27 +186,27 @@ def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: flo
     bias moves by more than ``tol``; every ``P_ik > 0`` guarantees a solution (Sinkhorn 1967). ``b`` is returned
     centred (mean 0); a class of zero marginal gets a large finite negative bias.
     """
-    L = np.asarray(log_probs, dtype=np.float64)
+    L = _float(log_probs)
     n, c = L.shape
     q = np.asarray(marginal, dtype=np.float64).ravel()
     if q.shape != (c,) or not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
         raise ValueError(f"marginal must be {c} finite non-negative weights with a positive sum")
-    tiny = np.finfo(np.float64).tiny
     q = np.maximum(q / q.sum(), 1e-300)
-    P = softmax(L)
-    np.maximum(P, tiny, out=P)
+    P = _posteriors(L)                  # in the dtype of L (store_dtype for the router's query sets)
     log_w = np.zeros(c)
-    Lc = None
     for _ in range(n_iter):
         w = np.exp(log_w - log_w.max())
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            m = w * (P.T @ (1.0 / (P @ w))) / n        # the mean posterior with biases log w
+            m = w * _normalised_mean(P, w) / n        # the mean posterior with biases log w
         if not np.all(np.isfinite(m)):
             # some row's mass sits only on classes whose weights underflowed: the same mean in log space
-            if Lc is None:
-                Lc = L - logsumexp(L, axis=1, keepdims=True)
-            Z = Lc + log_w
-            m = np.exp(logsumexp(Z - logsumexp(Z, axis=1, keepdims=True), axis=0) - np.log(n))
+            parts = []
+            for b in row_blocks(n):
+                Lb = np.asarray(L[b], dtype=np.float64)
+                Z = Lb - logsumexp(Lb, axis=1, keepdims=True) + log_w
+                parts.append(logsumexp(Z - logsumexp(Z, axis=1, keepdims=True), axis=0))
+            total = parts[0] if len(parts) == 1 else logsumexp(np.stack(parts), axis=0)
+            m = np.exp(total - np.log(n))
         step = np.log(q) - np.log(np.maximum(m, 1e-300))
         log_w += step
         if np.max(np.abs(step)) <= tol:
@@ -185,19 +238,22 @@ def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, b
     is returned, so that a classifier's own bias is not mistaken for class imbalance on small or
     balanced query sets.
     """
+    log_post = _float(log_post)
     n, c = log_post.shape
-    post = softmax(log_post)
+    post = _posteriors(log_post, floor=0.0)    # in the dtype of log_post (float32 for large query sets)
     q = np.full(c, 1.0 / c)
     for _ in range(n_iter):
         # E and M steps without the [N, C] responsibilities r_ik = post_ik w_k / (post_i . w), w = q C:
         # q_k <- mean_i r_ik = w_k mean_i post_ik / (post_i . w), two matrix-vector products
         w = q * c
-        q_new = w * (post.T @ (1.0 / (post @ w))) / n
+        q_new = w * _normalised_mean(post, w) / n
         done = np.max(np.abs(q_new - q)) < tol
         q = q_new
         if done:
             break
-    ll = np.log(np.maximum(post @ (q * c), 1e-300)).sum()  # minus the uniform ll (= 0)
+    ll = 0.0                                            # minus the uniform ll (= 0)
+    for _, Pb in _posterior_blocks(post):
+        ll += np.log(np.maximum(Pb @ (q * c), 1e-300)).sum()
     if bic and ll <= bic_penalty(c, n):
         return np.full(c, 1.0 / c), float(ll)
     return q, float(ll)
@@ -211,9 +267,9 @@ def marginal_test(post: np.ndarray):
     gains ``N * KL(q || uniform)`` in log-likelihood over the uniform marginal; ``q`` is kept only when that
     gain exceeds the BIC penalty ``(C-1)/2 log N``. Returns ``(q, gain, kept)``.
     """
-    post = np.asarray(post, dtype=np.float64)
+    post = _float(post)
     n, c = post.shape
-    q = post.sum(axis=0)
+    q = post.sum(axis=0, dtype=np.float64)          # no float64 copy of float32 posteriors
     q /= q.sum()
     gain = float(n * np.sum(q * np.log(np.maximum(q * c, 1e-300))))
     kept = gain > bic_penalty(c, n)
@@ -225,9 +281,9 @@ def compatible_marginal(q: np.ndarray, post: np.ndarray) -> bool:
     log-likelihood under ``q`` falls short of the best marginal (their mean ``m``) by ``N * KL(m || q)``, and
     ``q`` is compatible when that stays within the BIC penalty ``(C-1)/2 log N`` (a ``q`` with no mass on a
     class that ``post`` gives some is never compatible)."""
-    post = np.asarray(post, dtype=np.float64)
+    post = _float(post)
     n, c = post.shape
-    m = post.sum(axis=0)
+    m = post.sum(axis=0, dtype=np.float64)
     m /= m.sum()
     q = np.asarray(q, dtype=np.float64)
     with np.errstate(divide="ignore"):

@@ -74,30 +74,57 @@ class GDA(Stage):
         (soft labels, as the cascade's refinement gets; rows need not sum to one). The number of classes is the
         number of rows of ``text`` when given, else the soft labels' width or ``max(y) + 1``. ``val`` and
         ``query`` are ignored (the cascade passes the queries as soft-labelled rows of ``X``)."""
-        self._validate_params()
         if y is None:
             raise ValueError("GDA.fit needs labels y ([N] integers or [N, C] class weights)")
-        X = check_features(X, "X", normalised=False)              # float32: the large products run in it
-        A = _label_weights(y, X.shape[0], None if text is None else np.shape(text)[0])
-        N, D = X.shape
-        counts = A.sum(axis=0)
-        row_w = A.sum(axis=1)
-        total = float(row_w.sum())
-        present = counts > 0
-        # everything about the rows' spread is computed around their weighted centre (no cancellation)
-        # (a float32 product: the centre only fixes the origin, every quantity below is computed around it)
-        centre = (X.T @ row_w.astype(np.float32)).astype(np.float64) / total
-        means = np.zeros((A.shape[1], D))                             # centred class means
-        if N <= calibration.CHUNK_ROWS:
+        return self.fit_parts([(X, y)], n_classes=None if text is None else np.shape(text)[0])
+
+    def fit_parts(self, parts, n_classes: int | None = None) -> "GDA":
+        """Fit on the rows of several ``(X, y)`` parts (each as ``fit`` takes them) as on their concatenation,
+        without making it: the cascade's refinement fits on a large set of soft-labelled queries plus a few
+        labelled rows. Up to :data:`~cascade.stages.calibration.CHUNK_ROWS` rows in all the parts are
+        concatenated and the computation is exactly ``fit``'s; beyond, the sums run over blocks of rows of each
+        part (no [N, D] or [N, C] copy), in float32 products accumulated in float64."""
+        self._validate_params()
+        parts = [(check_features(X, "X" if len(parts) == 1 else f"X (part {i})", normalised=False), y)
+                 for i, (X, y) in enumerate(parts)]       # float32: the large products run in it
+        if any(y is None for _, y in parts):
+            raise ValueError("GDA.fit needs labels y ([N] integers or [N, C] class weights)")
+        if n_classes is None:
+            widths = [np.shape(y)[1] for _, y in parts if np.ndim(y) == 2]
+            n_classes = widths[0] if widths else max(int(np.max(y)) + 1 if np.size(y) else 0 for _, y in parts)
+        N = sum(X.shape[0] for X, _ in parts)
+        D = parts[0][0].shape[1]
+        if any(X.shape[1] != D for X, _ in parts):
+            raise ValueError(f"X: the parts have different feature dimensions {[X.shape[1] for X, _ in parts]}")
+        if N <= calibration.CHUNK_ROWS:             # one block: the rows concatenated (small), exactly as before
+            X = parts[0][0] if len(parts) == 1 else np.concatenate([X for X, _ in parts])
+            A = [_label_weights(y, X_.shape[0], n_classes, require_all=len(parts) == 1) for X_, y in parts]
+            A = A[0] if len(A) == 1 else np.concatenate(A)
+            counts = A.sum(axis=0)
+            row_w = A.sum(axis=1)
+            total = float(row_w.sum())
+            present = counts > 0
+            # everything about the rows' spread is computed around their weighted centre (no cancellation)
+            # (a float32 product: the centre only fixes the origin, every quantity below is computed around it)
+            centre = (X.T @ row_w.astype(np.float32)).astype(np.float64) / total
+            means = np.zeros((A.shape[1], D))                             # centred class means
             Xc = X - centre.astype(np.float32)
             means[present] = (A[:, present].T.astype(np.float32) @ Xc).astype(np.float64) / counts[present, None]
             scatter = _weighted_scatter(Xc, row_w)
-        else:   # the same sums over blocks of rows: no centred copy of all rows, no [N, C] copies
+        else:   # the same sums over blocks of rows of every part: no copy of all rows, no [N, C] copies
+            counts, centre = np.zeros(n_classes), np.zeros(D)
+            for Xb, Ab in _label_blocks(parts, n_classes):
+                counts += Ab.sum(axis=0)
+                centre += Xb.T @ Ab.sum(axis=1).astype(np.float32)
+            total = float(counts.sum())
+            centre /= total
+            present = counts > 0
+            means = np.zeros((n_classes, D))
             sums, scatter = np.zeros((int(present.sum()), D)), np.zeros((D, D))
-            for b in row_blocks(N):
-                Xc = X[b] - centre.astype(np.float32)
-                sums += A[b][:, present].T.astype(np.float32) @ Xc
-                scatter += _weighted_scatter(Xc, row_w[b])
+            for Xb, Ab in _label_blocks(parts, n_classes):
+                Xc = Xb - centre.astype(np.float32)
+                sums += Ab[:, present].T.astype(np.float32) @ Xc
+                scatter += _weighted_scatter(Xc, Ab.sum(axis=1))
             means[present] = sums / counts[present, None]
         # a class without any weight (possible with soft labels that underflowed) sits at the centre and gets
         # the smallest prior below, so it never wins on its own
@@ -134,7 +161,17 @@ class GDA(Stage):
         return out
 
 
-def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
+def _label_blocks(parts, n_classes: int):
+    """(rows [b, D] float32, class weights [b, C] float64) of every part, a block of rows at a time."""
+    for i, (X, y) in enumerate(parts):
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[0] != X.shape[0] or y.ndim == 1 and y.shape[0] != X.shape[0]:
+            raise ValueError(f"y (part {i}): expected {X.shape[0]} rows, got shape {y.shape}")
+        for b in calibration.row_blocks(X.shape[0]):
+            yield X[b], _label_weights(y[b], b.stop - b.start, n_classes, require_all=False)
+
+
+def _label_weights(y, n_rows: int, n_classes: int | None, require_all: bool = True) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2:
         if y.shape[0] != n_rows:
@@ -151,7 +188,7 @@ def _label_weights(y, n_rows: int, n_classes: int | None) -> np.ndarray:
         raise ValueError(f"y: expected labels [N] or class weights [N, C], got shape {y.shape}")
     if n_classes is None:
         n_classes = int(np.max(y)) + 1 if y.size else 0
-    y = check_labels(y, n_rows, n_classes, "y", require_all=True)
+    y = check_labels(y, n_rows, n_classes, "y", require_all=require_all)
     A = np.zeros((n_rows, n_classes))
     A[np.arange(n_rows), y] = 1.0
     return A

@@ -23,7 +23,7 @@ from scipy.special import logsumexp
 
 from .base import (BOOL, ArrayLike, Interval, Options, Stage, check_features, check_labels, log_softmax,
                    register_stage, softmax)
-from .calibration import estimate_prior, fit_temperature, row_blocks  # noqa: F401  (re-exported)
+from .calibration import estimate_prior, fit_temperature, row_blocks, store_dtype  # noqa: F401  (re-exported)
 
 
 def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter: int = 20,
@@ -37,9 +37,13 @@ def sinkhorn(logits: np.ndarray, tau_t: float = 0.01, gamma: float = 0.0, n_iter
     to zero (a class no query finds plausible at ``tau_t``: its logits trail every row's best by more
     than ~7 at ``tau_t=0.01``), where they would divide by zero; the same iterations then run on
     log-probabilities, which give the same matrix without the underflow.
+
+    float32 ``logits`` (large query sets, see :func:`~cascade.stages.calibration.store_dtype`) give float32
+    pseudo-labels: no float64 copy of the [N, C] matrix is made on the scaling path.
     """
     n, c = logits.shape
-    P = np.asarray(logits, dtype=np.float64) / tau_t      # one [N, C] array, transformed in place
+    P = np.asarray(logits)
+    P = (P if P.dtype in (np.float32, np.float64) else P.astype(np.float64)) / tau_t   # one [N, C] array
     softmax(P, out=P)
     P /= n
     if prior is not None:
@@ -69,7 +73,8 @@ def _sinkhorn_scaling(P: np.ndarray, q, n_iter: int) -> np.ndarray:
             P /= c
         P /= P.sum(axis=1, keepdims=True)
         P /= n
-    return P * n
+    P *= n
+    return P
 
 
 def _sinkhorn_log(Z: np.ndarray, q, n_iter: int) -> np.ndarray:
@@ -103,23 +108,48 @@ def image_opt(X: np.ndarray, init: np.ndarray, plabel: np.ndarray, lr: float = 1
     Returns ``(proxies, n_steps, final_lr)``.
     """
     X = np.ascontiguousarray(X, dtype=dtype)
+    return proxy_descent(X, init, pseudo_label_target(X, plabel, confidence), lr, n_iter, tau_i, tol, min_iter)
+
+
+def pseudo_label_target(X: np.ndarray, plabel: np.ndarray, confidence: float = 0.6) -> np.ndarray:
+    """``(X^T P)^T`` [C, D], ``P`` the pseudo-labels sharpened by :func:`sharpen_confident`, in the dtype of ``X``:
+    the fixed term of the proxies' gradient, summed a block of rows at a time (no [N, C] copy of ``P``)."""
+    base = None
+    for b in row_blocks(X.shape[0]):
+        part = X[b].T @ sharpen_confident(plabel[b], confidence).astype(X.dtype)
+        base = part if base is None else base + part
+    return base.T
+
+
+def proxy_descent(X: np.ndarray, init: np.ndarray, base: np.ndarray, lr: float = 10.0, n_iter: int = 2000,
+                  tau_i: float = 0.04, tol: float | None = None, min_iter: int = 0):
+    """The projected gradient descent of :func:`image_opt` from the target ``base`` of
+    :func:`pseudo_label_target` (``X`` [N, D] C-contiguous, its dtype the computation's). The softmax of every
+    step is made a block of :data:`~cascade.stages.calibration.CHUNK_ROWS` rows at a time (one block, the
+    unchunked computation, up to that many rows). Returns ``(proxies, n_steps, final_lr)``."""
+    dtype = X.dtype.type
     n = X.shape[0]
-    target = np.empty(plabel.shape, dtype=dtype)   # sharpened a block of rows at a time: no float64 copy
-    for b in row_blocks(n):
-        target[b] = sharpen_confident(plabel[b], confidence)
-    base = (X.T @ target).T                         # [C, D]  = (X^T P)^T
-    del target
     W = np.array(init, dtype=dtype, copy=True)      # [C, D]
-    logits = np.empty((n, W.shape[0]), dtype=dtype)
+    blocks = list(row_blocks(n))
+    logits = np.empty((blocks[0].stop - blocks[0].start, W.shape[0]), dtype=dtype)
     grad = np.empty_like(W)
     prev = np.inf
     inv_tau = dtype(1.0 / tau_i)
     step = 0
     for step in range(1, n_iter + 1):
-        np.matmul(X, W.T, out=logits)
-        logits *= inv_tau
-        softmax(logits, out=logits)
-        np.matmul(logits.T, X, out=grad)
+        for i, b in enumerate(blocks):
+            lb = logits[:b.stop - b.start]
+            np.matmul(X[b], W.T, out=lb)
+            lb *= inv_tau
+            softmax(lb, out=lb)
+            if len(blocks) == 1:
+                np.matmul(lb.T, X[b], out=grad)
+            else:                                   # the blocks' sum in float64, then rounded once
+                if i == 0:
+                    acc = np.zeros(grad.shape)
+                acc += lb.T @ X[b]
+        if len(blocks) > 1:
+            grad[...] = acc
         grad -= base
         norm = float(np.sqrt(np.vdot(grad, grad)))
         if norm > prev:
@@ -207,7 +237,8 @@ class InMaP(Stage):
         text = check_features(text, "text")
         X = check_features(X, "queries", dim=text.shape[1])
         T = text.T.astype(np.float64)
-        logits = np.empty((X.shape[0], T.shape[1]))
+        # [N, C] arrays in float64 up to FLOAT64_ROWS queries, float32 beyond (calibration.store_dtype)
+        logits = np.empty((X.shape[0], T.shape[1]), dtype=store_dtype(X.shape[0]))
         for b in row_blocks(X.shape[0]):            # no float64 copy of all queries at once
             logits[b] = X[b].astype(np.float64) @ T
         if self.sinkhorn:
@@ -217,8 +248,10 @@ class InMaP(Stage):
             prior = None
             plabel = softmax(logits / self.tau_t)
         del logits                                  # [N, C]: not needed by the proxies' descent
-        W, steps, lr = image_opt(X, text, plabel, self.lr, self.n_iter, self.tau_i, self.confidence,
-                                 tol=self.tol)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        base = pseudo_label_target(X, plabel, self.confidence)
+        del plabel                                  # nor are the pseudo-labels, once summed into the target
+        W, steps, lr = proxy_descent(X, text, base, self.lr, self.n_iter, self.tau_i, tol=self.tol)
         self.proxies_ = W
         self.prior_ = (np.full(text.shape[0], 1.0 / text.shape[0]) if prior is None
                        else np.asarray(prior, dtype=np.float64))
@@ -237,7 +270,10 @@ class InMaP(Stage):
                     sx = check_features(support_x, "support_x", dim=text.shape[1])
                     sy = check_labels(support_y, sx.shape[0], text.shape[0], "support_y", require_all=False)
                     scale = fit_temperature(sx.astype(np.float64) @ text.T.astype(np.float64), sy)
-                q, _ = estimate_prior(log_softmax(logits * scale))
+                lp = np.empty_like(logits)          # zero-shot log-posteriors, a block of rows at a time
+                for b in row_blocks(logits.shape[0]):
+                    lp[b] = log_softmax(np.asarray(logits[b], dtype=np.float64) * scale)
+                q, _ = estimate_prior(lp)
                 return q
             raise ValueError(f"prior must be 'uniform', 'auto' or an array, got {prior!r}")
         q = np.asarray(prior, dtype=np.float64)

@@ -266,7 +266,8 @@ class Cascade(HasParams):
                                                      weights, S, self.combine))
         held_scores = pooled(held, weights, S, self.combine) if held is not None else None
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
-        t_ref, pool_scores = None, scores
+        keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool"
+        t_ref, pool_scores = None, (scores if keep_pool else None)   # kept only for the balanced refit of step 6
         if refinement is not None:
             scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
         # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement

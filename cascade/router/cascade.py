@@ -11,6 +11,7 @@ The fitted cascade is saved as arrays plus JSON meta (``state_dict`` / ``from_st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from ..stages.lpp import LinearProbePP
 from .folds import class_folds
 from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combined_logits, joint_features,
                     joint_logits)
-from .pool import (Experts, balance_gain, balanced, clone, expert_names, fit_pool, fit_seen_stages, pool, pooled,
-                   rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
+from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, expert_names, fit_pool, fit_seen_stages, pool,
+                   pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
 from .routing import apply_specialists, route, route_names
 
@@ -44,6 +45,36 @@ class CascadeResult:
     top5: np.ndarray                   # [N, k] class indices, best first (k = min(5, C)), distinct
     route: list                        # per query: "unseen", "seen" or "specialist:<name>"
     details: dict = field(default_factory=dict)   # diagnostics (prior, weights, temperatures, steps)
+
+
+@dataclass
+class QueryExperts:
+    """The experts' log-probabilities of a block of query rows (``rows``: a slice), made when asked: a large query
+    set never holds them for all its rows. ``stage``/``temperature``: the transductive stage once fitted on the
+    queries."""
+    model: "Cascade"
+    feats: dict
+    xq: np.ndarray
+    stage: Stage | None = None
+    temperature: float = 1.0
+
+    def _rows(self, rows) -> dict:
+        return {k: v[rows] for k, v in self.feats.items()}
+
+    def zero_shot(self, rows) -> np.ndarray:
+        return self.model._zero_shot_log_proba(self._rows(rows))
+
+    def seen(self, rows) -> list:
+        return self.model._seen_log_proba(self._rows(rows))
+
+    def transductive(self, rows) -> np.ndarray:
+        return self.model._transductive_log_proba(self.stage, self.temperature, self.xq[rows])
+
+    def pooled(self, rows, weights: PoolWeights) -> np.ndarray:
+        """The pool of all experts of ``rows`` with the fitted ``weights``."""
+        m = self.model
+        return pooled(Experts(self.transductive(rows), self.zero_shot(rows), self.seen(rows)), weights, m.n_seen_,
+                      m.combine)
 
 
 class Cascade(HasParams):
@@ -226,7 +257,7 @@ class Cascade(HasParams):
         the marginal estimate, the refinement and the balancing).
 
         Memory grows linearly in the number of queries N: besides their features and one joint copy, at most
-        about three [N, C] arrays are kept at a time. The experts' log-probabilities are recomputed a block of
+        about three [N, C] arrays are kept at a time (four with the balanced refit, which keeps the pool). The experts' log-probabilities are recomputed a block of
         rows at a time wherever they are used (``calibration.row_blocks``), never kept for all queries; the
         distributions that are kept (pooled, refined, balanced) are float64 up to ``calibration.FLOAT64_ROWS``
         queries and float32 beyond (docs/scale.md)."""
@@ -239,31 +270,21 @@ class Cascade(HasParams):
         refinement = self._refinement(held_x) if self.refine is not None else None
         details = {}
 
-        # 1. the inductive experts: zero-shot over all classes, each seen stage over the seen classes, of the
-        #    queries ``rows`` (a block of rows; all queries' are made by fill_rows where needed)
-        def zero_shot(rows):
-            return self._zero_shot_log_proba({k: v[rows] for k, v in feats.items()})
-
-        def seen(rows):
-            return self._seen_log_proba({k: v[rows] for k, v in feats.items()})
-
+        # 1. the experts of a block of query rows, made on demand (never kept for all queries)
+        experts = QueryExperts(self, feats, xq)
         # 2. the class marginal of the query set, the transductive stage's prior
         stage = clone(self.transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
-            stage.set_params(prior=self._estimate_marginal(xq, zero_shot, seen, refinement, details))
+            stage.set_params(prior=self._estimate_marginal(xq, experts.zero_shot, experts.seen, refinement, details))
         # 3. the transductive stage over all classes, fitted on the queries
         a1 = self._fit_transductive(stage, xq)
-
-        def transductive(rows):
-            return self._transductive_log_proba(stage, a1, xq[rows])
-
+        experts.stage, experts.temperature = stage, a1
         held = (Experts(self._transductive_log_proba(stage, a1, held_x), *self._val_experts())
                 if held_x is not None else None)
         # 4. the pool of experts, its exponents fitted on the held-out rows
         marginal = details.get("prior", getattr(stage, "prior_", None))
-        weights = fit_pool(held, self.val_y_, S, self.combine, self._rebalancing(zero_shot, n, marginal))
-        scores = fill_rows(n, C, lambda rows: pooled(Experts(transductive(rows), zero_shot(rows), seen(rows)),
-                                                     weights, S, self.combine))
+        weights = fit_pool(held, self.val_y_, S, self.combine, self._rebalancing(experts.zero_shot, n, marginal))
+        scores = fill_rows(n, C, partial(experts.pooled, weights=weights))
         held_scores = pooled(held, weights, S, self.combine) if held is not None else None
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
         keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool"
@@ -280,7 +301,7 @@ class Cascade(HasParams):
             details["balance_refit"] = bool(details["balanced"] and self.balance_refit and refinement is not None)
         del pool_scores
         # 7. routing, then the specialists re-rank inside their domains
-        scores, unseen = route(scores, transductive, S, self.routing)
+        scores, unseen = route(scores, experts.transductive, S, self.routing)
         routes = route_names(unseen)
         scores = apply_specialists(self.specialists, scores, query, routes)
         scores /= scores.sum(axis=1, keepdims=True)

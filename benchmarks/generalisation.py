@@ -91,7 +91,8 @@ def cascade_kwargs(settings) -> dict:
     from cascade.stages import get_stage, stage_name
 
     default = default_cascade()    # the stages' settings start from the default cascade's own (default.toml)
-    tables = {stage_name(st): st.get_params() for st in (default.transductive, *default.seen_stages, default.refine)}
+    tables = {stage_name(st): st.get_params() for st in (default.stages().transductive, *default.stages().seen,
+                                                       default.stages().refine)}
     changed: dict = {CASCADE_TABLE: {}}
     try:
         for item in settings:

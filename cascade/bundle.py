@@ -87,13 +87,14 @@ class Bundle:
             save_npz_json(folder / _specialist_file(i), *sp.state_dict())
             saved.append(sp.name)
         atomic_write_text(folder / CLASSES_FILE, self.classes.to_lines())
+        stages = cascade.stages()
         atomic_write_json(folder / INFO_FILE, {
             "format": FORMAT, "version": VERSION,
             "n_classes": len(self.classes), "n_seen": self.classes.n_seen,
             "backbones": list(self.encoders), "clip_weights": dict(self.encoders),
-            "stages": {"transductive": stage_name(cascade.transductive),
-                       "seen": [stage_name(s) for s in cascade.seen_stages],
-                       "refine": stage_name(cascade.refine) if cascade.refine is not None else None},
+            "stages": {"transductive": stage_name(stages.transductive),
+                       "seen": [stage_name(s) for s in stages.seen],
+                       "refine": stage_name(stages.refine) if stages.refine is not None else None},
             "specialist": dict(self.specialist, saved=saved),
             "split": self.split})
 
@@ -102,7 +103,7 @@ class Bundle:
         c, o = self.cascade, other.cascade
         same = (other.classes.names == self.classes.names and other.classes.n_seen == self.classes.n_seen
                 and other.encoders == dict(self.encoders) and o.backbones_ == c.backbones_
-                and [type(s) for s in o.seen_stages] == [type(s) for s in c.seen_stages]
+                and [type(s) for s in o.stages().seen] == [type(s) for s in c.stages().seen]
                 and len(o.specialists) == len(c.specialists))
         if not same:
             raise BundleError(f"{folder}: the model read back differs from the one written; nothing was replaced")

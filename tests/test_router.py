@@ -184,7 +184,7 @@ def test_save_load_roundtrip(tmp_path):
         assert "__meta__" in data.files
     back = Cascade.load(tmp_path / "model")
     np.testing.assert_allclose(back.predict(query).scores, m.predict(query).scores, atol=1e-6)
-    assert back.refine.get_params() == m.refine.get_params()
+    assert back.refine.get_params() == m.stages().refine.get_params()
     # a model written before the GDA's mean prior existed loads with the plain means it was fitted with
     from cascade.io import load_npz_json, save_npz_json
     arrays, meta = load_npz_json(path)
@@ -578,9 +578,11 @@ def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_s
             assert shipped.get_params()[key] == value, key
     assert repr(build_cascade(cfg)) == repr(shipped)
     bare = Cascade()
-    assert bare.transductive.get_params() == InMaP().get_params()
-    assert [s.get_params() for s in bare.seen_stages] == [LinearProbePP().get_params()]
-    assert bare.refine.get_params() == GDA().get_params()
+    assert (bare.transductive, bare.seen_stages, bare.refine, bare.specialists) == (None, None, "default", ())
+    assert bare.stages().transductive.get_params() == InMaP().get_params()
+    assert [s.get_params() for s in bare.stages().seen] == [LinearProbePP().get_params()]
+    assert bare.stages().refine.get_params() == GDA().get_params()
+    assert Cascade(**bare.get_params()).get_params() == bare.get_params()     # parameters stored unchanged
     assert default_cascade(["stages.lpp.epochs=7"]).seen_stages[0].epochs == 7
     with pytest.raises(NotFittedError):
         bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral, Real
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +46,13 @@ class CascadeResult:
     top5: np.ndarray                   # [N, k] class indices, best first (k = min(5, C)), distinct
     route: list                        # per query: "unseen", "seen" or "specialist:<name>"
     details: dict = field(default_factory=dict)   # diagnostics (prior, weights, temperatures, steps)
+
+
+class CascadeStages(NamedTuple):
+    """The stages a cascade's parameters name (:meth:`Cascade.stages`)."""
+    transductive: Stage
+    seen: list
+    refine: Stage | None
 
 
 @dataclass
@@ -175,29 +183,38 @@ class Cascade(HasParams):
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True):
-        self.transductive = InMaP() if transductive is None else transductive
-        self.seen_stages = [LinearProbePP()] if seen_stages is None else list(seen_stages)
-        self.refine = GDA() if isinstance(refine, str) and refine == "default" else refine
+        self.transductive = transductive
+        self.seen_stages = seen_stages
+        self.refine = refine
         self.prior = prior
         self.routing = routing
         self.backbone_weights = backbone_weights
         self.combine = combine
         self.calibrate = calibrate
         self.cv_folds = cv_folds
-        self.specialists = list(specialists)
+        self.specialists = specialists
         self.refine_check = refine_check
         self.rebalance = rebalance
         self.balance = balance
         self.balance_min_gain = balance_min_gain
         self.balance_refit = balance_refit
 
+    def stages(self) -> CascadeStages:
+        """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
+        ``seen_stages=None`` is ``[LinearProbePP()]``, ``refine="default"`` is ``GDA()`` (the stages' own
+        defaults; the shipped configuration is cascade/configs/default.toml)."""
+        return CascadeStages(InMaP() if self.transductive is None else self.transductive,
+                             [LinearProbePP()] if self.seen_stages is None else list(self.seen_stages),
+                             GDA() if isinstance(self.refine, str) and self.refine == "default" else self.refine)
+
     def _check_params(self):
         validate_params(self._parameter_constraints, self.get_params())
-        if not isinstance(self.transductive, Stage):
+        stages = self.stages()
+        if not isinstance(stages.transductive, Stage):
             raise ValueError(f"transductive must be a Stage, got {self.transductive!r}")
-        if self.refine is not None and not isinstance(self.refine, Stage):
-            raise ValueError(f"refine must be a Stage or None, got {self.refine!r}")
-        for st in self.seen_stages:
+        if stages.refine is not None and not isinstance(stages.refine, Stage):
+            raise ValueError(f"refine must be a Stage, None or 'default', got {self.refine!r}")
+        for st in stages.seen:
             if not isinstance(st, Stage):
                 raise ValueError(f"seen_stages must be Stages, got {st!r}")
             if st.transductive:
@@ -226,7 +243,7 @@ class Cascade(HasParams):
         self.text_ = texts
         self.support_ = sups
         self.support_y_ = y
-        self.seen_fitted_ = fit_seen_stages(self.seen_stages, sups, y, texts, n_seen, val)
+        self.seen_fitted_ = fit_seen_stages(self.stages().seen, sups, y, texts, n_seen, val)
         # held-out labelled rows: the validation rows, or else the support rows scored out of fold
         self.val_folds_, self.val_seen_logits_ = None, None
         if self.calibrate and val is None and self.cv_folds > 1:
@@ -267,13 +284,13 @@ class Cascade(HasParams):
         n, C, S = len(feats[self.backbones_[0]]), self.n_classes_, self.n_seen_
         xq = self._joint(feats)
         held_x = self._joint(self.val_) if self.val_ is not None else None
-        refinement = self._refinement(held_x) if self.refine is not None else None
+        refinement = self._refinement(held_x) if self.stages().refine is not None else None
         details = {}
 
         # 1. the experts of a block of query rows, made on demand (never kept for all queries)
         experts = QueryExperts(self, feats, xq)
         # 2. the class marginal of the query set, the transductive stage's prior
-        stage = clone(self.transductive)
+        stage = clone(self.stages().transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
             stage.set_params(prior=self._estimate_marginal(xq, experts.zero_shot, experts.seen, refinement, details))
         # 3. the transductive stage over all classes, fitted on the queries
@@ -350,7 +367,7 @@ class Cascade(HasParams):
         support rows fit its exponent poorly), with ``rebalance`` off, with ``combine="replace"`` or without seen
         stages."""
         if (self.val_ is None or self.val_folds_ is not None or not self.rebalance or self.combine != "pool"
-                or not self.seen_stages):
+                or not self.stages().seen):
             return None
         return rebalancing_bias(fill_rows(n, self.n_classes_, zero_shot), marginal)
 
@@ -406,7 +423,8 @@ class Cascade(HasParams):
     def pool_experts(self, rebalanced: bool = False) -> list:
         """The names of the seen block's pooled experts, in the order of ``details["pool_weights"]``: the
         transductive stage, each seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced."""
-        return expert_names(self.transductive, self.seen_stages, rebalanced)
+        stages = self.stages()
+        return expert_names(stages.transductive, stages.seen, rebalanced)
 
     # ------------------------------------------------------------------------------------ the fitted experts
     def _joint(self, feats: dict) -> np.ndarray:
@@ -425,7 +443,7 @@ class Cascade(HasParams):
         """The refine stage with the labelled rows it is fitted and judged with (``held_x``: the held-out rows'
         joint features, or None)."""
         folds = self.val_folds_
-        return Refinement(self.refine, self._support_joint(), self.support_y_, self.n_classes_,
+        return Refinement(self.stages().refine, self._support_joint(), self.support_y_, self.n_classes_,
                           held_x=held_x, held_y=self.val_y_, held_folds=folds,
                           support_folds=None if folds is None else class_folds(self.support_y_, self.cv_folds),
                           calibrate=self.calibrate)
@@ -467,7 +485,7 @@ class Cascade(HasParams):
         cache = getattr(self, "_oof_cache", None)
         if cache is not None and np.array_equal(cache[0], folds):
             return cache[1]
-        out = seen_logits_out_of_fold(self.seen_stages, self.seen_fitted_, self.support_, self.support_y_,
+        out = seen_logits_out_of_fold(self.stages().seen, self.seen_fitted_, self.support_, self.support_y_,
                                       self.text_, self.n_seen_, self.weights_, folds)
         self._oof_cache = (folds.copy(), out)
         return out
@@ -494,6 +512,7 @@ class Cascade(HasParams):
         ``state_dict``) and the labelled rows it keeps for calibration at predict time. No pickle; the model
         bundle (:mod:`cascade.bundle`) writes them with the rest of a trained model."""
         self._check_fitted()
+        stages = self.stages()
         arrays = {"support_y": self.support_y_}
         for i, k in enumerate(self.backbones_):
             arrays[f"text/{i}"] = self.text_[k]
@@ -526,9 +545,9 @@ class Cascade(HasParams):
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
             "balance_refit": bool(self.balance_refit),
             "backbone_weights": self.backbone_weights,
-            "transductive": describe_stage(self.transductive),
-            "refine": describe_stage(self.refine) if self.refine is not None else None,
-            "seen_prototypes": [describe_stage(s) for s in self.seen_stages],
+            "transductive": describe_stage(stages.transductive),
+            "refine": describe_stage(stages.refine) if stages.refine is not None else None,
+            "seen_prototypes": [describe_stage(s) for s in stages.seen],
             "seen_fitted": stages_meta,
         }
         return arrays, meta

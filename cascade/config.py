@@ -272,25 +272,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: cannot read config file ({exc})") from None
         tree = _merge(tree, _read_toml(text, str(p)))
         source = str(p)
+    cfg = _build_checked(tree, source)
+    for item in overrides:       # each override checked as it is applied, so the error names it
+        parts, value = parse_override(item)
+        _apply_override(tree, parts, value, f"--set {item}")
+        cfg = _build_checked(tree, f"--set {item}")
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        where = source + (" with --set " + " ".join(overrides) if overrides else "")
+        raise ConfigError(f"{where}: {exc}") from None
+    return cfg
+
+
+def _build_checked(tree: dict, where: str) -> Config:
+    """The Config of ``tree``, every stage table checked against the registry and the stages' constraints; errors
+    are prefixed with ``where`` (the file or the ``--set`` item)."""
     try:
         cfg = _build(Config, tree, "")
         validate_stages(cfg.stages)
         _check_keywords(SpecialistStage, cfg.specialist.params, "specialist.params", skip=("feature_key",))
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    for item in overrides:
-        parts, value = parse_override(item)
-        _apply_override(tree, parts, value, f"--set {item}")
-        try:
-            cfg = _build(Config, tree, "")
-            validate_stages(cfg.stages)
-            _check_keywords(SpecialistStage, cfg.specialist.params, "specialist.params", skip=("feature_key",))
-        except ConfigError as exc:
-            raise ConfigError(f"--set {item}: {exc}") from None
-    try:
-        _validate(cfg)
-    except ConfigError as exc:
-        where = source + (" with --set " + " ".join(overrides) if overrides else "")
         raise ConfigError(f"{where}: {exc}") from None
     return cfg
 

@@ -586,3 +586,20 @@ def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_s
     assert default_cascade(["stages.lpp.epochs=7"]).seen_stages[0].epochs == 7
     with pytest.raises(NotFittedError):
         bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})
+
+
+def test_stage1_routing_of_a_row_with_no_seen_mass_is_finite():
+    """A pooled row whose seen block underflowed to zero is routed without a 0/0: stage 1's probabilities fill it,
+    whether stage 1 calls it unseen (the row is stage 1's) or seen (its seen block stays zero)."""
+    import warnings
+    from cascade.router.routing import route
+
+    scores = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.6, 0.2, 0.2]])
+    stage1 = np.log(np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.3, 0.3, 0.4]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, unseen = route(scores.copy(), lambda rows: stage1[rows], 2, "stage1")
+    assert unseen.tolist() == [True, False, True]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], [0.1, 0.2, 0.7])
+    np.testing.assert_allclose(out[1], [0.0, 0.0, 0.2])

@@ -83,9 +83,7 @@ def _posteriors(L: np.ndarray, floor: float | None = None) -> np.ndarray:
     P = np.empty(L.shape, dtype=L.dtype)
     tiny = np.finfo(L.dtype).tiny if floor is None else floor
     for b in row_blocks(L.shape[0]):
-        Lb = np.asarray(L[b], dtype=np.float64)
-        Pb = np.exp(Lb - Lb.max(axis=1, keepdims=True))
-        Pb /= Pb.sum(axis=1, keepdims=True)
+        Pb = softmax(np.asarray(L[b], dtype=np.float64))   # a new float64 block: L is never written
         np.maximum(Pb, tiny, out=Pb)
         P[b] = Pb
     return P

@@ -1,7 +1,12 @@
 """Work the cascade does not repeat (docs/accuracy.md, "Speed"): a query set of one block of rows computes each
 inductive expert's log-probabilities once per ``predict``; a larger set recomputes them per block where they are
-used (the memory-lean path of docs/scale.md); both give the same scores."""
+used (the memory-lean path of docs/scale.md); both give the same scores. benchmarks/stages_speed.py reports wall and
+CPU seconds per step."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from cascade.router import Cascade
 from cascade.router.cascade import QueryExperts
 from cascade.stages import calibration
 from cascade.stages.inmap import InMaP
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cascade(n_query=240, c=12, d=24, seed=0):
@@ -85,3 +92,21 @@ def test_kept_experts_are_read_only_and_released():
     experts.release()
     again = experts.zero_shot(everything)
     assert again is not lp0 and np.array_equal(again, lp0)
+
+
+def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "10",
+                        "--dim", "16", "--val-per-class", "2", "--profile", "4"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.strip().startswith("CPU: ") for line in lines)              # the flags the figures ran on
+    timed = [line for line in lines if line.rstrip().endswith("s)") and "(cpu" in line]
+    steps = [line.split("  ")[1].strip() for line in timed]
+    assert steps[-3:] == ["Cascade.fit (zero-shot + LP++ x backbones, calibration)",
+                          "Cascade.predict (prior, InMaP joint, pools, GDA, routing)",
+                          "TOTAL default cascade (fit + predict, all stages)"]
+    wall = [float(line.split("(cpu")[0].split()[-2]) for line in timed[-3:]]
+    cpu = [float(line.split("(cpu")[1].split()[0]) for line in timed[-3:]]
+    assert abs(wall[0] + wall[1] - wall[2]) <= 0.011 and abs(cpu[0] + cpu[1] - cpu[2]) <= 0.011
+    assert "most CPU seconds" in r.stdout and "cascade.py" in r.stdout and "(predict)" in r.stdout

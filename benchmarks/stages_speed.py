@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/stages_speed.py [--queries 5000] [--classes 400] [--shots 4] [--dim 512]
                                                 [--backbones 2] [--full-inmap]
                                                 [--balance check|always|none] [--no-balance-refit]
-                                                [--profile N]
+                                                [--profile N] [--repeat R]
 
 Features are synthetic (seeded): per backbone, class centres on the unit sphere, support/query rows =
 normalise(centre + noise), text = normalise(centre + noise). Prints seconds per stage and for the whole
@@ -13,7 +13,9 @@ The synthetic query set is not balanced, so the default check does not balance i
 the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``).
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
-says where the time of each step goes when other jobs make the wall clock meaningless.
+says where the time of each step goes when other jobs make the wall clock meaningless. ``--repeat R`` times the
+same predict R more times (same fitted cascade, same result): the spread of one version under the same load. With
+``OPENBLAS_NUM_THREADS=1`` the CPU seconds count the work alone, not OpenBLAS's threads waiting for each other.
 
 Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters: an
 environment that forces an older OpenBLAS kernel (e.g. ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU) makes
@@ -123,6 +125,8 @@ def main(argv=None):
                    help="balance_refit=False: a balanced final distribution is the refinement's output, balanced")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="list the N functions of Cascade.fit + predict with the most CPU seconds (cumulative)")
+    p.add_argument("--repeat", type=int, metavar="R", default=0,
+                   help="time Cascade.predict R more times on the same fitted cascade (each on its own line)")
     a = p.parse_args(argv)
     support, ys, query, yq, text, val = make_task(a.queries, a.classes, a.shots, a.dim, a.backbones,
                                                   val_per_class=a.val_per_class)
@@ -159,6 +163,8 @@ def main(argv=None):
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
     print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced pool: "
           f"{res.details.get('balance_refit')}")
+    for i in range(a.repeat):
+        timed(f"Cascade.predict again ({i + 1} of {a.repeat})", lambda: casc.predict(query), rows)
     if prof is not None:
         print(f"\n  the {a.profile} functions of Cascade.fit + predict with the most CPU seconds (cumulative, cProfile):")
         pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(a.profile)

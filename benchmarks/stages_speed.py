@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stages_speed.py [--queries 5000] [--classes 400] [--shots 4] [--dim 512]
                                                 [--backbones 2] [--full-inmap]
                                                 [--balance check|always|none] [--no-balance-refit]
+                                                [--profile N] [--repeat R]
 
 Features are synthetic (seeded): per backbone, class centres on the unit sphere, support/query rows =
 normalise(centre + noise), text = normalise(centre + noise). Prints seconds per stage and for the whole
@@ -10,6 +11,11 @@ default Cascade (fit on support, predict on the queries: InMaP over all classes 
 LP++ per backbone). ``--full-inmap`` also times the authors' 2000-step InMaP without early stopping.
 The synthetic query set is not balanced, so the default check does not balance it; ``--balance always`` times
 the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``).
+Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
+functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
+says where the time of each step goes when other jobs make the wall clock meaningless. ``--repeat R`` times the
+same predict R more times (same fitted cascade, same result): the spread of one version under the same load. With
+``OPENBLAS_NUM_THREADS=1`` the CPU seconds count the work alone, not OpenBLAS's threads waiting for each other.
 
 Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters: an
 environment that forces an older OpenBLAS kernel (e.g. ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU) makes
@@ -19,7 +25,9 @@ removed for that one command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pyt
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -67,6 +75,20 @@ def blas_info() -> str:
     return "; ".join(libs) + over
 
 
+def cpu_info() -> str:
+    """The CPU's model name and which of the vector extensions the BLAS kernels use it has (from /proc/cpuinfo;
+    "unknown" elsewhere): an AVX-512 machine runs the same products faster than an AVX2 one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    present = [f for f in ("avx2", "fma", "avx512f") if f in flags]
+    return f"{model}; flags {' '.join(present) or 'none of avx2 fma avx512f'}"
+
+
 def timed(label, fn, rows):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -74,6 +96,17 @@ def timed(label, fn, rows):
     rows.append((label, dt, cpu))
     print(f"  {label:<58}{dt:8.2f} s  (cpu {cpu:6.2f} s)", flush=True)
     return out
+
+
+def profiled(prof, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, under the profiler ``prof`` when there is one."""
+    if prof is None:
+        return fn(*args, **kwargs)
+    prof.enable()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        prof.disable()
 
 
 def main(argv=None):
@@ -90,6 +123,10 @@ def main(argv=None):
                    help="the cascade's balance setting (default: check, the default cascade's)")
     p.add_argument("--no-balance-refit", action="store_true",
                    help="balance_refit=False: a balanced final distribution is the refinement's output, balanced")
+    p.add_argument("--profile", type=int, metavar="N", default=0,
+                   help="list the N functions of Cascade.fit + predict with the most CPU seconds (cumulative)")
+    p.add_argument("--repeat", type=int, metavar="R", default=0,
+                   help="time Cascade.predict R more times on the same fitted cascade (each on its own line)")
     a = p.parse_args(argv)
     support, ys, query, yq, text, val = make_task(a.queries, a.classes, a.shots, a.dim, a.backbones,
                                                   val_per_class=a.val_per_class)
@@ -97,6 +134,7 @@ def main(argv=None):
     print(f"{a.queries} queries x {a.classes} classes x {a.backbones} backbones (D={a.dim}), "
           f"{ys.size} support rows, {val[1].size} validation rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     print(f"  BLAS: {blas_info()}")
+    print(f"  CPU: {cpu_info()}")
     print("  (wall seconds; cpu = this process's CPU seconds over all threads: on an otherwise idle machine "
           "wall is about cpu / threads)")
     rows = []
@@ -114,15 +152,22 @@ def main(argv=None):
               lambda: InMaP().fit(query[k0], text=text[k0]).decision_function(query[k0]), rows)
     casc = default_cascade([f"stages.cascade.balance={a.balance}",
                             f"stages.cascade.balance_refit={str(not a.no_balance_refit).lower()}"])
+    prof = cProfile.Profile(time.process_time) if a.profile else None
     timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
-          lambda: casc.fit(support, ys, text, a.classes, val=val if val[1].size else None), rows)
-    res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)", lambda: casc.predict(query), rows)
+          lambda: profiled(prof, casc.fit, support, ys, text, a.classes, val=val if val[1].size else None), rows)
+    res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)",
+                lambda: profiled(prof, casc.predict, query), rows)
     total, cpu = rows[-1][1] + rows[-2][1], rows[-1][2] + rows[-2][2]
     print(f"  {'TOTAL default cascade (fit + predict, all stages)':<58}{total:8.2f} s  (cpu {cpu:6.2f} s)")
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
     print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced pool: "
           f"{res.details.get('balance_refit')}")
+    for i in range(a.repeat):
+        timed(f"Cascade.predict again ({i + 1} of {a.repeat})", lambda: casc.predict(query), rows)
+    if prof is not None:
+        print(f"\n  the {a.profile} functions of Cascade.fit + predict with the most CPU seconds (cumulative, cProfile):")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(a.profile)
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import load_npz_json, save_npz_json
 from ..metrics import topk_indices
+from ..stages import calibration
 from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, TypeOf, describe_stage,
                            log_softmax, stage_name, validate_params)
 from ..stages.calibration import (compatible_marginal, estimate_prior, fill_rows, fit_pool_weights,
@@ -57,23 +58,48 @@ class CascadeStages(NamedTuple):
 
 @dataclass
 class QueryExperts:
-    """The experts' log-probabilities of a block of query rows (``rows``: a slice), made when asked: a large query
-    set never holds them for all its rows. ``stage``/``temperature``: the transductive stage once fitted on the
-    queries."""
+    """The experts' log-probabilities of a block of query rows (``rows``: a slice), made when asked.
+    ``stage``/``temperature``: the transductive stage once fitted on the queries.
+
+    A query set of one block of rows (at most ``calibration.CHUNK_ROWS``: every request is then for all its rows)
+    keeps zero-shot's and the seen stages' log-probabilities from their first request until :meth:`release`, so
+    that the marginal estimate, the rebalancing biases and the pool share one computation. A larger set recomputes
+    them for every block where they are used, never holding them for all its rows (docs/scale.md). The
+    transductive stage's are asked for once (twice with ``routing="stage1"``, after the refinement, where keeping
+    them would hold one more [N, C] array through it) and are never kept."""
     model: "Cascade"
     feats: dict
     xq: np.ndarray
     stage: Stage | None = None
     temperature: float = 1.0
+    _kept: dict = field(default_factory=dict, repr=False)
 
     def _rows(self, rows) -> dict:
         return {k: v[rows] for k, v in self.feats.items()}
 
+    def _once(self, name: str, rows, make):
+        """``make(rows)``, kept under ``name`` when ``rows`` are all the rows of a one-block query set. The kept
+        arrays are read-only: every user makes its own arrays from them."""
+        n = len(self.xq)
+        if n > calibration.CHUNK_ROWS or not isinstance(rows, slice) or rows.indices(n) != (0, n, 1):
+            return make(rows)
+        if name not in self._kept:
+            out = make(rows)
+            for a in out if isinstance(out, list) else [out]:
+                a.flags.writeable = False
+            self._kept[name] = out
+        out = self._kept[name]
+        return list(out) if isinstance(out, list) else out
+
+    def release(self):
+        """Drop the kept log-probabilities (once the pool is made, nothing asks for them again)."""
+        self._kept.clear()
+
     def zero_shot(self, rows) -> np.ndarray:
-        return self.model._zero_shot_log_proba(self._rows(rows))
+        return self._once("zero_shot", rows, lambda r: self.model._zero_shot_log_proba(self._rows(r)))
 
     def seen(self, rows) -> list:
-        return self.model._seen_log_proba(self._rows(rows))
+        return self._once("seen", rows, lambda r: self.model._seen_log_proba(self._rows(r)))
 
     def transductive(self, rows) -> np.ndarray:
         return self.model._transductive_log_proba(self.stage, self.temperature, self.xq[rows])
@@ -274,10 +300,12 @@ class Cascade(HasParams):
         the marginal estimate, the refinement and the balancing).
 
         Memory grows linearly in the number of queries N: besides their features and one joint copy, at most
-        about three [N, C] arrays are kept at a time (four with the balanced refit, which keeps the pool). The experts' log-probabilities are recomputed a block of
-        rows at a time wherever they are used (``calibration.row_blocks``), never kept for all queries; the
-        distributions that are kept (pooled, refined, balanced) are float64 up to ``calibration.FLOAT64_ROWS``
-        queries and float32 beyond (docs/scale.md)."""
+        about three [N, C] arrays are kept at a time (four with the balanced refit, which keeps the pool). Beyond
+        one block of rows (``calibration.CHUNK_ROWS``) the experts' log-probabilities are recomputed a block of
+        rows at a time wherever they are used, never kept for all queries; a one-block set keeps zero-shot's and
+        the seen stages' until the pool is made (:class:`QueryExperts`). The distributions that are kept (pooled,
+        refined, balanced) are float64 up to ``calibration.FLOAT64_ROWS`` queries and float32 beyond
+        (docs/scale.md)."""
         self._check_fitted()
         self._check_params()
         feats = check_feature_set(query, self.backbones_, "query", {k: t.shape[1] for k, t in self.text_.items()})
@@ -302,6 +330,7 @@ class Cascade(HasParams):
         marginal = details.get("prior", getattr(stage, "prior_", None))
         weights = fit_pool(held, self.val_y_, S, self.combine, self._rebalancing(experts.zero_shot, n, marginal))
         scores = fill_rows(n, C, partial(experts.pooled, weights=weights))
+        experts.release()
         held_scores = pooled(held, weights, S, self.combine) if held is not None else None
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
         keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool"

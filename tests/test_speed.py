@@ -1,0 +1,112 @@
+"""Work the cascade does not repeat (docs/accuracy.md, "Speed"): a query set of one block of rows computes each
+inductive expert's log-probabilities once per ``predict``; a larger set recomputes them per block where they are
+used (the memory-lean path of docs/scale.md); both give the same scores. benchmarks/stages_speed.py reports wall and
+CPU seconds per step."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade.config import default_cascade
+from cascade.router import Cascade
+from cascade.router.cascade import QueryExperts
+from cascade.stages import calibration
+from cascade.stages.inmap import InMaP
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cascade(n_query=240, c=12, d=24, seed=0):
+    """A fitted two-backbone cascade (the last two classes unseen) and its query dict."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(c, d))
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def draw(y):
+        return unit(means[y] + 0.9 * rng.normal(size=(len(y), d)))
+
+    rot = np.linalg.qr(rng.normal(size=(d, d)))[0].astype(np.float32)
+    two = lambda x: {"a": x, "b": np.ascontiguousarray(x @ rot)}  # noqa: E731
+    sy, vy = np.repeat(np.arange(c - 2), 4), np.repeat(np.arange(c - 2), 2)
+    text = unit(means + 0.5 * rng.normal(size=(c, d)))
+    cascade = default_cascade().set_params(transductive=InMaP(n_iter=20))
+    cascade.fit(two(draw(sy)), sy, two(text), n_seen=c - 2, val=(two(draw(vy)), vy))
+    return cascade, two(draw(rng.integers(0, c, n_query)))
+
+
+def _count_query_calls(monkeypatch):
+    """{method: number of calls on query rows} of the inductive experts during one predict."""
+    calls = {"_zero_shot_log_proba": 0, "_seen_log_proba": 0}
+    for name in calls:
+        original = getattr(Cascade, name)
+
+        def counted(self, feats, *args, _original=original, _name=name, **kwargs):
+            if feats is not None and feats is not getattr(self, "val_", None):
+                calls[_name] += 1
+            return _original(self, feats, *args, **kwargs)
+
+        monkeypatch.setattr(Cascade, name, counted)
+    return calls
+
+
+def test_one_block_computes_each_inductive_expert_once(monkeypatch):
+    cascade, query = _cascade()
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", 10 ** 9)
+    whole_before = cascade.predict(query)                  # the reference, before counting
+    calls = _count_query_calls(monkeypatch)
+    whole = cascade.predict(query)
+    # used by the marginal estimate (twice), the rebalancing biases and the pool: made once
+    assert calls == {"_zero_shot_log_proba": 1, "_seen_log_proba": 1}
+    assert np.array_equal(whole.scores, whole_before.scores)
+    # blocks of 41 rows: recomputed for every block where they are used, never kept for all rows
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", 41)
+    for k in calls:
+        calls[k] = 0
+    blocks = cascade.predict(query)
+    n_blocks = -(-240 // 41)
+    assert calls["_zero_shot_log_proba"] == 4 * n_blocks and calls["_seen_log_proba"] == 2 * n_blocks
+    assert np.abs(blocks.scores - whole.scores).max() <= 1e-6 and np.array_equal(blocks.top5, whole.top5)
+
+
+def test_kept_experts_are_read_only_and_released():
+    cascade, query = _cascade(n_query=50)
+    feats = query
+    xq = cascade._joint(feats)
+    experts = QueryExperts(cascade, feats, xq)
+    everything = slice(0, 50)
+    lp0 = experts.zero_shot(everything)
+    assert experts.zero_shot(slice(None)) is lp0                  # the same rows: the kept array
+    assert np.array_equal(lp0, cascade._zero_shot_log_proba(feats))
+    with pytest.raises(ValueError, match="read-only"):
+        lp0[0, 0] = 0.0
+    seen = experts.seen(everything)
+    assert [a is b for a, b in zip(experts.seen(everything), seen)] == [True] * len(seen)
+    part = experts.zero_shot(slice(0, 20))                         # part of the rows: computed, not kept
+    assert part is not lp0 and part.flags.writeable and np.array_equal(part, lp0[:20])
+    experts.release()
+    again = experts.zero_shot(everything)
+    assert again is not lp0 and np.array_equal(again, lp0)
+
+
+def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "10",
+                        "--dim", "16", "--val-per-class", "2", "--profile", "4", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.strip().startswith("CPU: ") for line in lines)              # the flags the figures ran on
+    timed = {line.split("  ")[1].strip(): line for line in lines if line.rstrip().endswith("s)") and "(cpu" in line}
+    fit, predict, total = (timed["Cascade.fit (zero-shot + LP++ x backbones, calibration)"],
+                           timed["Cascade.predict (prior, InMaP joint, pools, GDA, routing)"],
+                           timed["TOTAL default cascade (fit + predict, all stages)"])
+    wall = [float(line.split("(cpu")[0].split()[-2]) for line in (fit, predict, total)]
+    cpu = [float(line.split("(cpu")[1].split()[0]) for line in (fit, predict, total)]
+    assert abs(wall[0] + wall[1] - wall[2]) <= 0.011 and abs(cpu[0] + cpu[1] - cpu[2]) <= 0.011
+    assert "Cascade.predict again (1 of 1)" in timed
+    assert "most CPU seconds" in r.stdout and "cascade.py" in r.stdout and "(predict)" in r.stdout

@@ -586,3 +586,20 @@ def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_s
     assert default_cascade(["stages.lpp.epochs=7"]).seen_stages[0].epochs == 7
     with pytest.raises(NotFittedError):
         bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})
+
+
+def test_stage1_routing_with_no_final_mass_on_the_seen_classes_keeps_stage1_ranking():
+    """routing="stage1": a query that stage 1 calls seen but whose final distribution has no mass left on the seen
+    classes (a balanced distribution can underflow there) gets stage 1's ranking inside the seen block, not 0 / 0."""
+    from cascade.router.routing import route
+    S = 3
+    lp1 = np.log(np.array([[0.5, 0.3, 0.1, 0.1],        # stage 1: seen (class 0)
+                           [0.1, 0.1, 0.1, 0.7]]))      # stage 1: unseen (class 3)
+    scores = np.array([[0.0, 0.0, 0.0, 1.0],            # no mass on the seen classes
+                       [0.2, 0.2, 0.2, 0.4]])
+    with np.errstate(all="raise"):
+        out, unseen = route(scores.copy(), lambda rows: lp1[rows], S, "stage1")
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(unseen, [False, True])
+    np.testing.assert_allclose(out[0], np.exp(lp1[0]))           # stage 1's seen ranking at stage 1's mass
+    np.testing.assert_allclose(out[1], np.exp(lp1[1]))           # routed unseen: stage 1's probabilities

@@ -413,3 +413,32 @@ def test_compare_bench_reports_every_changed_score(tmp_path):
     assert "a lpp:" in out.stdout and "a: n_query 10 -> 11" in out.stdout and "b: only in before" in out.stdout
     only = subprocess.run(script + [str(before), str(after), "--methods", "cascade"], capture_output=True, text=True)
     assert "a lpp:" not in only.stdout and "a cascade" not in only.stdout and only.returncode == 1
+
+
+def test_open_errors_breaks_the_errors_down_by_seen_and_unseen_queries():
+    """benchmarks/open_errors.py: per open task, InMaP and the cascade after each step scored on all queries, on the
+    seen-class and unseen-class queries, and the queries that crossed the seen/unseen boundary; its last step is the
+    bench's cascade row. A closed task alone (no --families) is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from open_errors import breakdown
+
+    y = np.array([0, 0, 1, 2, 2, 3])                    # classes 0, 1 seen; 2, 3 unseen
+    scores = np.eye(4)[[0, 2, 1, 2, 0, 3]]             # wrong: row 1 (seen -> unseen), row 4 (unseen -> seen)
+    np.testing.assert_allclose(breakdown(scores, y, 2), [100 * 4 / 6, 100 * 2 / 3, 100 * 2 / 3, 1, 1])
+    out = subprocess.run([sys.executable, "benchmarks/open_errors.py", str(TASKS / "food101-open.npz")], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    start = lines.index("food101-open")
+    rows = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in lines[start + 1:start + 6]}
+    assert list(rows) == ["inmap", "pool", "refined", "balanced", "cascade"]
+    from cascade.bench import evaluate_task, load_task
+    from cascade.metrics import top1_top5
+    task = load_task(TASKS / "food101-open.npz")
+    labels = task.pop("query_y")
+    scores = evaluate_task(task, ("inmap", "cascade"))
+    for name in ("inmap", "cascade"):
+        assert rows[name][0] == pytest.approx(top1_top5(scores[name], labels)["top1"], abs=0.01)
+        np.testing.assert_allclose(rows[name], breakdown(scores[name], labels, task["n_seen"]), atol=0.01)
+    closed = subprocess.run([sys.executable, "benchmarks/open_errors.py", str(TASKS / "food101.npz")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert closed.returncode == 2 and "no open task" in closed.stderr

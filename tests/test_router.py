@@ -588,18 +588,18 @@ def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_s
         bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})
 
 
-def test_stage1_routing_of_a_row_with_no_seen_mass_is_finite():
-    """A pooled row whose seen block underflowed to zero is routed without a 0/0: stage 1's probabilities fill it,
-    whether stage 1 calls it unseen (the row is stage 1's) or seen (its seen block stays zero)."""
-    import warnings
+def test_stage1_routing_with_no_final_mass_on_the_seen_classes_keeps_stage1_ranking():
+    """routing="stage1": a query that stage 1 calls seen but whose final distribution has no mass left on the seen
+    classes (a balanced distribution can underflow there) gets stage 1's ranking inside the seen block, not 0 / 0."""
     from cascade.router.routing import route
-
-    scores = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.6, 0.2, 0.2]])
-    stage1 = np.log(np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.3, 0.3, 0.4]]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out, unseen = route(scores.copy(), lambda rows: stage1[rows], 2, "stage1")
-    assert unseen.tolist() == [True, False, True]
+    S = 3
+    lp1 = np.log(np.array([[0.5, 0.3, 0.1, 0.1],        # stage 1: seen (class 0)
+                           [0.1, 0.1, 0.1, 0.7]]))      # stage 1: unseen (class 3)
+    scores = np.array([[0.0, 0.0, 0.0, 1.0],            # no mass on the seen classes
+                       [0.2, 0.2, 0.2, 0.4]])
+    with np.errstate(all="raise"):
+        out, unseen = route(scores.copy(), lambda rows: lp1[rows], S, "stage1")
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[0], [0.1, 0.2, 0.7])
-    np.testing.assert_allclose(out[1], [0.0, 0.0, 0.2])
+    np.testing.assert_array_equal(unseen, [False, True])
+    np.testing.assert_allclose(out[0], np.exp(lp1[0]))           # stage 1's seen ranking at stage 1's mass
+    np.testing.assert_allclose(out[1], np.exp(lp1[1]))           # routed unseen: stage 1's probabilities

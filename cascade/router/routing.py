@@ -36,8 +36,11 @@ def route(scores: np.ndarray, transductive, n_seen: int, routing: str):
         p1 = np.exp(transductive(b))
         u = p1.argmax(axis=1) >= S
         seen_mass = p1[:, :S].sum(axis=1, keepdims=True)
-        # a row whose pooled seen block underflowed to 0 keeps 0 there (no 0/0): its mass is stage 1's
-        block = scores[b, :S] / np.maximum(scores[b, :S].sum(axis=1, keepdims=True), np.finfo(scores.dtype).tiny)
+        # the final distribution's ranking inside the seen block; where it puts no mass there at all (a balanced
+        # distribution can underflow to zero on the seen classes), stage 1's own ranking instead of 0 / 0
+        final_seen = scores[b, :S].sum(axis=1, keepdims=True)
+        block = np.where(final_seen > 0, scores[b, :S] / np.where(final_seen > 0, final_seen, 1.0),
+                         p1[:, :S] / np.maximum(seen_mass, np.finfo(np.float64).tiny))
         new = np.concatenate([seen_mass * block, p1[:, S:]], axis=1)
         new[u] = p1[u]
         scores[b], unseen[b] = new, u

@@ -206,6 +206,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["balance_refit"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").balance_refit is False
+    # ... and one written before the count rule existed ran the check on the support rows without validation rows
+    assert back.balance_without_val == "counts"
+    del meta["balance_without_val"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").balance_without_val == "check"
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 
@@ -586,3 +591,41 @@ def test_the_default_cascade_is_the_configurations_and_cascade_alone_takes_the_s
     assert default_cascade(["stages.lpp.epochs=7"]).seen_stages[0].epochs == 7
     with pytest.raises(NotFittedError):
         bare.predict({"bb0": np.eye(2, 4, dtype=np.float32)})
+
+
+def _posteriors(y, n_classes, confidence, bias, rng):
+    """Rows that put ``confidence`` on the true class (the rest spread evenly), tilted by per-class ``bias``."""
+    p = np.full((len(y), n_classes), (1 - confidence) / (n_classes - 1))
+    p[np.arange(len(y)), y] = confidence
+    p = p * np.exp(bias)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_count_marginal_balances_a_biased_pool_fully_and_keeps_a_confident_pools_counts():
+    """count_marginal: on a query set built balanced (exactly 2 per class) scored by an uncertain pool with a class
+    bias, the soft counts deviate from the marginal less than their own noise, so rho is 0 and the target is the
+    marginal (full balancing). On a set drawn at random (imbalanced counts) scored by a confident, unbiased pool,
+    rho is about 1 and the target stays close to the pool's counts, far from uniform."""
+    from cascade.router.pool import count_marginal
+
+    rng = np.random.default_rng(0)
+    C = 60
+    uniform = np.full(C, 1.0 / C)
+    y_bal = np.repeat(np.arange(C), 2)
+    biased = _posteriors(y_bal, C, 0.4, 0.4 * rng.standard_normal(C), rng)
+    target, rho = count_marginal(biased, uniform)
+    assert rho == 0.0 and np.allclose(target, uniform)
+    y_rand = rng.integers(0, C, 600)
+    sharp = _posteriors(y_rand, C, 0.97, np.zeros(C), rng)
+    target, rho = count_marginal(sharp, uniform)
+    counts = np.bincount(y_rand, minlength=C) / len(y_rand)
+    assert 0.5 < rho < 1.5
+    assert np.abs(target - counts).sum() < 0.25 * np.abs(uniform - counts).sum()
+    assert np.isclose(target.sum(), 1.0) and np.all(target >= 0)
+    # a class the marginal gives no mass keeps none; a float32 pool gives the float64 result to rounding
+    q0 = uniform.copy()
+    q0[0] = 0.0
+    t0, _ = count_marginal(sharp, q0)
+    assert t0[0] == 0.0
+    t32, rho32 = count_marginal(sharp.astype(np.float32), uniform)
+    assert np.allclose(t32, target, atol=1e-6) and np.isclose(rho32, rho, rtol=1e-4)

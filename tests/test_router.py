@@ -384,7 +384,9 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     drop = np.flatnonzero(ys == 2)[1:]                       # class 2 keeps a single support row
     support = {k: np.delete(v, drop, axis=0) for k, v in support.items()}
     ys = np.delete(ys, drop)
-    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")]).fit(support, ys, text, S)
+    # the check on the support rows out of fold (no balancing here), so that the scores are the refinement's own
+    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")],
+                balance_without_val="check").fit(support, ys, text, S)
     folds = class_folds(ys, 4)
     assert np.all(folds[ys == 2] == -1) and set(folds[ys != 2]) == {0, 1, 2, 3}
     keep = folds >= 0
@@ -407,8 +409,8 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     res = m.predict(query)
     assert res.details["pool_weights"] is not None and res.details["split_weights"] != [0.5, 0.5]
     # the refinement's temperature: each fold scored by a GDA fitted on the queries and the other folds
-    plain = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None).fit(support, ys,
-                                                                                                   text, S)
+    plain = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None,
+                    balance_without_val="check").fit(support, ys, text, S)
     soft = plain.predict(query).scores
     xq, sj = m._joint(query), m._joint(m.support_)
     C = soft.shape[1]
@@ -447,7 +449,7 @@ def test_refinement_check_drops_a_refinement_the_held_out_rows_find_worse():
 
     def run(refine, v, **kw):
         m = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=refine,
-                    prior="stage", **kw)
+                    prior="stage", balance_without_val="check", **kw)     # without val rows: no count balancing
         return m.fit(support, ys, text, S, val=v).predict(rest)
 
     for v in (val, None):

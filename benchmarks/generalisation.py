@@ -45,7 +45,8 @@ values read as TOML, checked like a config): a stage's keyword ``stages.<stage>.
 ``stages.cascade.refine=""`` (no refinement), ``stages.cascade.seen=["lpp", "zeroshot"]``, ``stages.cascade.prior=stage``,
 ``stages.cascade.routing=stage1``, ``stages.cascade.combine=replace``, ``stages.cascade.calibrate=false``,
 ``stages.cascade.cv_folds=0``, ``stages.cascade.refine_check=false``, ``stages.cascade.rebalance=false``,
-``stages.cascade.balance=none|always|check``, ``stages.cascade.balance_min_gain=0.05``. The
+``stages.cascade.balance=none|always|check|counts``, ``stages.cascade.balance_min_gain=0.05``,
+``stages.cascade.balance_without_val=check`` (what "check" does without validation rows). The
 stages start from the default cascade's own settings (cascade/configs/default.toml).
 
 ``--compare`` (with ``--set``) runs only two rows, the default cascade and the changed one, and prints per group

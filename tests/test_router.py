@@ -206,6 +206,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["balance_refit"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").balance_refit is False
+    # ... and one written before the count rule existed ran the check on the support rows without validation rows
+    assert back.balance_without_val == "counts"
+    del meta["balance_without_val"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").balance_without_val == "check"
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 
@@ -379,7 +384,9 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     drop = np.flatnonzero(ys == 2)[1:]                       # class 2 keeps a single support row
     support = {k: np.delete(v, drop, axis=0) for k, v in support.items()}
     ys = np.delete(ys, drop)
-    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")]).fit(support, ys, text, S)
+    # the check on the support rows out of fold (no balancing here), so that the scores are the refinement's own
+    m = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")],
+                balance_without_val="check").fit(support, ys, text, S)
     folds = class_folds(ys, 4)
     assert np.all(folds[ys == 2] == -1) and set(folds[ys != 2]) == {0, 1, 2, 3}
     keep = folds >= 0
@@ -402,8 +409,8 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     res = m.predict(query)
     assert res.details["pool_weights"] is not None and res.details["split_weights"] != [0.5, 0.5]
     # the refinement's temperature: each fold scored by a GDA fitted on the queries and the other folds
-    plain = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None).fit(support, ys,
-                                                                                                   text, S)
+    plain = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=None,
+                    balance_without_val="check").fit(support, ys, text, S)
     soft = plain.predict(query).scores
     xq, sj = m._joint(query), m._joint(m.support_)
     C = soft.shape[1]
@@ -442,7 +449,7 @@ def test_refinement_check_drops_a_refinement_the_held_out_rows_find_worse():
 
     def run(refine, v, **kw):
         m = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], refine=refine,
-                    prior="stage", **kw)
+                    prior="stage", balance_without_val="check", **kw)     # without val rows: no count balancing
         return m.fit(support, ys, text, S, val=v).predict(rest)
 
     for v in (val, None):
@@ -603,3 +610,41 @@ def test_stage1_routing_with_no_final_mass_on_the_seen_classes_keeps_stage1_rank
     np.testing.assert_array_equal(unseen, [False, True])
     np.testing.assert_allclose(out[0], np.exp(lp1[0]))           # stage 1's seen ranking at stage 1's mass
     np.testing.assert_allclose(out[1], np.exp(lp1[1]))           # routed unseen: stage 1's probabilities
+
+
+def _posteriors(y, n_classes, confidence, bias, rng):
+    """Rows that put ``confidence`` on the true class (the rest spread evenly), tilted by per-class ``bias``."""
+    p = np.full((len(y), n_classes), (1 - confidence) / (n_classes - 1))
+    p[np.arange(len(y)), y] = confidence
+    p = p * np.exp(bias)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_count_marginal_balances_a_biased_pool_fully_and_keeps_a_confident_pools_counts():
+    """count_marginal: on a query set built balanced (exactly 2 per class) scored by an uncertain pool with a class
+    bias, the soft counts deviate from the marginal less than their own noise, so rho is 0 and the target is the
+    marginal (full balancing). On a set drawn at random (imbalanced counts) scored by a confident, unbiased pool,
+    rho is about 1 and the target stays close to the pool's counts, far from uniform."""
+    from cascade.router.pool import count_marginal
+
+    rng = np.random.default_rng(0)
+    C = 60
+    uniform = np.full(C, 1.0 / C)
+    y_bal = np.repeat(np.arange(C), 2)
+    biased = _posteriors(y_bal, C, 0.4, 0.4 * rng.standard_normal(C), rng)
+    target, rho = count_marginal(biased, uniform)
+    assert rho == 0.0 and np.allclose(target, uniform)
+    y_rand = rng.integers(0, C, 600)
+    sharp = _posteriors(y_rand, C, 0.97, np.zeros(C), rng)
+    target, rho = count_marginal(sharp, uniform)
+    counts = np.bincount(y_rand, minlength=C) / len(y_rand)
+    assert 0.5 < rho < 1.5
+    assert np.abs(target - counts).sum() < 0.25 * np.abs(uniform - counts).sum()
+    assert np.isclose(target.sum(), 1.0) and np.all(target >= 0)
+    # a class the marginal gives no mass keeps none; a float32 pool gives the float64 result to rounding
+    q0 = uniform.copy()
+    q0[0] = 0.0
+    t0, _ = count_marginal(sharp, q0)
+    assert t0[0] == 0.0
+    t32, rho32 = count_marginal(sharp.astype(np.float32), uniform)
+    assert np.allclose(t32, target, atol=1e-6) and np.isclose(rho32, rho, rtol=1e-4)

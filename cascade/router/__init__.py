@@ -12,9 +12,10 @@ stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a qu
    pool of the two experts over all classes for the split between seen and unseen classes (:mod:`.pool`);
 5. the refinement (default GDA) is fitted on the queries with the pool as soft labels, and dropped when held-out
    rows find it worse than the pool (:mod:`.refine`);
-6. the final distribution is balanced to the class marginal when held-out rows gain from it (:mod:`.pool`); the
-   refinement is then refitted on the pool balanced the same way, and its posterior times that pool, balanced,
-   is the final distribution (``balance_refit``);
+6. the final distribution is balanced to the class marginal when held-out rows gain from it (:mod:`.pool`);
+   without validation rows, part of the way, to the class counts the query set most likely has given how noisy
+   the pool's soft counts are (``balance_without_val``). The refinement is then refitted on the pool balanced
+   the same way, and its posterior times that pool, balanced, is the final distribution (``balance_refit``);
 7. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains
    (:mod:`.routing`).
 

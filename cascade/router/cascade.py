@@ -31,8 +31,8 @@ from ..stages.lpp import LinearProbePP
 from .folds import class_folds
 from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combined_logits, joint_features,
                     joint_logits)
-from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, expert_names, fit_pool, fit_seen_stages, pool,
-                   pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
+from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
+                   fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
 from .routing import apply_specialists, route, route_names
 
@@ -169,10 +169,17 @@ class Cascade(HasParams):
         over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its pseudo-labels).
         "check": only when the held-out rows, joining the queries in the balanced set so that they are scored
         in sample, gain more than ``balance_min_gain`` nats per row in mean log-likelihood of their labels and
-        more than one standard error of that mean (never without held-out rows, nor for fewer queries than
-        classes, whose counts no marginal describes). Only with ``combine="pool"``.
+        more than one standard error of that mean (never for fewer queries than classes, whose counts no marginal
+        describes); without validation rows, ``balance_without_val`` decides instead. "counts": balanced part of
+        the way, to the class counts the query set most likely has given the marginal and how noisy the pool's
+        soft counts are (:func:`~cascade.router.pool.count_marginal`; no held-out rows are used). Only with
+        ``combine="pool"``.
     balance_min_gain : float
         The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md).
+    balance_without_val : "counts" | "check" | "none"
+        What ``balance="check"`` does without validation rows: "counts" (see ``balance``), "check" on the support
+        rows scored out of fold (``cv_folds``; their gain does not tell balanced query sets from others,
+        docs/accuracy.md), or "none".
     balance_refit : bool
         When the final distribution is balanced: refit the refinement on the pooled distribution balanced to the
         same marginal (its soft labels then carry the marginal as well), and take as the final distribution the
@@ -199,7 +206,8 @@ class Cascade(HasParams):
         "refine_check": [Interval(Real, 0, None), Options(None, False)],
         "rebalance": [BOOL],
         "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
-        "balance": [Options("none", "check", "always")],
+        "balance": [Options("none", "check", "always", "counts")],
+        "balance_without_val": [Options("counts", "check", "none")],
         "balance_min_gain": [Interval(Real, 0, None)],
         "balance_refit": [BOOL],
     }
@@ -208,7 +216,7 @@ class Cascade(HasParams):
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
-                 balance_refit: bool = True):
+                 balance_refit: bool = True, balance_without_val: str = "counts"):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -224,6 +232,7 @@ class Cascade(HasParams):
         self.balance = balance
         self.balance_min_gain = balance_min_gain
         self.balance_refit = balance_refit
+        self.balance_without_val = balance_without_val
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -340,10 +349,10 @@ class Cascade(HasParams):
         # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement
         #    then refitted on the balanced pool and anchored by it, ``balance_refit``)
         if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
-            scores = self._balance(scores, held_scores, marginal, details)
+            scores, target = self._balance(scores, held_scores, marginal, details)
             if details["balanced"] and self.balance_refit and refinement is not None:
                 del scores
-                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, marginal)
+                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target)
             details["balance_refit"] = bool(details["balanced"] and self.balance_refit and refinement is not None)
         del pool_scores
         # 7. routing, then the specialists re-rank inside their domains
@@ -412,18 +421,27 @@ class Cascade(HasParams):
                 return scores, held_scores, None
         return refined, refined_held, t_ref
 
-    def _balance(self, scores: np.ndarray, held_scores, marginal, details: dict) -> np.ndarray:
-        """``scores`` balanced to ``marginal`` (None: uniform) when ``balance`` says so ("check": when the held-out
-        rows gain enough from it)."""
+    def _balance(self, scores: np.ndarray, held_scores, marginal, details: dict):
+        """(scores, target marginal): ``scores`` balanced to ``marginal`` (None: uniform) when ``balance`` says so
+        ("check": when the held-out rows gain enough from it; without validation rows, ``balance_without_val``),
+        or to the count estimate of :func:`~cascade.router.pool.count_marginal` ("counts")."""
         C = self.n_classes_
         marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
-        keep = self.balance == "always"
-        if self.balance == "check" and held_scores is not None and len(scores) >= C:
+        rule = self.balance
+        if rule == "check" and (self.val_ is None or self.val_folds_ is not None):    # no validation rows
+            rule = self.balance_without_val
+        details["balance_rule"] = rule
+        keep = rule == "always"
+        if rule == "check" and held_scores is not None and len(scores) >= C:
             gain, se = balance_gain(scores, held_scores, self.val_y_, marginal, self.n_seen_)
             keep = bool(gain > max(float(self.balance_min_gain), se))
             details.update(balance_gain=gain, balance_gain_se=se)
+        elif rule == "counts" and len(scores) >= C:
+            marginal, rho = count_marginal(scores, marginal)
+            keep = True
+            details.update(balance_rho=rho, balance_target=marginal)
         details["balanced"] = keep
-        return balanced(scores, marginal) if keep else scores
+        return (balanced(scores, marginal) if keep else scores), marginal
 
     def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal):
         """(final distribution, temperature): the refinement refitted on the pool balanced to ``marginal``, its
@@ -572,7 +590,7 @@ class Cascade(HasParams):
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
-            "balance_refit": bool(self.balance_refit),
+            "balance_refit": bool(self.balance_refit), "balance_without_val": self.balance_without_val,
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(stages.transductive),
             "refine": describe_stage(stages.refine) if stages.refine is not None else None,
@@ -608,7 +626,9 @@ class Cascade(HasParams):
                   # written before the balancing existed: the final distribution was never balanced
                   balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1),
                   # written before the refit existed: a balanced final distribution was the refinement's, balanced
-                  balance_refit=bool(meta.get("balance_refit", False)))
+                  balance_refit=bool(meta.get("balance_refit", False)),
+                  # written before the count rule existed: without validation rows the check ran on the support rows
+                  balance_without_val=meta.get("balance_without_val", "check"))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

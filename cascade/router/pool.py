@@ -16,7 +16,9 @@ block to the seen stages alone.
 
 Balancing rescales the final distribution per class so that its mean over the queries is the class marginal
 (Sinkhorn's balancing kept as per-class biases). It pays where the query set is balanced and the experts' class
-bias is the error, which the pool's exponents cannot see; it is kept only when held-out rows gain from it.
+bias is the error, which the pool's exponents cannot see; it is kept only when held-out rows gain from it. Without
+validation rows, :func:`count_marginal` balances part of the way instead: to the class counts the query set most
+likely has, given the marginal, the pool's soft counts and how noisy each of them is.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ from .joint import combined_logits
 # hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
 BALANCE_FLOOR = 1e-12
 BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
+# count_marginal: the pool's soft counts are taken to err by this many times the variance they would have if its
+# posteriors were calibrated (1: calibrated, the assumption that needs no labelled rows to set)
+COUNT_NOISE = 1.0
 
 
 def clone(stage: Stage) -> Stage:
@@ -204,3 +209,36 @@ def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray
     rows = np.arange(len(y))
     d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]
     return paired_difference(d)
+
+
+def count_marginal(probs: np.ndarray, marginal, noise: float = COUNT_NOISE) -> tuple[np.ndarray, float]:
+    """(class marginal to balance ``probs`` [N, C] to, ``rho``): ``marginal`` moved towards the soft class counts of
+    ``probs`` as far as the counts' own noise says, per class (a partial balancing that needs no labelled rows).
+
+    An empirical-Bayes estimate of the query set's class counts ``n``. The prior: ``n_k = N q_k + d_k`` with
+    ``Var d_k = rho N q_k (1 - q_k)``, where ``rho = 1`` is a query set drawn at random from the marginal ``q``
+    and ``rho = 0`` one built to it (e.g. two images per class). The evidence: the soft counts ``m_k = sum_i p_ik``
+    err by ``e_k`` with ``Var e_k = noise * v_k``, ``v_k = sum_i p_ik (1 - p_ik)`` (the count's variance if the
+    posteriors were calibrated). ``rho`` follows by moments from the chi-square distance of ``m`` to ``N q``,
+    ``E sum_k (m_k - N q_k)^2 / (N q_k) = rho (C - 1) + noise sum_k v_k / (N q_k)`` (at least 0), and each count
+    from its posterior mean ``N q_k + lam_k (m_k - N q_k)``, ``lam_k = s_k / (s_k + noise v_k)``,
+    ``s_k = rho N q_k (1 - q_k)``. A pool whose counts deviate from ``q`` less than its own uncertainty (a biased
+    pool on a balanced set) is balanced fully (``rho = 0``); a confident pool on a set whose counts deviate by
+    sampling keeps nearly its own counts."""
+    n, c = probs.shape
+    q = np.asarray(marginal, dtype=np.float64)
+    q = q / q.sum()
+    m, v = np.zeros(c), np.zeros(c)
+    for b in row_blocks(n):
+        pb = np.asarray(probs[b], dtype=np.float64)
+        m += pb.sum(axis=0)
+        v += (pb * (1.0 - pb)).sum(axis=0)
+    e = n * q
+    pos = e > 0
+    chi2 = float(np.sum((m[pos] - e[pos]) ** 2 / e[pos]))
+    expected_noise = float(noise * np.sum(v[pos] / e[pos]))
+    rho = max(0.0, (chi2 - expected_noise) / max(int(pos.sum()) - 1, 1))
+    s = rho * e * (1.0 - q)
+    lam = np.divide(s, s + noise * v, out=np.zeros(c), where=(s + noise * v) > 0)
+    counts = e + lam * (m - e)
+    return counts / counts.sum(), rho

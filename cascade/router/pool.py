@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..stages.base import Stage, log_softmax, stage_name
-from ..stages.calibration import balancing_bias, fit_pool_weights, paired_difference, row_blocks
+from ..stages.calibration import balancing_bias, fit_pool_weights, paired_difference, posterior_blocks, row_blocks
 from .folds import out_of_fold
 from .joint import combined_logits
 
@@ -229,8 +229,7 @@ def count_marginal(probs: np.ndarray, marginal, noise: float = COUNT_NOISE) -> t
     q = np.asarray(marginal, dtype=np.float64)
     q = q / q.sum()
     m, v = np.zeros(c), np.zeros(c)
-    for b in row_blocks(n):
-        pb = np.asarray(probs[b], dtype=np.float64)
+    for _, pb in posterior_blocks(probs):
         m += pb.sum(axis=0)
         v += (pb * (1.0 - pb)).sum(axis=0)
     e = n * q

@@ -60,7 +60,7 @@ def _float(a) -> np.ndarray:
     return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
 
 
-def _posterior_blocks(P: np.ndarray):
+def posterior_blocks(P: np.ndarray):
     """(rows, float64 block) pairs covering ``P``: float64 arrays in blocks of :data:`CHUNK_ROWS` rows (one block,
     the unchunked computation, up to that size), float32 ones widened :data:`_CAST_ROWS` rows at a time."""
     size = None if P.dtype == np.float64 else _CAST_ROWS
@@ -72,7 +72,7 @@ def _normalised_mean(P: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``P^T (1 / (P w))`` [C] over the rows of ``P`` [N, C] (the sum over rows of each row's posterior under the
     class weights ``w``, divided by ``w``), in float64 a block of rows at a time."""
     acc = np.zeros(P.shape[1])
-    for _, Pb in _posterior_blocks(P):
+    for _, Pb in posterior_blocks(P):
         acc += Pb.T @ (1.0 / (Pb @ w))
     return acc
 
@@ -250,7 +250,7 @@ def estimate_prior(log_post: np.ndarray, n_iter: int = 200, tol: float = 1e-8, b
         if done:
             break
     ll = 0.0                                            # minus the uniform ll (= 0)
-    for _, Pb in _posterior_blocks(post):
+    for _, Pb in posterior_blocks(post):
         ll += np.log(np.maximum(Pb @ (q * c), 1e-300)).sum()
     if bic and ll <= bic_penalty(c, n):
         return np.full(c, 1.0 / c), float(ll)

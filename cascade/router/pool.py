@@ -22,9 +22,11 @@ likely has, given the marginal, the pool's soft counts and how noisy each of the
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from ..stages.base import Stage, log_softmax, stage_name
 from ..stages.calibration import balancing_bias, fit_pool_weights, paired_difference, posterior_blocks, row_blocks
@@ -48,10 +50,32 @@ def clone(stage: Stage) -> Stage:
 # ------------------------------------------------------------------------------------------------ seen experts
 def fit_seen_stages(prototypes, support: dict, y: np.ndarray, text: dict, n_seen: int, val=None) -> list:
     """Each seen stage fitted on every backbone's support rows over the seen classes: a list (one per stage) of
-    {backbone: fitted stage}. ``val``: optional ``({backbone: features}, labels)`` passed to each stage."""
-    return [{k: clone(proto).fit(support[k], y, text=text[k][:n_seen],
-                                 val=None if val is None else (val[0][k], val[1]))
-             for k in support} for proto in prototypes]
+    {backbone: fitted stage}. ``val``: optional ``({backbone: features}, labels)`` passed to each stage. The fits
+    are independent and run side by side (:func:`run_parallel`)."""
+    keys = list(support)
+
+    def fit(proto, k):
+        return lambda: clone(proto).fit(support[k], y, text=text[k][:n_seen],
+                                        val=None if val is None else (val[0][k], val[1]))
+
+    fitted = iter(run_parallel([fit(proto, k) for proto in prototypes for k in keys]))
+    return [{k: next(fitted) for k in keys} for _ in prototypes]
+
+
+def run_parallel(jobs: list, parallel: bool = True) -> list:
+    """``[job() for job in jobs]``, the jobs run by as many threads as BLAS may use (its thread count now), each
+    with its share of BLAS's threads. A fit is mostly products of small matrices, where one BLAS thread per fit
+    does more work per core than several threads on one fit, and the fits' element-wise numpy work, which BLAS
+    threads never share, runs side by side too. ``parallel=False``: one after the other (each job's memory
+    freed before the next starts)."""
+    if not parallel:
+        return [job() for job in jobs]
+    budget = max([lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"] or [1])
+    workers = min(len(jobs), budget)
+    if workers <= 1:
+        return [job() for job in jobs]
+    with threadpool_limits(limits=max(1, budget // workers), user_api="blas"), ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(lambda job: job(), jobs))
 
 
 def seen_logits_out_of_fold(prototypes, fitted: list, support: dict, y: np.ndarray, text: dict, n_seen: int,

@@ -1,7 +1,7 @@
 """Work the cascade does not repeat (docs/accuracy.md, "Speed"): a query set of one block of rows computes each
 inductive expert's log-probabilities once per ``predict``; a larger set recomputes them per block where they are
-used (the memory-lean path of docs/scale.md); both give the same scores. benchmarks/stages_speed.py reports wall and
-CPU seconds per step."""
+used (the memory-lean path of docs/scale.md); both give the same scores. Independent fits run side by side, each on
+its share of BLAS's threads. benchmarks/stages_speed.py reports wall and CPU seconds per step."""
 from __future__ import annotations
 
 import subprocess
@@ -10,12 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from cascade.config import default_cascade
 from cascade.router import Cascade
 from cascade.router.cascade import QueryExperts
+from cascade.router.pool import fit_seen_stages
+from cascade.router.threads import run_parallel
 from cascade.stages import calibration
 from cascade.stages.inmap import InMaP
+from cascade.stages.lpp import LinearProbePP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +114,43 @@ def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
     assert abs(wall[0] + wall[1] - wall[2]) <= 0.011 and abs(cpu[0] + cpu[1] - cpu[2]) <= 0.011
     assert "Cascade.predict again (1 of 1)" in timed
     assert "most CPU seconds" in r.stdout and "cascade.py" in r.stdout and "(predict)" in r.stdout
+
+
+def _blas_threads() -> int:
+    return max(lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas")
+
+
+def test_run_parallel_keeps_order_shares_blas_threads_and_raises():
+    with threadpool_limits(limits=2, user_api="blas"):
+        seen = []
+        out = run_parallel([lambda i=i: (seen.append(_blas_threads()), i * i)[1] for i in range(5)])
+        assert out == [0, 1, 4, 9, 16]
+        assert seen == [1] * 5                          # two workers, one BLAS thread each
+        assert _blas_threads() == 2                      # restored afterwards
+        assert run_parallel([_blas_threads], parallel=True) == [2]       # one job: all the threads, no pool
+        assert run_parallel([_blas_threads, _blas_threads], parallel=False) == [2, 2]
+
+        def boom():
+            raise ValueError("stage failed")
+        with pytest.raises(ValueError, match="stage failed"):
+            run_parallel([lambda: 1, boom])
+
+
+def test_seen_stages_fitted_side_by_side_equal_one_at_a_time():
+    """Each fit runs on one BLAS thread whether the fits run side by side (two threads) or alone (one): the fitted
+    weights are the same, bit for bit."""
+    rng = np.random.default_rng(3)
+    c, d = 8, 16
+    means = rng.normal(size=(c, d))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    y = np.repeat(np.arange(c), 4)
+    support = {k: unit(means[y] + rng.normal(size=(len(y), d))) for k in ("a", "b")}
+    text = {k: unit(means + 0.5 * rng.normal(size=(c, d))) for k in ("a", "b")}
+    protos = [LinearProbePP(epochs=30)]
+    with threadpool_limits(limits=2, user_api="blas"):
+        side_by_side = fit_seen_stages(protos, support, y, text, c)
+    with threadpool_limits(limits=1, user_api="blas"):
+        alone = fit_seen_stages(protos, support, y, text, c)
+    for k in ("a", "b"):
+        assert np.array_equal(side_by_side[0][k].coef_, alone[0][k].coef_)
+        assert np.array_equal(side_by_side[0][k].alpha_, alone[0][k].alpha_)

@@ -32,9 +32,9 @@ from .folds import class_folds
 from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combined_logits, joint_features,
                     joint_logits)
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
-                   fit_seen_stages, pool, pooled, rebalancing_bias, run_parallel, seen_log_proba,
-                   seen_logits_out_of_fold)
+                   fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
+from .threads import run_parallel
 from .routing import apply_specialists, route, route_names
 
 FORMAT = "cascade.router/2"

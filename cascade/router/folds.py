@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from .threads import run_parallel
+
 
 def class_folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each row, per class round-robin after a seeded shuffle.
@@ -25,16 +27,19 @@ def class_folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def out_of_fold(folds: np.ndarray, score_fold: Callable[[int, np.ndarray], "np.ndarray | list"]):
+def out_of_fold(folds: np.ndarray, score_fold: Callable[[int, np.ndarray], "np.ndarray | list"],
+                parallel: bool = True):
     """Scores of all rows, fold by fold: ``score_fold(f, rows)`` refits without fold ``f`` and scores ``rows``
     (the indices of the rows of fold ``f``; for ``f = -1``, rows never held out, the caller uses its full model).
+    The folds' refits run side by side (:func:`~cascade.router.threads.run_parallel`) unless ``parallel`` is
+    False (each refit's memory freed before the next starts).
 
     ``score_fold`` returns one array [len(rows), ...] or a list of them; the result is the same (an array or a
     list) over all rows, in float64."""
     out, single = None, False
-    for f in np.unique(folds):
-        rows = np.flatnonzero(folds == f)
-        parts = score_fold(int(f), rows)
+    fold_rows = [(int(f), np.flatnonzero(folds == f)) for f in np.unique(folds)]
+    scored = run_parallel([lambda f=f, rows=rows: score_fold(f, rows) for f, rows in fold_rows], parallel=parallel)
+    for (f, rows), parts in zip(fold_rows, scored):
         if out is None:
             single = isinstance(parts, np.ndarray)
             out = [np.empty((folds.shape[0],) + np.shape(p)[1:]) for p in ([parts] if single else parts)]

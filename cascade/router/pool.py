@@ -22,16 +22,15 @@ likely has, given the marginal, the pool's soft counts and how noisy each of the
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
 
 from ..stages.base import Stage, log_softmax, stage_name
 from ..stages.calibration import balancing_bias, fit_pool_weights, paired_difference, posterior_blocks, row_blocks
 from .folds import out_of_fold
 from .joint import combined_logits
+from .threads import run_parallel
 
 # probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
 # hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
@@ -60,22 +59,6 @@ def fit_seen_stages(prototypes, support: dict, y: np.ndarray, text: dict, n_seen
 
     fitted = iter(run_parallel([fit(proto, k) for proto in prototypes for k in keys]))
     return [{k: next(fitted) for k in keys} for _ in prototypes]
-
-
-def run_parallel(jobs: list, parallel: bool = True) -> list:
-    """``[job() for job in jobs]``, the jobs run by as many threads as BLAS may use (its thread count now), each
-    with its share of BLAS's threads. A fit is mostly products of small matrices, where one BLAS thread per fit
-    does more work per core than several threads on one fit, and the fits' element-wise numpy work, which BLAS
-    threads never share, runs side by side too. ``parallel=False``: one after the other (each job's memory
-    freed before the next starts)."""
-    if not parallel:
-        return [job() for job in jobs]
-    budget = max([lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"] or [1])
-    workers = min(len(jobs), budget)
-    if workers <= 1:
-        return [job() for job in jobs]
-    with threadpool_limits(limits=max(1, budget // workers), user_api="blas"), ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(lambda job: job(), jobs))
 
 
 def seen_logits_out_of_fold(prototypes, fitted: list, support: dict, y: np.ndarray, text: dict, n_seen: int,

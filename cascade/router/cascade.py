@@ -34,7 +34,6 @@ from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combi
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
                    fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
-from .threads import run_parallel
 from .routing import apply_specialists, route, route_names
 
 FORMAT = "cascade.router/2"
@@ -413,13 +412,9 @@ class Cascade(HasParams):
     def _refine(self, refinement: Refinement, xq: np.ndarray, scores: np.ndarray, held_scores, details: dict):
         """(scores, held-out rows' scores, temperature) after the refinement, or the pool's when the check drops
         it."""
-        check = self.refine_check is not None and self.refine_check is not False and self.val_ is not None
-        jobs = [lambda: refinement.fit_predict(xq, scores)]
-        if check:       # the check refits the refinement: side by side for a one-block query set
-            jobs.append(lambda: refinement.gain(xq, scores, held_scores))
-        (refined, refined_held, t_ref), *checked = run_parallel(jobs, parallel=len(xq) <= calibration.CHUNK_ROWS)
-        if check:
-            gain, se = checked[0]
+        refined, refined_held, t_ref = refinement.fit_predict(xq, scores)
+        if self.refine_check is not None and self.refine_check is not False and self.val_ is not None:
+            gain, se = refinement.gain(xq, scores, held_scores)
             dropped = bool(gain < -float(self.refine_check) * se)
             details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)
             if dropped:

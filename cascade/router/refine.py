@@ -76,7 +76,7 @@ class Refinement:
                 train = self.support_folds != f
                 return self._fit([(xq, soft), (sj[train], onehot[train])]).decision_function(self.held_x[rows])
 
-            zv = out_of_fold(self.held_folds, score_fold, parallel=n <= calibration.CHUNK_ROWS)
+            zv = out_of_fold(self.held_folds, score_fold, parallel=False)   # each refit holds all queries
             t = fit_temperature(zv, self.held_y)
         elif self.held_x is not None:
             zv = g.decision_function(self.held_x)
@@ -114,7 +114,7 @@ class Refinement:
                 return self._fit([(xq, soft), (sj[train], onehot[train]),
                                   (xv[rows], held_soft[rows])]).decision_function(xv[rows])
 
-            z = out_of_fold(folds, score_fold, parallel=len(xq) <= calibration.CHUNK_ROWS)
+            z = out_of_fold(folds, score_fold, parallel=False)   # each refit holds all queries
         rows = np.arange(len(y))
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(held_soft[rows, y], np.finfo(np.float64).tiny)))

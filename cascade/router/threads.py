@@ -2,12 +2,14 @@
 
 The cascade's fits are mostly products of small matrices plus element-wise numpy work. BLAS spreads a product over
 its threads, but the element-wise work runs on one core, and a small product gains little from a second thread.
-Independent fits (each seen stage on each backbone, the folds of a leave-one-fold-out loop, the refinement and its
-check) therefore run in threads of their own, each with its share of BLAS's threads. With a single BLAS thread
-(one core, or ``OPENBLAS_NUM_THREADS=1``) they run one after the other. A fit's result depends only on the number
-of BLAS threads it runs on (the rounding of BLAS's sums), not on what runs beside it: on two cores every one of
-several fits runs on one thread, as it would with ``OPENBLAS_NUM_THREADS=1``. A job that runs jobs of its own (a
-fold loop inside the refinement's check) finds one BLAS thread and runs them one after the other.
+Independent fits on the support rows (each seen stage on each backbone, and the folds of their leave-one-fold-out
+refits) therefore run in threads of their own, each with its share of BLAS's threads. Fits on the query set (the
+refinement, its check and its folds) run one at a time: two at once would hold the queries' rows twice, and their
+large products already keep both cores busy. With a single BLAS thread (one core, or ``OPENBLAS_NUM_THREADS=1``)
+the jobs run one after the other. A fit's result depends only on the number of BLAS threads it runs on (the
+rounding of BLAS's sums), not on what runs beside it: on two cores every one of several fits runs on one thread,
+as it would with ``OPENBLAS_NUM_THREADS=1``. A job that runs jobs of its own finds one BLAS thread and runs them
+one after the other.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ says where the time of each step goes when other jobs make the wall clock meanin
 same predict R more times (same fitted cascade, same result): the spread of one version under the same load. With
 ``OPENBLAS_NUM_THREADS=1`` the CPU seconds count the work alone, not OpenBLAS's threads waiting for each other.
 
-Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters: an
+Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters (the line
+after it gives the products' throughput at the two main shapes, InMaP's step and LP++'s epoch): an
 environment that forces an older OpenBLAS kernel (e.g. ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU) makes
 every product ~1.6x slower. To measure what a stock numpy does on the machine, run it with those variables
 removed for that one command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/stages_speed.py``.
@@ -89,6 +90,23 @@ def cpu_info() -> str:
     return f"{model}; flags {' '.join(present) or 'none of avx2 fma avx512f'}"
 
 
+def product_gflops(shapes=((5000, 1024, 400), (1600, 512, 400)), repeats: int = 3) -> str:
+    """Float32 matrix-product throughput of numpy's BLAS at the cascade's two main shapes (InMaP's step, LP++'s
+    epoch: ``[M, K] @ [K, N]``), best of ``repeats``: the floor under every time below on this machine."""
+    rng = np.random.default_rng(0)
+    out = []
+    for m, k, n in shapes:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        best = np.inf
+        for _ in range(repeats + 1):            # the first product warms the BLAS threads up
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out.append(f"{m}x{k}x{n} {2 * m * k * n / best / 1e9:.0f} GFLOPS")
+    return ", ".join(out)
+
+
 def timed(label, fn, rows):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -135,6 +153,7 @@ def main(argv=None):
           f"{ys.size} support rows, {val[1].size} validation rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     print(f"  BLAS: {blas_info()}")
     print(f"  CPU: {cpu_info()}")
+    print(f"  float32 products: {product_gflops()}")
     print("  (wall seconds; cpu = this process's CPU seconds over all threads: on an otherwise idle machine "
           "wall is about cpu / threads)")
     rows = []

@@ -1,7 +1,7 @@
 """Work the cascade does not repeat (docs/accuracy.md, "Speed"): a query set of one block of rows computes each
 inductive expert's log-probabilities once per ``predict``; a larger set recomputes them per block where they are
 used (the memory-lean path of docs/scale.md); both give the same scores. Independent fits run side by side, each on
-its share of BLAS's threads. benchmarks/stages_speed.py reports wall and CPU seconds per step."""
+one BLAS thread. benchmarks/stages_speed.py reports wall and CPU seconds per step."""
 from __future__ import annotations
 
 import subprocess
@@ -131,6 +131,9 @@ def test_run_parallel_keeps_order_shares_blas_threads_and_raises():
         assert _blas_threads() == 2                      # restored afterwards
         assert run_parallel([_blas_threads], parallel=True) == [2]       # one job: all the threads, no pool
         assert run_parallel([_blas_threads, _blas_threads], parallel=False) == [2, 2]
+    with threadpool_limits(limits=4, user_api="blas"):            # more threads than jobs: still one each
+        assert run_parallel([_blas_threads, _blas_threads]) == [1, 1]
+        assert _blas_threads() == 4
 
         def boom():
             raise ValueError("stage failed")

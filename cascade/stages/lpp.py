@@ -108,8 +108,9 @@ class LinearProbePP(Stage):
             use_val = vx.shape[0] > 0            # zero validation rows: as if none were given
         best = (-1.0, -1, W.copy(), b.copy(), alpha.copy(), None)
         hit = None
-        # The logits fold alpha into the weights, z = x . (w_k + alpha_k t_k) + b_k: one product per epoch instead
-        # of two, and alpha's gradient sum_i g_ik (x_i . t_k) is (G^T X)_k . t_k, read off W's gradient G^T X.
+        # The logits fold alpha into the weights, z = x . (w_k + alpha_k t_k) + b_k (a [K, D] sum instead of two
+        # passes over [N, K] per epoch), and alpha's gradient sum_i g_ik (x_i . t_k) is (G^T X)_k . t_k, read off
+        # W's gradient G^T X (a [K, D] pass instead of two over [N, K]).
         # Everything below is float32 and updated in place (no per-epoch allocations of [N, K] or [K, D]).
         A = np.empty_like(W)                            # W + alpha t, the effective weights
         buf_w = np.zeros_like(W)

@@ -18,7 +18,8 @@ same predict R more times (same fitted cascade, same result): the spread of one 
 ``OPENBLAS_NUM_THREADS=1`` the CPU seconds count the work alone, not OpenBLAS's threads waiting for each other.
 
 Nearly all the time is float32 matrix products in numpy's BLAS, so the BLAS line printed first matters (the line
-after it gives the products' throughput at the two main shapes, InMaP's step and LP++'s epoch): an
+after it gives the products' throughput at the two main shapes, InMaP's step and LP++'s epoch; the next, numpy's
+float32 ``exp`` per element, the floor of the element-wise work, which every softmax pays): an
 environment that forces an older OpenBLAS kernel (e.g. ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 CPU) makes
 every product ~1.6x slower. To measure what a stock numpy does on the machine, run it with those variables
 removed for that one command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/stages_speed.py``.
@@ -107,6 +108,22 @@ def product_gflops(shapes=((5000, 1024, 400), (1600, 512, 400)), repeats: int = 
     return ", ".join(out)
 
 
+def exp_rate(shape=(5000, 400), calls: int = 10) -> str:
+    """numpy's float32 ``exp`` on one thread at the shape of InMaP's softmax (queries x classes), ``calls`` calls after
+    one to warm up: the floor of the element-wise work, which every softmax, log-softmax and temperature fit pays.
+    The fastest call and the median: on some machines a call in a loop is several times slower than the fastest."""
+    z = np.random.default_rng(0).standard_normal(shape).astype(np.float32) - 3.0
+    out = np.empty_like(z)
+    np.exp(z, out=out)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        np.exp(z, out=out)
+        times.append(time.perf_counter() - t0)
+    best, median = min(times) / z.size * 1e9, float(np.median(times)) / z.size * 1e9
+    return f"{shape[0]}x{shape[1]}, {best:.1f} ns per element (fastest of {calls} calls), {median:.1f} (median)"
+
+
 def timed(label, fn, rows):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -154,6 +171,7 @@ def main(argv=None):
     print(f"  BLAS: {blas_info()}")
     print(f"  CPU: {cpu_info()}")
     print(f"  float32 products: {product_gflops()}")
+    print(f"  float32 exp: {exp_rate()}")
     print("  (wall seconds; cpu = this process's CPU seconds over all threads: on an otherwise idle machine "
           "wall is about cpu / threads)")
     rows = []

@@ -107,6 +107,8 @@ def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
     assert any(line.strip().startswith("CPU: ") for line in lines)              # the flags the figures ran on
     products = next(line for line in lines if line.strip().startswith("float32 products: "))
     assert products.count("GFLOPS") == 2 and "5000x1024x400" in products     # the BLAS floor, InMaP's shape
+    exp = next(line for line in lines if line.strip().startswith("float32 exp: "))
+    assert "5000x400, " in exp and float(exp.split(",")[1].split()[0]) > 0 and "(median)" in exp   # ns per element
     timed = {line.split("  ")[1].strip(): line for line in lines if line.rstrip().endswith("s)") and "(cpu" in line}
     fit, predict, total = (timed["Cascade.fit (zero-shot + LP++ x backbones, calibration)"],
                            timed["Cascade.predict (prior, InMaP joint, pools, GDA, routing)"],

@@ -209,14 +209,13 @@ class Cascade(HasParams):
         "balance": [Options("none", "check", "always", "counts")],
         "balance_without_val": [Options("counts", "check", "none")],
         "balance_min_gain": [Interval(Real, 0, None)],
-        "balance_exact": [BOOL],
         "balance_refit": [BOOL],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1, balance_exact: bool = False,
+                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True, balance_without_val: str = "counts"):
         self.transductive = transductive
         self.seen_stages = seen_stages
@@ -232,7 +231,6 @@ class Cascade(HasParams):
         self.rebalance = rebalance
         self.balance = balance
         self.balance_min_gain = balance_min_gain
-        self.balance_exact = balance_exact
         self.balance_refit = balance_refit
         self.balance_without_val = balance_without_val
 
@@ -307,16 +305,6 @@ class Cascade(HasParams):
 
     # ------------------------------------------------------------------------------------------------ predict
     def predict(self, query: dict) -> CascadeResult:
-        from . import pool as _pool
-        saved = (_pool.BALANCE_ROUNDS, _pool.BALANCE_TOL, _pool.REBALANCE_ROUNDS, _pool.REBALANCE_TOL)
-        if self.balance_exact:
-            _pool.BALANCE_ROUNDS, _pool.BALANCE_TOL, _pool.REBALANCE_ROUNDS, _pool.REBALANCE_TOL = 20000, 1e-7, 20000, 1e-7
-        try:
-            return self._predict(query)
-        finally:
-            _pool.BALANCE_ROUNDS, _pool.BALANCE_TOL, _pool.REBALANCE_ROUNDS, _pool.REBALANCE_TOL = saved
-
-    def _predict(self, query: dict) -> CascadeResult:
         """Score the queries (transductively: the query set is used, without labels, by the transductive stage,
         the marginal estimate, the refinement and the balancing).
 

@@ -35,8 +35,6 @@ from .threads import run_parallel
 # probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
 # hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
 BALANCE_FLOOR = 1e-12
-BALANCE_TOL = 1e-4
-REBALANCE_ROUNDS, REBALANCE_TOL = 1000, 1e-6
 BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
 # count_marginal: the pool's soft counts are taken to err by this many times the variance they would have if its
 # posteriors were calibrated (1: calibrated, the assumption that needs no labelled rows to set)
@@ -141,7 +139,7 @@ class PoolWeights:
 def rebalancing_bias(zero_shot: np.ndarray, marginal) -> np.ndarray:
     """Per-class biases that make zero-shot's mean posterior over the queries ``marginal`` (None: uniform)."""
     C = zero_shot.shape[1]
-    return balancing_bias(zero_shot, np.full(C, 1.0 / C) if marginal is None else marginal, n_iter=REBALANCE_ROUNDS, tol=REBALANCE_TOL)
+    return balancing_bias(zero_shot, np.full(C, 1.0 / C) if marginal is None else marginal)
 
 
 def fit_pool(held: Experts | None, y, n_seen: int, combine: str, bias=None) -> PoolWeights:
@@ -184,7 +182,7 @@ def balanced(probs: np.ndarray, marginal) -> np.ndarray:
     lp = np.empty_like(probs)
     for b in row_blocks(len(probs)):
         lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
-    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=BALANCE_TOL)
+    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)
     for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
         lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
     return lp
@@ -213,7 +211,7 @@ def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray
     for b in row_blocks(n):
         lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
     lp[n:] = np.log(np.maximum(held_scores, BALANCE_FLOOR))
-    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=BALANCE_TOL)
+    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
     lv = lp[n:]
     rows = np.arange(len(y))
     d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]

@@ -349,10 +349,14 @@ def test_paired_difference_is_the_mean_and_its_standard_error():
     assert paired_difference([]) == (0.0, float("inf"))
 
 
-def test_balancing_bias_makes_the_mean_posterior_the_marginal():
+@pytest.mark.parametrize("method", ["lbfgs", "rounds"])
+def test_balancing_bias_makes_the_mean_posterior_the_marginal(method):
     """Per-class biases b with mean_i softmax(log p_i + b) = q: Sinkhorn's column scaling, kept as a bias."""
+    from functools import partial
+
     from cascade.stages.base import log_softmax
     from cascade.stages.calibration import balancing_bias
+    balancing_bias = partial(balancing_bias, method=method)
 
     # by hand: rows (0.9, 0.1) and (0.5, 0.5), balanced marginal. With w = (1, x) the class-0 posteriors are
     # 0.9 / (0.9 + 0.1 x) and 1 / (1 + x), whose sum is 1 at x = 3: b = (-log 3, log 3) / 2 once centred
@@ -376,6 +380,36 @@ def test_balancing_bias_makes_the_mean_posterior_the_marginal():
     for bad in ([0.5, 0.5], [1, 1, 1, 1, -1], [0, 0, 0, 0, 0], [np.nan, 1, 1, 1, 1]):
         with pytest.raises(ValueError, match="marginal"):
             balancing_bias(L, bad)
+
+
+def test_balancing_bias_lbfgs_reaches_the_rounds_fixed_point_in_far_fewer_passes(monkeypatch):
+    """Classes that hold little mass make proportional fitting slow: capped at 100 rounds it balances only part of
+    the way (what the final balancing keeps, BALANCE_ROUNDS). L-BFGS on the convex dual reaches the point that
+    thousands of rounds converge to, in a fraction of the passes over the rows."""
+    from cascade.stages import calibration
+    from cascade.stages.base import log_softmax
+    rng = np.random.default_rng(1)
+    C = 30
+    L = log_softmax(40 * rng.standard_normal((400, C)) - np.linspace(0, 40, C))  # later classes rarely win
+    q = np.full(C, 1.0 / C)
+    passes = []
+    real = calibration._weighted_sums
+    monkeypatch.setattr(calibration, "_weighted_sums", lambda P, w: passes.append(1) or real(P, w))
+
+    def run(**kw):
+        passes.clear()
+        b = calibration.balancing_bias(L, q, **kw)
+        return b, len(passes), np.exp(log_softmax(L + b)).mean(axis=0)
+
+    exact, n_exact, m_exact = run(method="rounds", n_iter=100000, tol=1e-9)
+    fast, n_fast, m_fast = run(tol=1e-6)
+    capped, _, m_capped = run(method="rounds", n_iter=100, tol=1e-4)
+    assert np.max(np.abs(m_exact / q - 1)) < 1e-6 and np.max(np.abs(m_fast / q - 1)) < 1e-5
+    np.testing.assert_allclose(fast, exact, atol=1e-4)
+    assert n_fast * 10 < n_exact and n_exact > 1000
+    assert np.max(np.abs(m_capped / q - 1)) > 1e-2                        # 100 rounds stop short of the marginal
+    with pytest.raises(ValueError, match="method"):
+        calibration.balancing_bias(L, q, method="newton")
 
 
 def test_lpp_auto_selection_keeps_the_last_epoch_unless_validation_clearly_disagrees():

@@ -35,7 +35,11 @@ from .threads import run_parallel
 # probabilities are floored here before balancing: a near-one-hot posterior would otherwise need biases of
 # hundreds of nats (and a thousand slow rounds) to give a class the count the marginal asks for
 BALANCE_FLOOR = 1e-12
-BALANCE_ROUNDS = 100            # at most this many rounds of the balancing (each two matrix-vector products)
+# the final balancing and its check run at most this many rounds of proportional fitting (each two matrix-vector
+# products): where classes hold little mass that balances part of the way, which the check's threshold and the
+# no-val count rule were measured with; run to convergence it cost the older tasks without validation rows
+# (docs/accuracy.md, "Speed")
+BALANCE_ROUNDS = 100
 # count_marginal: the pool's soft counts are taken to err by this many times the variance they would have if its
 # posteriors were calibrated (1: calibrated, the assumption that needs no labelled rows to set)
 COUNT_NOISE = 1.0
@@ -182,7 +186,7 @@ def balanced(probs: np.ndarray, marginal) -> np.ndarray:
     lp = np.empty_like(probs)
     for b in row_blocks(len(probs)):
         lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
-    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
     for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
         lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
     return lp
@@ -211,7 +215,7 @@ def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray
     for b in row_blocks(n):
         lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
     lp[n:] = np.log(np.maximum(held_scores, BALANCE_FLOOR))
-    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4)
+    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
     lv = lp[n:]
     rows = np.arange(len(y))
     d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]

@@ -71,10 +71,18 @@ def posterior_blocks(P: np.ndarray):
 def _normalised_mean(P: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``P^T (1 / (P w))`` [C] over the rows of ``P`` [N, C] (the sum over rows of each row's posterior under the
     class weights ``w``, divided by ``w``), in float64 a block of rows at a time."""
-    acc = np.zeros(P.shape[1])
+    return _weighted_sums(P, w)[1]
+
+
+def _weighted_sums(P: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(sum_i log(P_i . w), P^T (1 / (P w)))`` over the rows of ``P`` [N, C]: the log-likelihood of the rows
+    under the class weights ``w`` and :func:`_normalised_mean`, in one pass (float64, a block of rows at a time)."""
+    total, acc = 0.0, np.zeros(P.shape[1])
     for _, Pb in posterior_blocks(P):
-        acc += Pb.T @ (1.0 / (Pb @ w))
-    return acc
+        s = Pb @ w
+        total += float(np.log(s).sum())
+        acc += Pb.T @ (1.0 / s)
+    return total, acc
 
 
 def _posteriors(L: np.ndarray, floor: float | None = None) -> np.ndarray:
@@ -172,18 +180,28 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     return np.asarray(res.x, dtype=np.float64)
 
 
-def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: float = 1e-6) -> np.ndarray:
+def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: float = 1e-6,
+                   method: str = "lbfgs") -> np.ndarray:
     """Per-class log-biases ``b`` [C] with which the mean of ``softmax(log_probs[i] + b)`` over the rows equals
     ``marginal`` (normalised to sum 1).
 
     This is Sinkhorn's matrix scaling of the posteriors ``P`` [N, C] to row sums ``1/N`` and column sums
     ``marginal`` (what InMaP does to its pseudo-labels): the row scalings only renormalise each row, and the
     column scalings are ``exp(b)``. Kept as a bias, the balancing applies to rows outside the set too (e.g.
-    held-out rows that calibrate the expert), which a balanced matrix does not. Found by iterative proportional
-    fitting, ``w <- w * marginal / mean_i(P_i w / P_i . w)`` (two matrix-vector products per step), until no
-    bias moves by more than ``tol``; every ``P_ik > 0`` guarantees a solution (Sinkhorn 1967). ``b`` is returned
-    centred (mean 0); a class of zero marginal gets a large finite negative bias.
+    held-out rows that calibrate the expert), which a balanced matrix does not. Every ``P_ik > 0`` guarantees a
+    solution (Sinkhorn 1967).
+
+    ``method="rounds"``: iterative proportional fitting, ``w <- w * marginal / mean_i(P_i w / P_i . w)`` (two
+    matrix-vector products per round), from ``b = 0`` until no bias moves by more than ``tol``, at most ``n_iter``
+    rounds. Where some classes hold little mass it needs hundreds to thousands of rounds, so a small ``n_iter``
+    balances only part of the way. ``method="lbfgs"``: the biases minimise the convex function
+    ``mean_i log(P_i . exp(b)) - marginal . b`` (its gradient is the mean posterior minus the marginal), which
+    L-BFGS (scipy) brings within ``tol`` of the marginal, relative to it, in tens of evaluations of that cost (at
+    most ``n_iter``); the rounds then finish from there, usually after one. ``b`` is returned centred (mean 0); a
+    class of zero marginal gets a large finite negative bias.
     """
+    if method not in ("lbfgs", "rounds"):
+        raise ValueError(f"method must be 'lbfgs' or 'rounds', got {method!r}")
     L = _float(log_probs)
     n, c = L.shape
     q = np.asarray(marginal, dtype=np.float64).ravel()
@@ -191,7 +209,7 @@ def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: flo
         raise ValueError(f"marginal must be {c} finite non-negative weights with a positive sum")
     q = np.maximum(q / q.sum(), 1e-300)
     P = _posteriors(L)                  # in the dtype of L (store_dtype for the router's query sets)
-    log_w = np.zeros(c)
+    log_w = _minimise_balancing(P, q, n_iter, tol) if method == "lbfgs" else np.zeros(c)
     for _ in range(n_iter):
         w = np.exp(log_w - log_w.max())
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -210,6 +228,30 @@ def balancing_bias(log_probs: np.ndarray, marginal, n_iter: int = 1000, tol: flo
         if np.max(np.abs(step)) <= tol:
             break
     return log_w - log_w.mean()
+
+
+def _minimise_balancing(P: np.ndarray, q: np.ndarray, max_evals: int, tol: float) -> np.ndarray:
+    """Log-biases near the balancing's solution (:func:`balancing_bias`, ``method="lbfgs"``): L-BFGS-B on
+    ``f(b) = mean_i log(P_i . exp(b)) - q . b`` from ``b = 0``, stopped once no class with mass in ``q`` is further
+    than ``tol`` (relative) from it, or after ``max_evals`` evaluations. A step where the function is not finite (a
+    row whose mass sits only on classes whose weights underflowed) counts as a failed step of the line search; if
+    even ``b = 0`` gives no finite value, zeros are returned and the rounds start from there."""
+    n = P.shape[0]
+
+    def value_and_gradient(b):
+        top = b.max()
+        w = np.exp(b - top)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            total, acc = _weighted_sums(P, w)
+            f, g = total / n + top - q @ b, w * acc / n - q
+        if not (np.isfinite(f) and np.all(np.isfinite(g))):
+            return np.inf, np.zeros_like(b)
+        return f, g
+
+    gtol = tol * float(q[q > 1e-250].min())
+    res = minimize(value_and_gradient, np.zeros(len(q)), jac=True, method="L-BFGS-B",
+                   options={"maxfun": max_evals, "maxiter": max_evals, "gtol": gtol, "ftol": 0.0})
+    return res.x if np.all(np.isfinite(res.x)) and np.isfinite(res.fun) else np.zeros(len(q))
 
 
 def paired_difference(d) -> tuple[float, float]:

@@ -211,6 +211,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["balance_without_val"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").balance_without_val == "check"
+    # ... and one written before the few-queries fallback existed left a declined check's scores unbalanced
+    assert back.balance_few_per_class == 5.0
+    del meta["balance_few_per_class"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").balance_few_per_class == 0.0
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 

@@ -176,6 +176,11 @@ class Cascade(HasParams):
         ``combine="pool"``.
     balance_min_gain : float
         The smallest mean gain (nats per held-out row) at which "check" balances (docs/accuracy.md).
+    balance_few_per_class : float
+        Where "check" declines on a query set of fewer queries per class than this, the final distribution is
+        balanced part of the way by the count rule (as ``balance="counts"``; the refinement is not refitted).
+        With a few queries per class the query-fitted experts memorise the queries, and held-out rows underrate
+        them and their balancing (docs/accuracy.md, "Few queries per class"). 0: never.
     balance_without_val : "counts" | "check" | "none"
         What ``balance="check"`` does without validation rows: "counts" (see ``balance``), "check" on the support
         rows scored out of fold (``cv_folds``; their gain does not tell balanced query sets from others,
@@ -209,6 +214,7 @@ class Cascade(HasParams):
         "balance": [Options("none", "check", "always", "counts")],
         "balance_without_val": [Options("counts", "check", "none")],
         "balance_min_gain": [Interval(Real, 0, None)],
+        "balance_few_per_class": [Interval(Real, 0, None)],
         "balance_refit": [BOOL],
     }
 
@@ -216,7 +222,8 @@ class Cascade(HasParams):
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
-                 balance_refit: bool = True, balance_without_val: str = "counts"):
+                 balance_refit: bool = True, balance_without_val: str = "counts",
+                 balance_few_per_class: float = 5.0):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -233,6 +240,7 @@ class Cascade(HasParams):
         self.balance_min_gain = balance_min_gain
         self.balance_refit = balance_refit
         self.balance_without_val = balance_without_val
+        self.balance_few_per_class = balance_few_per_class
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -347,13 +355,16 @@ class Cascade(HasParams):
         if refinement is not None:
             scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
         # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement
-        #    then refitted on the balanced pool and anchored by it, ``balance_refit``)
+        #    then refitted on the balanced pool and anchored by it, ``balance_refit``); where they decline on a few
+        #    queries per class, part of the way by the count rule (``balance_few_per_class``, no refit)
         if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
             scores, target = self._balance(scores, held_scores, marginal, details)
-            if details["balanced"] and self.balance_refit and refinement is not None:
+            refit = (details["balanced"] and self.balance_refit and refinement is not None
+                     and not details["balance_few"])
+            if refit:
                 del scores
                 scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target)
-            details["balance_refit"] = bool(details["balanced"] and self.balance_refit and refinement is not None)
+            details["balance_refit"] = refit
         del pool_scores
         # 7. routing, then the specialists re-rank inside their domains
         scores, unseen = route(scores, experts.transductive, S, self.routing)
@@ -424,23 +435,26 @@ class Cascade(HasParams):
     def _balance(self, scores: np.ndarray, held_scores, marginal, details: dict):
         """(scores, target marginal): ``scores`` balanced to ``marginal`` (None: uniform) when ``balance`` says so
         ("check": when the held-out rows gain enough from it; without validation rows, ``balance_without_val``),
-        or to the count estimate of :func:`~cascade.router.pool.count_marginal` ("counts")."""
+        or to the count estimate of :func:`~cascade.router.pool.count_marginal` ("counts", and "check" declining
+        on fewer than ``balance_few_per_class`` queries per class: ``details["balance_few"]``)."""
         C = self.n_classes_
         marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
         rule = self.balance
         if rule == "check" and (self.val_ is None or self.val_folds_ is not None):    # no validation rows
             rule = self.balance_without_val
         details["balance_rule"] = rule
-        keep = rule == "always"
+        keep, few = rule == "always", False
         if rule == "check" and held_scores is not None and len(scores) >= C:
             gain, se = balance_gain(scores, held_scores, self.val_y_, marginal, self.n_seen_)
             keep = bool(gain > max(float(self.balance_min_gain), se))
+            few = (not keep and self.val_folds_ is None                      # validation rows, not folds
+                   and len(scores) < float(self.balance_few_per_class) * C)
             details.update(balance_gain=gain, balance_gain_se=se)
-        elif rule == "counts" and len(scores) >= C:
+        if (rule == "counts" or few) and len(scores) >= C:
             marginal, rho = count_marginal(scores, marginal)
             keep = True
             details.update(balance_rho=rho, balance_target=marginal)
-        details["balanced"] = keep
+        details.update(balanced=keep, balance_few=few)
         return (balanced(scores, marginal) if keep else scores), marginal
 
     def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal):
@@ -591,6 +605,7 @@ class Cascade(HasParams):
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
             "balance_refit": bool(self.balance_refit), "balance_without_val": self.balance_without_val,
+            "balance_few_per_class": float(self.balance_few_per_class),
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(stages.transductive),
             "refine": describe_stage(stages.refine) if stages.refine is not None else None,
@@ -628,7 +643,9 @@ class Cascade(HasParams):
                   # written before the refit existed: a balanced final distribution was the refinement's, balanced
                   balance_refit=bool(meta.get("balance_refit", False)),
                   # written before the count rule existed: without validation rows the check ran on the support rows
-                  balance_without_val=meta.get("balance_without_val", "check"))
+                  balance_without_val=meta.get("balance_without_val", "check"),
+                  # written before the few-queries fallback existed: a declined check left the scores unbalanced
+                  balance_few_per_class=meta.get("balance_few_per_class", 0.0))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

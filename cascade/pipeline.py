@@ -69,6 +69,28 @@ def _log_refinement(details: dict) -> None:
     _log(f"GDA refinement {verdict} (held-out log-likelihood gain {gain:+.3f} +- {se:.3f} per row)")
 
 
+def _log_balance(details: dict) -> None:
+    """One line on whether the final scores were balanced to the class marginal, and why (docs/accuracy.md)."""
+    if "balanced" not in details:
+        return
+    rule = details.get("balance_rule")
+    if details["balanced"] and "balance_rho" in details:
+        why = ("the held-out rows declined, but there are few images per class" if details.get("balance_few")
+               else "no validation rows")
+        _log(f"final scores balanced part of the way to the class counts ({why}; count rule, "
+             f"rho {details['balance_rho']:.2f})")
+    elif "balance_gain" in details:
+        verdict = "balanced to the class marginal" if details["balanced"] else "not balanced"
+        _log(f"final scores {verdict} (held-out log-likelihood gain {details['balance_gain']:+.3f} "
+             f"+- {details['balance_gain_se']:.3f} per row)")
+    elif details["balanced"]:
+        _log(f"final scores balanced to the class marginal (rule {rule!r})")
+    elif rule == "none":
+        _log("final scores not balanced (no validation rows and balance_without_val = \"none\")")
+    else:
+        _log("final scores not balanced (fewer images than classes)")
+
+
 def _pool_summary(details: dict) -> dict | None:
     """The seen block's pooled experts and their fitted exponents, by name (None when the pool had unit
     weights)."""
@@ -521,6 +543,7 @@ def test(cfg, progress: bool = True) -> dict:
         _log_pool(pred.details)
         _log_marginal(pred.details)
         _log_refinement(pred.details)
+        _log_balance(pred.details)
         for enc in sp_encoders:
             enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)

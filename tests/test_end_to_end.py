@@ -141,6 +141,7 @@ def test_result_file_lists_every_test_image_once_sorted(workspace, tested):
         assert len(idx) == 5 and len(set(idx)) == 5 and all(0 <= i < 403 for i in idx)
     assert "class marginal over these images: " in tested.stderr      # the cascade says which marginal it used
     assert "GDA refinement kept" in tested.stderr or "GDA refinement dropped" in tested.stderr
+    assert "final scores " in tested.stderr                            # ... and whether it balanced them
 
 
 def test_unreadable_test_images_are_listed_and_reported(workspace, tested):
@@ -315,3 +316,27 @@ def test_specialist_views_are_cached_so_a_second_train_encodes_nothing(workspace
     assert r.returncode == 0, r.stderr
     assert sorted((root / "out/cache").rglob("*.keys.npy")) == shards
     assert (out / "model/specialist-0.npz").read_bytes() == first          # same views, same specialist
+
+
+def test_the_balancing_verdict_is_one_line_naming_its_rule(capsys):
+    """test.sh says whether the final scores were balanced, and by which rule (docs/accuracy.md)."""
+    from cascade.pipeline import _log_balance
+
+    cases = [
+        ({"balanced": True, "balance_rule": "check", "balance_few": False, "balance_gain": 0.2,
+          "balance_gain_se": 0.05}, "balanced to the class marginal (held-out log-likelihood gain +0.200"),
+        ({"balanced": False, "balance_rule": "check", "balance_few": False, "balance_gain": -0.1,
+          "balance_gain_se": 0.05}, "not balanced (held-out log-likelihood gain -0.100"),
+        ({"balanced": True, "balance_rule": "check", "balance_few": True, "balance_gain": 0.06,
+          "balance_gain_se": 0.05, "balance_rho": 0.0}, "few images per class; count rule, rho 0.00"),
+        ({"balanced": True, "balance_rule": "counts", "balance_few": False, "balance_rho": 0.5},
+         "no validation rows; count rule, rho 0.50"),
+        ({"balanced": False, "balance_rule": "check", "balance_few": False}, "fewer images than classes"),
+        ({"balanced": False, "balance_rule": "none", "balance_few": False}, "balance_without_val"),
+    ]
+    for details, expected in cases:
+        _log_balance(details)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "final scores " in err and expected in err, (details, err)
+    _log_balance({})                                  # balance = "none": nothing to say
+    assert capsys.readouterr().err == ""

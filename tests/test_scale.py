@@ -65,14 +65,17 @@ def test_inmap_and_gda_in_blocks_agree_with_whole(monkeypatch):
 
 
 def test_cascade_predict_in_blocks_agrees_with_whole(monkeypatch):
+    # the scores differ only by the rounding of float32 sums made a block of rows at a time (InMaP's gradient):
+    # up to 1.02e-6 with OpenBLAS's AVX-512 kernel, less with its AVX2 ones; the rankings and routes are equal
+    tol = 1e-5
     cascade, query = _two_backbone_cascade(250)
     a, b = _both(lambda: cascade.predict(query), monkeypatch, block=41)
-    assert np.abs(a.scores - b.scores).max() <= 1e-6
+    assert np.abs(a.scores - b.scores).max() <= tol
     assert np.array_equal(a.top5, b.top5) and a.route == b.route
     # the seeds' routing (stage 1 decides, a block of rows at a time) and no refinement
     cascade.routing, cascade.refine = "stage1", None
     a, b = _both(lambda: cascade.predict(query), monkeypatch, block=41)
-    assert np.abs(a.scores - b.scores).max() <= 1e-6
+    assert np.abs(a.scores - b.scores).max() <= tol
     assert np.array_equal(a.top5, b.top5) and a.route == b.route and "unseen" in a.route
 
 

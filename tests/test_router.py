@@ -192,7 +192,7 @@ def test_save_load_roundtrip(tmp_path):
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").refine.mean_prior == 0.0
     # ... and one written before the refinement check existed keeps its refinement always, as it did
-    assert back.refine_check == 2.0
+    assert back.refine_check == 1.0
     del meta["refine_check"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").refine_check is None

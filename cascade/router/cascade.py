@@ -221,7 +221,7 @@ class Cascade(HasParams):
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
                  prior: str = "estimate", routing: str = "joint", backbone_weights=None,
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
-                 refine_check=2.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
+                 refine_check=1.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True, balance_without_val: str = "counts",
                  balance_few_per_class: float = 5.0):
         self.transductive = transductive

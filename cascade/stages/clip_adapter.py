@@ -10,8 +10,9 @@ For an image feature x the adapted feature and the logits are::
 Only W1 and W2 are trained, by cross-entropy on the support rows. The authors publish the model but no trainer
 settings beyond pointing to CoOp, so the recipe is CoOp's (its Dassl defaults for ViT-B/32 few-shot training):
 SGD with momentum 0.9 and weight decay 5e-4, batches of 32 drawn without replacement (the last incomplete
-batch dropped when there are at least 32 rows), a cosine learning-rate schedule stepped per epoch over
-``epochs`` (200) epochs after one warm-up epoch at a constant 1e-5, and the weights after the LAST epoch (CoOp
+batch dropped when there are at least 32 rows), one warm-up epoch at a constant 1e-5, then a cosine
+learning-rate schedule over ``epochs`` (200) stepped per epoch from the end of the warm-up (Dassl's order:
+the warm-up epoch counts among the 200, and the first epoch after it runs at the full rate), and the weights after the LAST epoch (CoOp
 evaluates the final model; validation rows are not used). The layers start like torch's ``nn.Linear``
 (uniform in +-1/sqrt(fan_in)), from a seeded numpy generator.
 
@@ -80,10 +81,13 @@ class CLIPAdapter(Stage):
     }
 
     def _lr(self, epoch: int) -> float:
-        """Learning rate of an epoch: warm-up constant, then cosine over ``epochs`` (Dassl's per-epoch steps)."""
+        """Learning rate of an epoch, as Dassl's warm-up wrapper steps it: ``warmup_lr`` for the first
+        ``warmup_epochs`` epochs, then the cosine schedule over ``epochs`` from its start (the cosine scheduler is
+        stepped only once the warm-up is over, so epoch ``warmup_epochs`` trains at the full ``lr``)."""
         if epoch < self.warmup_epochs:
             return float(self.warmup_lr)
-        return 0.5 * float(self.lr) * (1.0 + np.cos(np.pi * epoch / self.epochs))
+        step = epoch - int(self.warmup_epochs)
+        return 0.5 * float(self.lr) * (1.0 + np.cos(np.pi * step / self.epochs))
 
     def fit(self, X, y=None, *, text=None, val=None, query=None) -> "CLIPAdapter":
         """Train the adapter on support ``X`` [Ns, D] / ``y`` against ``text`` [C, D].

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stages_speed.py [--queries 5000] [--classes 400] [--shots 4] [--dim 512]
                                                 [--backbones 2] [--full-inmap]
                                                 [--balance check|always|none] [--no-balance-refit]
+                                                [--refit-check X|false]
                                                 [--profile N] [--repeat R]
 
 Features are synthetic (seeded): per backbone, class centres on the unit sphere, support/query rows =
@@ -10,7 +11,9 @@ normalise(centre + noise), text = normalise(centre + noise). Prints seconds per 
 default Cascade (fit on support, predict on the queries: InMaP over all classes on the joint features +
 LP++ per backbone). ``--full-inmap`` also times the authors' 2000-step InMaP without early stopping.
 The synthetic query set is not balanced, so the default check does not balance it; ``--balance always`` times
-the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``).
+the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``; that
+refit is judged by its check, ``--refit-check``, which drops it on this synthetic task: a large threshold keeps it
+and still times the check, ``false`` skips the check).
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
 says where the time of each step goes when other jobs make the wall clock meaningless. ``--repeat R`` times the
@@ -158,6 +161,8 @@ def main(argv=None):
                    help="the cascade's balance setting (default: check, the default cascade's)")
     p.add_argument("--no-balance-refit", action="store_true",
                    help="balance_refit=False: a balanced final distribution is the refinement's output, balanced")
+    p.add_argument("--refit-check", default=None,
+                   help="the cascade's refit_check (default: the default cascade's; false: no check)")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="list the N functions of Cascade.fit + predict with the most CPU seconds (cumulative)")
     p.add_argument("--repeat", type=int, metavar="R", default=0,
@@ -188,7 +193,8 @@ def main(argv=None):
         timed("InMaP authors' 2000 steps fit+score (one backbone)",
               lambda: InMaP().fit(query[k0], text=text[k0]).decision_function(query[k0]), rows)
     casc = default_cascade([f"stages.cascade.balance={a.balance}",
-                            f"stages.cascade.balance_refit={str(not a.no_balance_refit).lower()}"])
+                            f"stages.cascade.balance_refit={str(not a.no_balance_refit).lower()}"]
+                           + ([f"stages.cascade.refit_check={a.refit_check}"] if a.refit_check is not None else []))
     prof = cProfile.Profile(time.process_time) if a.profile else None
     timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
           lambda: profiled(prof, casc.fit, support, ys, text, a.classes, val=val if val[1].size else None), rows)
@@ -199,7 +205,9 @@ def main(argv=None):
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
     print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced pool: "
-          f"{res.details.get('balance_refit')}")
+          f"{res.details.get('balance_refit')}"
+          + (f" (its check: gain {res.details['refit_gain']:+.3f} +- {res.details['refit_gain_se']:.3f})"
+             if "refit_gain" in res.details else ""))
     for i in range(a.repeat):
         timed(f"Cascade.predict again ({i + 1} of {a.repeat})", lambda: casc.predict(query), rows)
     if prof is not None:

@@ -91,6 +91,16 @@ def _log_balance(details: dict) -> None:
         _log("final scores not balanced (fewer images than classes)")
 
 
+def _log_refit(details: dict) -> None:
+    """One line when validation rows judged the GDA refitted on the balanced pool (docs/accuracy.md)."""
+    if "refit_dropped" not in details:
+        return
+    verdict = ("dropped: validation rows find it worse than the balanced pool, which is the final score"
+               if details["refit_dropped"] else "kept")
+    _log(f"GDA refit on the balanced scores {verdict} (held-out log-likelihood gain {details['refit_gain']:+.3f} "
+         f"+- {details['refit_gain_se']:.3f} per row)")
+
+
 def _pool_summary(details: dict) -> dict | None:
     """The seen block's pooled experts and their fitted exponents, by name (None when the pool had unit
     weights)."""
@@ -544,6 +554,7 @@ def test(cfg, progress: bool = True) -> dict:
         _log_marginal(pred.details)
         _log_refinement(pred.details)
         _log_balance(pred.details)
+        _log_refit(pred.details)
         for enc in sp_encoders:
             enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)

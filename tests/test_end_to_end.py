@@ -340,3 +340,16 @@ def test_the_balancing_verdict_is_one_line_naming_its_rule(capsys):
         assert err.count("\n") == 1 and "final scores " in err and expected in err, (details, err)
     _log_balance({})                                  # balance = "none": nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_the_refit_verdict_is_one_line(capsys):
+    """test.sh says whether the GDA refitted on the balanced scores was kept (docs/accuracy.md, refit_check)."""
+    from cascade.pipeline import _log_refit
+
+    for dropped, expected in ((False, "kept (held-out log-likelihood gain +0.050 +- 0.040"),
+                              (True, "dropped: validation rows find it worse than the balanced pool")):
+        _log_refit({"refit_dropped": dropped, "refit_gain": 0.05 if not dropped else -0.5, "refit_gain_se": 0.04})
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "GDA refit on the balanced scores " in err and expected in err, err
+    _log_refit({"balanced": True})                    # no check made: nothing to say
+    assert capsys.readouterr().err == ""

@@ -216,6 +216,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["balance_few_per_class"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").balance_few_per_class == 0.0
+    # ... and one written before the refit's check existed keeps its balanced refit always, as it did
+    assert back.refit_check == 2.0
+    del meta["refit_check"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").refit_check is None
     with pytest.raises(FileNotFoundError):
         Cascade.load(tmp_path / "nothing")
 
@@ -474,6 +479,8 @@ def test_refinement_check_drops_a_refinement_the_held_out_rows_find_worse():
     for wrong in (-1, "yes", True):
         with pytest.raises(ValueError, match="refine_check"):
             Cascade(refine_check=wrong).fit(support, ys, text, S)
+        with pytest.raises(ValueError, match="refit_check"):
+            Cascade(refit_check=wrong).fit(support, ys, text, S)
 
 
 def test_single_query_sets_are_classified_like_zero_shot_not_pulled_to_unseen_classes():

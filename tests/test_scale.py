@@ -141,8 +141,12 @@ def _two_backbone_cascade(n_query, c=12):
     return cascade, two(qx)
 
 
-def test_float32_distributions_beyond_the_threshold_agree_with_float64(monkeypatch):
+@pytest.mark.parametrize("balance", ["check", "always"])
+def test_float32_distributions_beyond_the_threshold_agree_with_float64(monkeypatch, balance):
+    """Blocks of rows and float32 storage give the float64 result; "always" takes the balanced refit and its
+    check through their blocked paths too."""
     cascade, query = _two_backbone_cascade(400)
+    cascade.set_params(balance=balance)
     monkeypatch.setattr(calibration, "CHUNK_ROWS", 10 ** 9)
     whole = cascade.predict(query)
     assert whole.scores.dtype == np.float64
@@ -152,16 +156,21 @@ def test_float32_distributions_beyond_the_threshold_agree_with_float64(monkeypat
     assert small.scores.dtype == np.float32
     assert np.abs(small.scores - whole.scores).max() <= 1e-4
     assert np.array_equal(small.top5[:, 0], whole.top5[:, 0]) and small.route == whole.route
+    for key in ("refit_gain", "refit_gain_se"):
+        assert (key in small.details) == (balance == "always")
+        if key in small.details:
+            assert small.details[key] == pytest.approx(whole.details[key], rel=1e-3, abs=1e-4)
 
 
-@pytest.mark.parametrize("balance_refit, kept", [(False, 3), (True, 4)])
-def test_predict_keeps_a_few_float32_distributions_beyond_the_threshold(monkeypatch, balance_refit, kept):
+@pytest.mark.parametrize("balance, balance_refit, kept", [("check", False, 3), ("check", True, 4),
+                                                           ("always", True, 4)])
+def test_predict_keeps_a_few_float32_distributions_beyond_the_threshold(monkeypatch, balance, balance_refit, kept):
     """Memory of predict above the query features: their joint copy and a few [N, C] float32 arrays, not a dozen
     float64 ones (tracemalloc sees every numpy array). The balanced refit keeps the pool through the refinement:
-    one array more."""
+    one array more; "always" makes that refit, and its check (``refit_check``), happen."""
     n, c, block = 6000, 60, 500
     cascade, query = _two_backbone_cascade(n, c)
-    cascade.set_params(balance_refit=balance_refit)
+    cascade.set_params(balance=balance, balance_refit=balance_refit)
     monkeypatch.setattr(calibration, "CHUNK_ROWS", block)
     monkeypatch.setattr(calibration, "FLOAT64_ROWS", block)
     dim = sum(v.shape[1] for v in query.values())
@@ -172,6 +181,7 @@ def test_predict_keeps_a_few_float32_distributions_beyond_the_threshold(monkeypa
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     assert result.scores.dtype == np.float32
+    assert ("refit_gain" in result.details) == (balance == "always"), result.details
     per_nc = n * c * 4                                                 # one [N, C] float32 array
     blocks = 8 * block * (c + dim) * 8                                 # a few float64 temporaries of one block
     assert peak < joint + kept * per_nc + blocks, (peak, joint, per_nc, blocks)

@@ -15,7 +15,8 @@ stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a qu
 6. the final distribution is balanced to the class marginal when held-out rows gain from it (:mod:`.pool`);
    without validation rows, part of the way, to the class counts the query set most likely has given how noisy
    the pool's soft counts are (``balance_without_val``). The refinement is then refitted on the pool balanced
-   the same way, and its posterior times that pool, balanced, is the final distribution (``balance_refit``).
+   the same way, and its posterior times that pool, balanced, is the final distribution (``balance_refit``),
+   unless validation rows find that refit worse than the balanced pool (``refit_check``, :mod:`.refine`).
    Where held-out rows decline on a few queries per class, which they underrate, the count rule balances part
    of the way, without the refit (``balance_few_per_class``);
 7. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains

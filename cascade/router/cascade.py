@@ -194,6 +194,15 @@ class Cascade(HasParams):
         check dropped the refinement of the unbalanced pool: that check judged another fit, and the anchor keeps
         a weak refinement from overriding the pool. One more refinement fit, only where the final distribution
         is balanced.
+    refit_check : float or None
+        With validation rows: keep the balanced refit only unless the validation rows, taking part in it as the
+        queries do (in both balancings and among the refinement's rows), find its mean log-likelihood of their
+        labels more than this many standard errors below the balanced pool's; the balanced pool is then the final
+        distribution. The refit is trusted more than the refinement (it gains on the class-subset families), so
+        the bar is higher than ``refine_check``'s: it drops the refit where the classes overlap so much that the
+        Gaussian fitted to the pool's soft labels costs points (docs/accuracy.md). Without validation rows the
+        refit is kept (support rows scored fold by fold dropped refits that gained). None or False: always keep
+        it. One more refinement fit, only where the refit is made.
     specialists : sequence
         Objects with ``classes_``, ``feature_key`` (or ``query_key``, preferred when present), ``name``
         (optional) and ``rerank(probs, X)``. The query dict's entry for that key is either a feature array
@@ -209,6 +218,7 @@ class Cascade(HasParams):
         "calibrate": [BOOL],
         "cv_folds": [Interval(Integral, 0, None)],
         "refine_check": [Interval(Real, 0, None), Options(None, False)],
+        "refit_check": [Interval(Real, 0, None), Options(None, False)],
         "rebalance": [BOOL],
         "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
         "balance": [Options("none", "check", "always", "counts")],
@@ -223,7 +233,7 @@ class Cascade(HasParams):
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=1.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True, balance_without_val: str = "counts",
-                 balance_few_per_class: float = 5.0):
+                 balance_few_per_class: float = 5.0, refit_check=2.0):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -241,6 +251,7 @@ class Cascade(HasParams):
         self.balance_refit = balance_refit
         self.balance_without_val = balance_without_val
         self.balance_few_per_class = balance_few_per_class
+        self.refit_check = refit_check
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -349,6 +360,7 @@ class Cascade(HasParams):
         scores = fill_rows(n, C, partial(experts.pooled, weights=weights))
         experts.release()
         held_scores = pooled(held, weights, S, self.combine) if held is not None else None
+        held_pool = held_scores           # the held-out rows' pool, for the balanced refit's check of step 6
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
         keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool"
         t_ref, pool_scores = None, (scores if keep_pool else None)   # kept only for the balanced refit of step 6
@@ -363,7 +375,8 @@ class Cascade(HasParams):
                      and not details["balance_few"])
             if refit:
                 del scores
-                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target)
+                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target, held_pool, details)
+                refit = not details.get("refit_dropped", False)
             details["balance_refit"] = refit
         del pool_scores
         # 7. routing, then the specialists re-rank inside their domains
@@ -457,11 +470,21 @@ class Cascade(HasParams):
         details.update(balanced=keep, balance_few=few)
         return (balanced(scores, marginal) if keep else scores), marginal
 
-    def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal):
+    def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal,
+                        held_pool, details: dict):
         """(final distribution, temperature): the refinement refitted on the pool balanced to ``marginal``, its
-        posterior times that balanced pool, balanced again (per-class biases cancel in the product)."""
+        posterior times that balanced pool, balanced again (per-class biases cancel in the product); or the
+        balanced pool alone (temperature None) where ``refit_check`` drops the refit (``details["refit_dropped"]``;
+        ``held_pool``: the held-out rows' pooled distribution)."""
         C = self.n_classes_
         marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
+        if (self.refit_check is not None and self.refit_check is not False and held_pool is not None
+                and refinement.held_x is not None and refinement.held_folds is None):     # validation rows
+            gain, se = refinement.balanced_gain(xq, pool_scores, held_pool, marginal, self.n_seen_)
+            dropped = bool(gain < -float(self.refit_check) * se)
+            details.update(refit_gain=gain, refit_gain_se=se, refit_dropped=dropped)
+            if dropped:
+                return balanced(pool_scores, marginal), None
         pool_balanced = balanced(pool_scores, marginal)
         refit, _, t_ref = refinement.fit_predict(xq, pool_balanced)
         tiny = np.finfo(np.float64).tiny
@@ -602,6 +625,7 @@ class Cascade(HasParams):
             "zero_shot_temperature": self.zero_shot_temperature_, "inductive_pool": self.inductive_pool_,
             "combine": self.combine, "calibrate": self.calibrate, "cv_folds": int(self.cv_folds),
             "prior": self.prior, "routing": self.routing, "refine_check": self.refine_check,
+            "refit_check": self.refit_check,
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
             "balance_refit": bool(self.balance_refit), "balance_without_val": self.balance_without_val,
@@ -645,7 +669,9 @@ class Cascade(HasParams):
                   # written before the count rule existed: without validation rows the check ran on the support rows
                   balance_without_val=meta.get("balance_without_val", "check"),
                   # written before the few-queries fallback existed: a declined check left the scores unbalanced
-                  balance_few_per_class=meta.get("balance_few_per_class", 0.0))
+                  balance_few_per_class=meta.get("balance_few_per_class", 0.0),
+                  # written before the refit's check existed: the balanced refit was always kept
+                  refit_check=meta.get("refit_check"))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

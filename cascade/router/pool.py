@@ -192,25 +192,38 @@ def balanced(probs: np.ndarray, marginal) -> np.ndarray:
     return lp
 
 
+def held_subset(n_queries: int, y: np.ndarray, *arrays):
+    """(``y``, ``arrays``...) cut to at most ``n_queries`` held-out rows (a seeded random subset, in order): the
+    checks that score held-out rows in sample among the queries keep the set mostly the queries'."""
+    if len(y) <= n_queries:
+        return (y, *arrays)
+    keep = np.sort(np.random.default_rng(0).permutation(len(y))[:n_queries])
+    return (y[keep], *(a[keep] for a in arrays))
+
+
+def joint_target(n_queries: int, n_held: int, marginal: np.ndarray, n_seen: int):
+    """Class counts that the queries and ``n_held`` held-out rows balanced together are given: the queries'
+    share is ``marginal``; the held-out rows, being rows of the seen classes, take ``marginal`` restricted to the
+    seen classes (no label of theirs is used). None when the marginal puts no mass on the seen classes."""
+    seen = np.zeros_like(marginal)
+    seen[:n_seen] = marginal[:n_seen]
+    if seen.sum() <= 0:
+        return None
+    return n_queries * marginal / marginal.sum() + n_held * seen / seen.sum()
+
+
 def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray, marginal: np.ndarray,
                  n_seen: int):
     """Mean and standard error of the per-row gain in log-likelihood of the held-out rows' labels when the final
     distribution is balanced to ``marginal``.
 
-    The held-out rows join the queries in the balanced set, so they are scored in sample as the queries are.
-    Being rows of the seen classes, their share of the target marginal is ``marginal`` restricted to the seen
-    classes (no label of theirs is used). At most as many held-out rows as queries take part (a seeded random
-    subset), so the set stays mostly the queries'."""
-    y = held_y
+    The held-out rows join the queries in the balanced set (:func:`joint_target`), so they are scored in sample
+    as the queries are. At most as many held-out rows as queries take part (:func:`held_subset`)."""
     n = len(scores)
-    if len(y) > n:
-        keep = np.sort(np.random.default_rng(0).permutation(len(y))[:n])
-        held_scores, y = held_scores[keep], y[keep]
-    seen = np.zeros_like(marginal)
-    seen[:n_seen] = marginal[:n_seen]
-    if seen.sum() <= 0:
+    y, held_scores = held_subset(n, held_y, held_scores)
+    target = joint_target(n, len(y), marginal, n_seen)
+    if target is None:
         return 0.0, float("inf")
-    target = n * marginal / marginal.sum() + len(y) * seen / seen.sum()
     lp = np.empty((n + len(held_scores), scores.shape[1]), dtype=scores.dtype)    # no concatenated copy
     for b in row_blocks(n):
         lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))

@@ -12,6 +12,10 @@ log-likelihood of their labels falls more than ``refine_check`` standard errors 
 Held-out support rows (no validation rows) are scored fold by fold, by the refinement refitted without their
 fold (:func:`~cascade.router.folds.out_of_fold`).
 
+Where the final distribution is balanced, the refinement is refitted on the balanced pool and anchored by it
+(``Cascade(balance_refit=True)``); :meth:`Refinement.balanced_gain` judges that refit the same way, the
+validation rows taking part in its balancings and its fit as the queries do (``Cascade(refit_check=...)``).
+
 Large query sets: the rows are given to the stage as parts (queries, support rows, held-out rows) that a stage
 with ``fit_parts`` (the GDA) fits on without concatenating them, and the queries' posterior is made a block of
 rows at a time, kept in ``calibration.store_dtype`` (float32 beyond ``FLOAT64_ROWS`` queries).
@@ -24,9 +28,9 @@ import numpy as np
 
 from ..stages import calibration
 from ..stages.base import Stage, log_softmax
-from ..stages.calibration import fill_rows, fit_temperature, paired_difference
+from ..stages.calibration import balancing_bias, fill_rows, fit_temperature, paired_difference, row_blocks
 from .folds import out_of_fold
-from .pool import clone
+from .pool import BALANCE_FLOOR, BALANCE_ROUNDS, clone, held_subset, joint_target
 
 
 @dataclass
@@ -101,11 +105,10 @@ class Refinement:
         more would make the refitted model mostly theirs, not the refinement being judged."""
         sj, onehot = self._support_rows()
         xv, folds, y = self.held_x, self.held_folds, self.held_y
-        if len(y) > len(xq):
-            keep = np.sort(np.random.default_rng(0).permutation(len(y))[:len(xq)])
-            xv, held_soft, y = xv[keep], held_soft[keep], y[keep]
-            if folds is not None:
-                folds = folds[keep]
+        if folds is None:
+            y, xv, held_soft = held_subset(len(xq), y, xv, held_soft)
+        else:
+            y, xv, held_soft, folds = held_subset(len(xq), y, xv, held_soft, folds)
         if folds is None:
             z = self._fit([(xq, soft), (xv, held_soft), (sj, onehot)]).decision_function(xv)
         else:
@@ -119,3 +122,51 @@ class Refinement:
         d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
              - np.log(np.maximum(held_soft[rows, y], np.finfo(np.float64).tiny)))
         return paired_difference(d)
+
+    def balanced_gain(self, xq: np.ndarray, pool: np.ndarray, held_pool: np.ndarray, marginal: np.ndarray,
+                      n_seen: int):
+        """Mean and standard error of the per-row difference in log-likelihood of the validation rows' labels, the
+        balanced refit minus the balanced pool.
+
+        The balanced refit (``Cascade(balance_refit=True)``): the refinement refitted on the pool balanced to
+        ``marginal``, its posterior times that balanced pool, balanced again. Here the validation rows take part
+        in every step as the queries do, so that they are scored in sample: they join the queries in both
+        balancings (:func:`~cascade.router.pool.joint_target`) and the refinement's soft-labelled rows, and the
+        refinement's temperature is fitted on them. ``pool`` [Nq, C] / ``held_pool`` [Nv, C]: the pooled
+        distribution of the queries and of the validation rows. One [Nq + Nv, C] array is made, in ``pool``'s
+        dtype, and rewritten in place. Not for held-out support rows (``held_folds``): scored fold by fold, their
+        verdicts dropped refits that gained on the measured tasks (docs/accuracy.md)."""
+        if self.held_x is None or self.held_folds is not None:
+            raise ValueError("balanced_gain needs validation rows (held_x without held_folds)")
+        n, C = len(xq), self.n_classes
+        y, xv, held_pool = held_subset(n, self.held_y, self.held_x, held_pool)
+        target = joint_target(n, len(y), marginal, n_seen)
+        if target is None or len(y) < 2:
+            return 0.0, float("inf")
+        tiny = np.finfo(np.float64).tiny
+        lp = np.empty((n + len(y), C), dtype=pool.dtype)
+        for b in row_blocks(n):
+            lp[b] = np.log(np.maximum(pool[b], BALANCE_FLOOR))
+        lp[n:] = np.log(np.maximum(held_pool, BALANCE_FLOOR))
+        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
+        for b in row_blocks(len(lp)):             # the balanced pool of both, in place
+            lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+        sj, onehot = self._support_rows()
+        bv = np.asarray(lp[n:], dtype=np.float64)
+        g = self._fit([(xq, lp[:n]), (xv, bv), (sj, onehot)])
+        zv = g.decision_function(xv)
+        t = fit_temperature(zv, y)
+        rows = np.arange(len(y))
+        before = np.log(np.maximum(bv[rows, y], tiny))
+
+        def anchored(z, balanced_pool):           # the refit's posterior times the balanced pool, floored
+            out = log_softmax(t * np.asarray(z, dtype=np.float64))
+            out += np.log(np.maximum(np.asarray(balanced_pool, dtype=np.float64), tiny))
+            return np.maximum(log_softmax(out), np.log(BALANCE_FLOOR))
+
+        for b in row_blocks(n):                   # in place, a block of query rows at a time
+            lp[b] = anchored(g.decision_function(xq[b]), lp[b])
+        lp[n:] = anchored(zv, bv)
+        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
+        after = log_softmax(np.asarray(lp[n:], dtype=np.float64) + bias)[rows, y]
+        return paired_difference(after - before)

@@ -414,6 +414,18 @@ def test_harder_images_the_cascade_stays_above_zero_shot():
     assert np.mean(before["cascade"].argmax(1) == y) < top1["zero-shot"] - 0.05
 
 
+def _default_cascade_on(task: dict, val: bool = True, **params):
+    """(top-1, details) of the default cascade with ``params`` set, fitted on ``task`` (with its validation rows
+    unless ``val`` is False) and scored on its queries."""
+    from cascade.bench import BACKBONE
+    from cascade.config import default_cascade
+    m = default_cascade().set_params(**params)
+    m.fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]}, task["n_seen"],
+          val=({BACKBONE: task["val_x"]}, task["val_y"]) if val else None)
+    res = m.predict({BACKBONE: task["query_x"]})
+    return np.mean(res.scores.argmax(1) == task["query_y"]), res.details
+
+
 def test_refinement_check_drops_a_refinement_one_standard_error_worse():
     """Caltech-101 redrawn with its classes pulled 50 % together: the refinement's held-out gain lies between one
     and two standard errors below zero, and dropping it, as the default check (1 standard error) now does, gains
@@ -421,16 +433,12 @@ def test_refinement_check_drops_a_refinement_one_standard_error_worse():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generalisation import harder_images, redraw
 
-    from cascade.bench import BACKBONE, load_task
+    from cascade.bench import load_task
     from cascade.config import default_cascade
     task = harder_images(redraw(load_task(TASKS / "caltech101.npz"), 500, 0.8), 0.5)
     top1, details = {}, {}
     for check in (1.0, 2.0):
-        m = default_cascade().set_params(refine_check=check)
-        m.fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]}, task["n_seen"],
-              val=({BACKBONE: task["val_x"]}, task["val_y"]))
-        res = m.predict({BACKBONE: task["query_x"]})
-        top1[check], details[check] = np.mean(res.scores.argmax(1) == task["query_y"]), res.details
+        top1[check], details[check] = _default_cascade_on(task, refine_check=check)
     d = details[1.0]
     assert -2 * d["refine_gain_se"] < d["refine_gain"] < -d["refine_gain_se"], d
     assert d["refine_dropped"] is True and details[2.0]["refine_dropped"] is False
@@ -446,38 +454,28 @@ def test_refit_check_drops_a_balanced_refit_that_costs_points():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generalisation import harder_images, redraw
 
-    from cascade.bench import BACKBONE, load_task
+    from cascade.bench import load_task
     from cascade.config import default_cascade
     task = harder_images(redraw(load_task(TASKS / "imagenet_dev-open.npz"), 500, 0.8), 0.3)
     top1, details = {}, {}
     for check in (2.0, False):
-        m = default_cascade().set_params(refit_check=check)
-        m.fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]}, task["n_seen"],
-              val=({BACKBONE: task["val_x"]}, task["val_y"]))
-        res = m.predict({BACKBONE: task["query_x"]})
-        top1[check], details[check] = np.mean(res.scores.argmax(1) == task["query_y"]), res.details
+        top1[check], details[check] = _default_cascade_on(task, refit_check=check)
     d = details[2.0]
     assert d["balanced"] and d["refit_gain"] < -2 * d["refit_gain_se"], d
     assert d["refit_dropped"] is True and d["balance_refit"] is False and d["refine_temperature"] is None
     assert details[False]["balance_refit"] is True and "refit_gain" not in details[False]
     assert default_cascade().refit_check == 2.0
     assert top1[2.0] > top1[False] + 0.02, top1
-    m = default_cascade().fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]},
-                              task["n_seen"])
-    d = m.predict({BACKBONE: task["query_x"]}).details
+    d = _default_cascade_on(task, val=False)[1]
     assert d["balanced"] and d["balance_refit"] and "refit_gain" not in d, d
 
 
 def test_refit_check_keeps_the_refit_on_the_given_imagenet_tasks():
     """On the two given ImageNet tasks the balanced refit is what lifts the cascade above InMaP: its check keeps it
     (gains within two standard errors of zero or positive)."""
-    from cascade.bench import BACKBONE, load_task
-    from cascade.config import default_cascade
+    from cascade.bench import load_task
     for name in ("imagenet_dev", "imagenet_dev-open"):
-        task = load_task(TASKS / f"{name}.npz")
-        m = default_cascade().fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]},
-                                  task["n_seen"], val=({BACKBONE: task["val_x"]}, task["val_y"]))
-        d = m.predict({BACKBONE: task["query_x"]}).details
+        d = _default_cascade_on(load_task(TASKS / f"{name}.npz"))[1]
         assert d["balance_refit"] and not d["refit_dropped"], (name, d)
         assert d["refit_gain"] > -2 * d["refit_gain_se"], (name, d)
 

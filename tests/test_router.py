@@ -322,6 +322,45 @@ def test_refinement_is_a_gda_on_the_pooled_soft_labels_and_support():
     assert res.details["refine_temperature"] == pytest.approx(t)
 
 
+def test_balanced_refit_check_scores_the_validation_rows_as_the_queries():
+    """``Refinement.balanced_gain`` is the balanced refit made with the validation rows among the queries: the pool
+    of both balanced to the joint target (queries: the marginal; validation rows: its seen part), the GDA fitted on
+    both with those soft labels and on the support rows, its temperature fitted on the validation rows, its
+    posterior times the balanced pool balanced again; the gain is the validation rows' mean log-likelihood of
+    their labels against the balanced pool's. Without validation rows it refuses; one row gives no verdict."""
+    from cascade.router.pool import balanced, joint_target
+    from cascade.router.refine import Refinement
+    from cascade.stages import GDA
+    from cascade.stages.base import log_softmax
+    from cascade.stages.inmap import fit_temperature
+
+    rng = np.random.default_rng(5)
+    C, S, D, n, nv = 6, 4, 10, 60, 20
+    centres = unit(rng.standard_normal((C, D)))
+    ys, yq, yv = np.repeat(np.arange(S), 3), np.arange(n) % C, np.arange(nv) % S
+    sj, xq, xv = (unit(centres[y] + 0.4 * rng.standard_normal((len(y), D))) for y in (ys, yq, yv))
+    pool_q, pool_v = (np.exp(log_softmax(3 * x @ centres.T + rng.standard_normal((len(x), C)))) for x in (xq, xv))
+    marginal = np.full(C, 1 / C)
+    ref = Refinement(GDA(), sj, ys, C, held_x=xv, held_y=yv)
+    gain, se = ref.balanced_gain(xq, pool_q, pool_v, marginal, S)
+
+    target = joint_target(n, nv, marginal, S)
+    assert target[S:].sum() == pytest.approx(n * (C - S) / C) and target.sum() == pytest.approx(n + nv)
+    B = balanced(np.concatenate([pool_q, pool_v]), target / target.sum())
+    g = GDA().fit(np.concatenate([xq, xv, sj]), np.concatenate([B, np.eye(C)[ys]]))
+    t = fit_temperature(g.decision_function(xv), yv)
+    product = np.exp(log_softmax(t * g.decision_function(np.concatenate([xq, xv])))) * B
+    final = balanced(product / product.sum(axis=1, keepdims=True), target / target.sum())
+    d = np.log(final[n:][np.arange(nv), yv]) - np.log(B[n:][np.arange(nv), yv])
+    assert gain == pytest.approx(d.mean(), rel=1e-6, abs=1e-9)
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(nv), rel=1e-6)
+
+    one = Refinement(GDA(), sj, ys, C, held_x=xv[:1], held_y=yv[:1])
+    assert one.balanced_gain(xq, pool_q, pool_v[:1], marginal, S) == (0.0, float("inf"))
+    with pytest.raises(ValueError, match="validation rows"):
+        Refinement(GDA(), sj, ys, C).balanced_gain(xq, pool_q, pool_v, marginal, S)
+
+
 def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classes():
     """The split between the seen block and the unseen classes is softmax(v1 log p1 + v2 log p0) over all
     classes, (v1, v2) fitted on the val rows over all classes. A stage 1 that is pure noise cannot move queries

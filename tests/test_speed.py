@@ -120,6 +120,18 @@ def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
     assert "most CPU seconds" in r.stdout and "cascade.py" in r.stdout and "(predict)" in r.stdout
 
 
+@pytest.mark.parametrize("check, shown", [("1e9", True), ("false", False)])
+def test_stages_speed_times_the_balanced_refit_with_and_without_its_check(check, shown):
+    """``--balance always`` makes the refit; ``--refit-check`` sets its check (a large threshold keeps the refit
+    and still times the check, ``false`` skips it), and the last line says which ran."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "10",
+                        "--dim", "16", "--val-per-class", "2", "--balance", "always", "--refit-check", check],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = next(line for line in r.stdout.splitlines() if "final distribution balanced: True" in line)
+    assert "refitted on the balanced pool: True" in last and ("(its check: gain " in last) == shown, last
+
+
 def _blas_threads() -> int:
     return max(lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas")
 

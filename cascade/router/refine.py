@@ -107,11 +107,10 @@ class Refinement:
         xv, folds, y = self.held_x, self.held_folds, self.held_y
         if folds is None:
             y, xv, held_soft = held_subset(len(xq), y, xv, held_soft)
-        else:
-            y, xv, held_soft, folds = held_subset(len(xq), y, xv, held_soft, folds)
-        if folds is None:
             z = self._fit([(xq, soft), (xv, held_soft), (sj, onehot)]).decision_function(xv)
         else:
+            y, xv, held_soft, folds = held_subset(len(xq), y, xv, held_soft, folds)
+
             def score_fold(f, rows):
                 train = self.support_folds != f
                 return self._fit([(xq, soft), (sj[train], onehot[train]),

@@ -10,7 +10,9 @@ Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CL
 only to score, as in ``python -m cascade bench``):
 
 * ``given``: each task as it is, plus (unless ``--no-merge``) one ``merged`` task joining every closed task into
-  one larger task (classes, rows and text embeddings concatenated; e.g. Caltech-101 + Food-101 = 54 classes);
+  one larger task of several domains (classes, rows and text embeddings concatenated; e.g. Caltech-101 + Food-101
+  + imagenet_dev = 185 classes), and one ``merged-open`` task joining every open task likewise (the seen classes
+  of all first, then the unseen ones), as the challenge's class list joins four domains;
 * ``redrawn``: each of those redrawn ``--redraws`` times with another seed: the support rows of every seen class
   drawn again (as many as it had) from its support + validation rows, the others becoming the validation rows,
   and a random ``--query-frac`` of the queries kept;
@@ -117,18 +119,33 @@ def cascade_kwargs(settings) -> dict:
     return kw
 
 
-def merge(tasks: list[dict]) -> dict:
-    """One task from several closed tasks (every class seen): classes of the first, then the second, ..."""
-    out = {k: [] for k in ("support_x", "support_y", "val_x", "val_y", "query_x", "query_y", "text_x")}
-    offset = 0
+def merge(tasks: list[dict], names=None) -> dict:
+    """One task of several domains from several tasks: every task's seen classes (task by task), then every
+    task's unseen classes, rows and text embeddings concatenated and relabelled. ``class_domain`` names each
+    class's source task (``names``, default ``task0``, ``task1``, ...): the cascade's per-domain step reads it
+    (``python -m cascade bench`` tasks have none). For closed tasks the classes keep their order (the first
+    task's, then the second's, ...)."""
+    names = [f"task{i}" for i in range(len(tasks))] if names is None else list(names)
+    parts = [k for k in ("support", "val", "query") if all(f"{k}_x" in t for t in tasks)]
+    n_seen = sum(t["n_seen"] for t in tasks)
+    out = {f"{k}_{a}": [] for k in parts for a in "xy"}
+    seen_at, unseen_at, maps = 0, n_seen, []
     for t in tasks:
-        for k in ("support", "val", "query"):
+        C, S = t["text_x"].shape[0], t["n_seen"]
+        maps.append(np.concatenate([seen_at + np.arange(S), unseen_at + np.arange(C - S)]))
+        seen_at, unseen_at = seen_at + S, unseen_at + C - S
+    C_all = unseen_at
+    text = np.zeros((C_all, tasks[0]["text_x"].shape[1]), dtype=tasks[0]["text_x"].dtype)
+    domain = [""] * C_all
+    for t, m, name in zip(tasks, maps, names):
+        text[m] = t["text_x"]
+        for c in m:
+            domain[c] = name
+        for k in parts:
             out[f"{k}_x"].append(t[f"{k}_x"])
-            out[f"{k}_y"].append(t[f"{k}_y"] + offset)
-        out["text_x"].append(t["text_x"])
-        offset += t["text_x"].shape[0]
+            out[f"{k}_y"].append(m[t[f"{k}_y"]])
     task = {k: np.concatenate(v) for k, v in out.items()}
-    task["n_seen"] = offset
+    task.update(text_x=text, n_seen=n_seen, class_domain=np.array(domain))
     return task
 
 
@@ -240,9 +257,11 @@ def class_families(paths, sizes, draws: int, open_frac: float = 2 / 3):
 def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noise_seeds: int = 1, harder=(),
                 family_sizes=(), family_draws: int = 0, family_paths=None):
     base = [(Path(p).stem, load_task(p)) for p in paths]
-    closed = [t for _, t in base if t["n_seen"] == t["text_x"].shape[0]]
-    if merged and len(closed) >= 2 and len({t["text_x"].shape[1] for t in closed}) == 1:
-        base.append(("merged", merge(closed)))
+    closed = [(n, t) for n, t in base if t["n_seen"] == t["text_x"].shape[0]]
+    opened = [(n, t) for n, t in base if t["n_seen"] < t["text_x"].shape[0]]
+    for label, group in (("merged", closed), ("merged-open", opened)):
+        if merged and len(group) >= 2 and len({t["text_x"].shape[1] for _, t in group}) == 1:
+            base.append((label, merge([t for _, t in group], [n for n, _ in group])))
     suite = [("given", name, t) for name, t in base]
     for name, t in base:
         for r in range(redraws):

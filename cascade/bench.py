@@ -101,7 +101,8 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
             else:
                 model = default_cascade().set_params(**(cascade or {}))
             v = ({BACKBONE: val[0]}, val[1]) if val is not None else None
-            model.fit({BACKBONE: sx}, sy, {BACKBONE: T}, S, val=v)
+            model.fit({BACKBONE: sx}, sy, {BACKBONE: T}, S, val=v,
+                      domains=task.get("class_domain") if name == "cascade" else None)
             out[name] = model.predict({BACKBONE: X}).scores
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_ROWS)}")

@@ -101,6 +101,23 @@ def _log_refit(details: dict) -> None:
          f"+- {details['refit_gain_se']:.3f} per row)")
 
 
+def _log_domains(details: dict) -> None:
+    """One line per domain whose own cascade scored its queries again (docs/accuracy.md, "Several domains")."""
+    for d in details.get("domains", []):
+        if not d["rescored"]:
+            _log(f"domain {d['domain'] or '-'}: {d['n_queries']} images, global scores kept")
+            continue
+        steps = ["balanced" if d["balanced"] else "not balanced"]
+        if d["balance_refit"]:
+            steps.append("GDA refit on the balanced scores")
+        elif d["refit_dropped"]:
+            steps.append("refit dropped")
+        if d["refine_dropped"]:
+            steps.append("refinement dropped")
+        _log(f"domain {d['domain'] or '-'}: {d['n_queries']} images scored again by its own cascade "
+             f"({', '.join(steps)})")
+
+
 def _pool_summary(details: dict) -> dict | None:
     """The seen block's pooled experts and their fitted exponents, by name (None when the pool had unit
     weights)."""
@@ -424,7 +441,8 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domai
 
     cascade = build_cascade(cfg)
     _log(f"fitting the cascade on {n_sup} support images")
-    cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None)
+    cascade.fit(support_feats, y_sup, text, classes.n_seen, val=(val_feats, y_val) if len(y_val) else None,
+                domains=classes.domains)
 
     sp_encoders = []
     if sp_encoder is not None:
@@ -555,6 +573,7 @@ def test(cfg, progress: bool = True) -> dict:
         _log_refinement(pred.details)
         _log_balance(pred.details)
         _log_refit(pred.details)
+        _log_domains(pred.details)
         for enc in sp_encoders:
             enc.release()
         s = np.asarray(pred.scores, dtype=np.float64)

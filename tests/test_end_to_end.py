@@ -142,6 +142,7 @@ def test_result_file_lists_every_test_image_once_sorted(workspace, tested):
     assert "class marginal over these images: " in tested.stderr      # the cascade says which marginal it used
     assert "GDA refinement kept" in tested.stderr or "GDA refinement dropped" in tested.stderr
     assert "final scores " in tested.stderr                            # ... and whether it balanced them
+    assert "domain Thu-dog: " in tested.stderr                         # ... and what each domain's own cascade did
 
 
 def test_unreadable_test_images_are_listed_and_reported(workspace, tested):
@@ -352,4 +353,25 @@ def test_the_refit_verdict_is_one_line(capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "GDA refit on the balanced scores " in err and expected in err, err
     _log_refit({"balanced": True})                    # no check made: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_the_per_domain_verdicts_are_one_line_per_domain(capsys):
+    """test.sh says, per domain, whether its own cascade scored its images again and what it decided
+    (docs/accuracy.md, "Several domains in one task")."""
+    from cascade.pipeline import _log_domains
+
+    base = {"rescored": True, "balanced": True, "balance_refit": True, "refine_dropped": False,
+            "refit_dropped": False}
+    _log_domains({"domains": [dict(base, domain="Food-101", n_queries=40),
+                              dict(base, domain="Caltech-101", n_queries=12, balanced=False, balance_refit=False,
+                                   refine_dropped=True),
+                              {"domain": "Stanford-Cars", "n_queries": 3, "rescored": False}]})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "[cascade] domain Food-101: 40 images scored again by its own cascade (balanced, GDA refit on the "
+        "balanced scores)",
+        "[cascade] domain Caltech-101: 12 images scored again by its own cascade (not balanced, refinement dropped)",
+        "[cascade] domain Stanford-Cars: 3 images, global scores kept"]
+    _log_domains({})                                  # one domain, or per_domain = false: nothing to say
     assert capsys.readouterr().err == ""

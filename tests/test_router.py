@@ -699,3 +699,68 @@ def test_count_marginal_balances_a_biased_pool_fully_and_keeps_a_confident_pools
     assert t0[0] == 0.0
     t32, rho32 = count_marginal(sharp.astype(np.float32), uniform)
     assert np.allclose(t32, target, atol=1e-6) and np.isclose(rho32, rho, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ per-domain cascades
+DOMAINS = ["a", "a", "a", "b", "b", "b", "b", "b", "c", "c"]      # classes 0-5 seen; c: unseen classes only
+
+
+def _domain_task(seed=11):
+    return task(n_classes=10, n_seen=6, n_query=120, seed=seed)
+
+
+def test_per_domain_cascades_rescore_each_query_inside_its_domain_only():
+    support, ys, query, yq, text, S = _domain_task()
+    val = (query, np.minimum(yq, S - 1))
+    on = small().fit(support, ys, text, S, val=val, domains=DOMAINS)
+    off = small().set_params(per_domain=False).fit(support, ys, text, S, val=val, domains=DOMAINS)
+    assert on.domain_names_ == ["a", "b", "c"] and on.class_domain_.tolist() == [0] * 3 + [1] * 5 + [2] * 2
+    a, b, c = on.domain_cascades_
+    assert c is None                                   # no seen class: the global scores stay
+    assert (a.n_classes_, a.n_seen_, b.n_classes_, b.n_seen_) == (3, 3, 5, 3)
+    assert a.domain_cascades_ == [] and not a.specialists
+    np.testing.assert_array_equal(b.text_["bb0"], text["bb0"][3:8])
+    assert sorted(set(b.support_y_.tolist())) == [0, 1, 2] and len(b.support_y_) == 12
+    assert off.domain_cascades_ == []
+    r_on, r_off = on.predict(query), off.predict(query)
+    assert np.allclose(r_on.scores.sum(1), 1.0)
+    member = np.eye(3)[on.class_domain_]
+    mass_on, mass_off = r_on.scores @ member, r_off.scores @ member
+    np.testing.assert_allclose(mass_on, mass_off, atol=1e-9)   # each domain keeps its global mass per query
+    home = mass_off.argmax(1)
+    entries = r_on.details["domains"]
+    assert [e["domain"] for e in entries] == ["a", "b", "c"]
+    assert [e["n_queries"] for e in entries] == [int(np.sum(home == i)) for i in range(3)]
+    assert [e["rescored"] for e in entries] == [True, True, False]
+    for i, sub in ((0, a), (1, b)):
+        rows, cls = np.flatnonzero(home == i), np.flatnonzero(on.class_domain_ == i)
+        inside = sub.predict({k: v[rows] for k, v in query.items()}).scores
+        np.testing.assert_allclose(r_on.scores[np.ix_(rows, cls)], inside * mass_off[rows, i:i + 1], atol=1e-9)
+        others = np.setdiff1d(np.arange(10), cls)          # the other domains' classes keep the global scores
+        np.testing.assert_allclose(r_on.scores[np.ix_(rows, others)], r_off.scores[np.ix_(rows, others)])
+    rows = np.flatnonzero(home == 2)
+    np.testing.assert_allclose(r_on.scores[rows], r_off.scores[rows])
+    assert "domains" not in r_off.details
+
+
+def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
+    support, ys, query, yq, text, S = _domain_task(seed=12)
+    one = small().fit(support, ys, text, S, domains=["x"] * 10)
+    assert one.domain_cascades_ == [] and "domains" not in one.predict(query).details
+    assert small().fit(support, ys, text, S).domain_cascades_ == []
+    with pytest.raises(ValueError, match="domains: 9 names for 10 classes"):
+        small().fit(support, ys, text, S, domains=DOMAINS[:9])
+    # without validation rows each domain's cascade holds out its own support rows, fold by fold
+    m = small().fit(support, ys, text, S, domains=DOMAINS)
+    assert m.domain_cascades_[1].val_folds_ is not None and len(m.domain_cascades_[1].val_y_) == 12
+    # saved and loaded with the rest of the model; a model written before the step existed has none
+    path = m.save(tmp_path / "model")
+    back = Cascade.load(tmp_path / "model")
+    assert back.per_domain is True and back.domain_names_ == ["a", "b", "c"] and back.domain_cascades_[2] is None
+    np.testing.assert_allclose(back.predict(query).scores, m.predict(query).scores, atol=1e-6)
+    from cascade.io import load_npz_json, save_npz_json
+    arrays, meta = load_npz_json(path)
+    del meta["per_domain"], meta["domains"]
+    save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain/")}, meta)
+    old = Cascade.load(tmp_path / "model")
+    assert old.per_domain is False and old.domain_cascades_ == []

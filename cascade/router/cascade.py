@@ -38,6 +38,7 @@ from .routing import apply_specialists, route, route_names
 
 FORMAT = "cascade.router/2"
 ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
+MIN_DOMAIN_QUERIES = 2           # a domain cascade scores its queries only when there are at least this many
 
 
 @dataclass
@@ -194,6 +195,14 @@ class Cascade(HasParams):
         check dropped the refinement of the unbalanced pool: that check judged another fit, and the anchor keeps
         a weak refinement from overriding the pool. One more refinement fit, only where the final distribution
         is balanced.
+    per_domain : bool
+        Where the classes fall into several domains (``fit(..., domains=...)``): after the balancing, score the
+        queries again with one cascade per domain, each fitted on its domain's classes alone (the same settings),
+        and let its distribution replace the global one inside the domain each query belongs to most. A query set
+        that mixes domains is a mixture of query sets of different shapes (one balanced, one not; one whose
+        refinement helps, one where it hurts), and the global checks, which judge all domains at once, cannot
+        suit each of them (docs/accuracy.md, "Several domains in one task"). A domain with no seen class, or with
+        a single class, keeps the global scores. About one more fit of each expert per query, over fewer classes.
     refit_check : float or None
         With validation rows: keep the balanced refit only unless the validation rows, taking part in it as the
         queries do (in both balancings and among the refinement's rows), find its mean log-likelihood of their
@@ -226,6 +235,7 @@ class Cascade(HasParams):
         "balance_min_gain": [Interval(Real, 0, None)],
         "balance_few_per_class": [Interval(Real, 0, None)],
         "balance_refit": [BOOL],
+        "per_domain": [BOOL],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
@@ -233,7 +243,7 @@ class Cascade(HasParams):
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=1.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True, balance_without_val: str = "counts",
-                 balance_few_per_class: float = 5.0, refit_check=2.0):
+                 balance_few_per_class: float = 5.0, refit_check=2.0, per_domain: bool = True):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -252,6 +262,7 @@ class Cascade(HasParams):
         self.balance_without_val = balance_without_val
         self.balance_few_per_class = balance_few_per_class
         self.refit_check = refit_check
+        self.per_domain = per_domain
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -280,16 +291,17 @@ class Cascade(HasParams):
             raise NotFittedError("this Cascade is not fitted yet; call fit(...) first")
 
     # ------------------------------------------------------------------------------------------------ fit
-    def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None) -> "Cascade":
+    def fit(self, support: dict, support_y, text: dict, n_seen: int, val=None, domains=None) -> "Cascade":
         """Fit the inductive experts on the support rows.
 
         support: {backbone: [Ns, D_b]}; support_y: [Ns] labels in 0..n_seen-1; text: {backbone: [C, D_b]}
         (seen classes first); val: optional ``({backbone: [Nv, D_b]}, labels)`` for model selection and
-        calibration only.
+        calibration only; domains: optional domain name per class ([C]), for ``per_domain``.
         """
         self._check_params()
         self._oof_cache = None          # out-of-fold logits of an earlier fit's support rows
         keys, texts, sups, y, n_seen, val = check_fit_inputs(support, support_y, text, n_seen, val)
+        given_val = val                 # the domains' cascades hold out their own rows when there are none
         self.backbones_ = keys
         self.weights_ = backbone_weights(keys, self.backbone_weights)
         self.n_classes_ = int(texts[keys[0]].shape[0])
@@ -320,7 +332,51 @@ class Cascade(HasParams):
         if use_val and self.combine == "pool" and self.seen_fitted_:
             lp0v, lp_seen_v = self._val_experts()
             self.inductive_pool_ = fit_pool_weights([lp0v[:, :n_seen], *lp_seen_v], self.val_y_).tolist()
+        self._fit_domains(domains, given_val)
         return self
+
+    def _fit_domains(self, domains, val) -> None:
+        """``domain_names_``, ``class_domain_`` ([C] index into them) and ``domain_cascades_``: per domain, a
+        cascade with the same settings fitted on the domain's classes alone (seen ones first, each block in
+        ascending order) and on its support and validation rows, or None where the domain keeps the global
+        scores (no seen class, a single class). All empty unless ``per_domain`` and at least two domains."""
+        self.domain_names_, self.class_domain_, self.domain_cascades_ = [], None, []
+        if not self.per_domain or domains is None:
+            return
+        domains = [str(d) for d in domains]
+        if len(domains) != self.n_classes_:
+            raise ValueError(f"domains: {len(domains)} names for {self.n_classes_} classes")
+        names = list(dict.fromkeys(domains))
+        if len(names) < 2:
+            return
+        self.domain_names_ = names
+        self.class_domain_ = np.array([names.index(d) for d in domains], dtype=np.int64)
+        params = {k: v for k, v in self.get_params().items() if k not in ("specialists", "per_domain")}
+        stages = self.stages()
+        for i in range(len(names)):
+            classes = self._domain_classes(i)
+            seen = classes[classes < self.n_seen_]
+            if len(seen) == 0 or len(classes) < 2:
+                self.domain_cascades_.append(None)
+                continue
+            relabel = np.full(self.n_classes_, -1, dtype=np.int64)
+            relabel[seen] = np.arange(len(seen))
+            rows = np.isin(self.support_y_, seen)
+            sub_val = None
+            if val is not None and np.isin(val[1], seen).any():
+                vrows = np.isin(val[1], seen)
+                sub_val = ({k: v[vrows] for k, v in val[0].items()}, relabel[val[1][vrows]])
+            sub = Cascade(**dict(params, transductive=clone(stages.transductive),
+                                 seen_stages=[clone(st) for st in stages.seen],
+                                 refine=None if stages.refine is None else clone(stages.refine),
+                                 specialists=(), per_domain=False))
+            sub.fit({k: v[rows] for k, v in self.support_.items()}, relabel[self.support_y_[rows]],
+                    {k: t[classes] for k, t in self.text_.items()}, len(seen), val=sub_val)
+            self.domain_cascades_.append(sub)
+
+    def _domain_classes(self, i: int) -> np.ndarray:
+        """Domain ``i``'s classes, seen ones first (indices are ascending and seen classes come first)."""
+        return np.flatnonzero(self.class_domain_ == i)
 
     # ------------------------------------------------------------------------------------------------ predict
     def predict(self, query: dict) -> CascadeResult:
@@ -379,7 +435,10 @@ class Cascade(HasParams):
                 refit = not details.get("refit_dropped", False)
             details["balance_refit"] = refit
         del pool_scores
-        # 7. routing, then the specialists re-rank inside their domains
+        # 7. where the classes fall into domains, each query scored again by its domain's own cascade
+        if getattr(self, "domain_cascades_", None):
+            self._predict_domains(feats, scores, details)
+        # 8. routing, then the specialists re-rank inside their domains
         scores, unseen = route(scores, experts.transductive, S, self.routing)
         routes = route_names(unseen)
         scores = apply_specialists(self.specialists, scores, query, routes)
@@ -391,6 +450,31 @@ class Cascade(HasParams):
             details["n_iter"] = stage.n_iter_
         return CascadeResult(scores=scores, top5=topk_indices(scores, min(5, self.n_classes_)), route=routes,
                              details=details)
+
+    def _predict_domains(self, feats: dict, scores: np.ndarray, details: dict) -> None:
+        """Inside each query's domain (the one its distribution gives the most mass), replace ``scores`` (in place)
+        by the domain cascade's distribution times that mass, so rows still sum to 1 and the other domains keep
+        the global scores. The domain cascades see only their own queries: each checks its balancing and its
+        refinement on its own query set. ``details["domains"]``: one entry per domain."""
+        n, C = scores.shape
+        member = np.zeros((C, len(self.domain_names_)))
+        member[np.arange(C), self.class_domain_] = 1.0
+        mass = np.asarray(scores, dtype=np.float64) @ member
+        assign = mass.argmax(axis=1)
+        out = []
+        for i, (name, sub) in enumerate(zip(self.domain_names_, self.domain_cascades_)):
+            rows = np.flatnonzero(assign == i)
+            entry = {"domain": name, "n_queries": int(len(rows)), "rescored": False}
+            if sub is not None and len(rows) >= MIN_DOMAIN_QUERIES:
+                res = sub.predict({k: v[rows] for k, v in feats.items()})
+                scores[np.ix_(rows, self._domain_classes(i))] = res.scores * mass[rows, i:i + 1]
+                d = res.details
+                entry.update(rescored=True, balanced=bool(d.get("balanced", False)),
+                             balance_refit=bool(d.get("balance_refit", False)),
+                             refine_dropped=bool(d.get("refine_dropped", False)),
+                             refit_dropped=bool(d.get("refit_dropped", False)))
+            out.append(entry)
+        details["domains"] = out
 
     def _estimate_marginal(self, xq: np.ndarray, zero_shot, seen, refinement, details: dict) -> np.ndarray:
         """The class marginal of the query set. Zero-shot's own EM estimate (the marginal InMaP's
@@ -635,7 +719,19 @@ class Cascade(HasParams):
             "refine": describe_stage(stages.refine) if stages.refine is not None else None,
             "seen_prototypes": [describe_stage(s) for s in stages.seen],
             "seen_fitted": stages_meta,
+            "per_domain": bool(self.per_domain),
         }
+        if getattr(self, "domain_cascades_", None):
+            cascades = []
+            for i, sub in enumerate(self.domain_cascades_):
+                if sub is None:
+                    cascades.append(None)
+                    continue
+                a, m = sub.state_dict()
+                arrays.update({f"domain/{i}/{name}": v for name, v in a.items()})
+                cascades.append(m)
+            meta["domains"] = {"names": self.domain_names_, "class_domain": self.class_domain_.tolist(),
+                               "cascades": cascades}
         return arrays, meta
 
     @classmethod
@@ -671,7 +767,9 @@ class Cascade(HasParams):
                   # written before the few-queries fallback existed: a declined check left the scores unbalanced
                   balance_few_per_class=meta.get("balance_few_per_class", 0.0),
                   # written before the refit's check existed: the balanced refit was always kept
-                  refit_check=meta.get("refit_check"))
+                  refit_check=meta.get("refit_check"),
+                  # written before the domain cascades existed: one cascade over all classes
+                  per_domain=bool(meta.get("per_domain", False)))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]
@@ -699,6 +797,16 @@ class Cascade(HasParams):
                 per_backbone[k] = Stage.from_state(a, metas[i])
             fitted.append(per_backbone)
         obj.seen_fitted_ = fitted
+        obj.domain_names_, obj.class_domain_, obj.domain_cascades_ = [], None, []
+        dom = meta.get("domains")
+        if dom:
+            obj.domain_names_ = list(dom["names"])
+            obj.class_domain_ = np.asarray(dom["class_domain"], dtype=np.int64)
+            for i, m in enumerate(dom["cascades"]):
+                prefix = f"domain/{i}/"
+                a = {name[len(prefix):]: v for name, v in arrays.items() if name.startswith(prefix)}
+                obj.domain_cascades_.append(None if m is None else
+                                            cls.from_state(a, m, source=f"{source} (domain {dom['names'][i]!r})"))
         return obj
 
     def save(self, directory) -> Path:

@@ -4,7 +4,7 @@
                                                 [--backbones 2] [--full-inmap]
                                                 [--balance check|always|none] [--no-balance-refit]
                                                 [--refit-check X|false]
-                                                [--profile N] [--repeat R]
+                                                [--domains K] [--profile N] [--repeat R]
 
 Features are synthetic (seeded): per backbone, class centres on the unit sphere, support/query rows =
 normalise(centre + noise), text = normalise(centre + noise). Prints seconds per stage and for the whole
@@ -14,6 +14,9 @@ The synthetic query set is not balanced, so the default check does not balance i
 the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``; that
 refit is judged by its check, ``--refit-check``, which drops it on this synthetic task: a large threshold keeps it
 and still times the check, ``false`` skips the check).
+``--domains K`` (default 4, the challenge's four domains) splits the classes into K consecutive blocks, each a
+domain: the default cascade then scores every query again with its domain's own cascade (``per_domain``), and the
+last lines say how many queries each scored; ``--domains 1`` times one cascade over all classes.
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
 says where the time of each step goes when other jobs make the wall clock meaningless. ``--repeat R`` times the
@@ -163,16 +166,21 @@ def main(argv=None):
                    help="balance_refit=False: a balanced final distribution is the refinement's output, balanced")
     p.add_argument("--refit-check", default=None,
                    help="the cascade's refit_check (default: the default cascade's; false: no check)")
+    p.add_argument("--domains", type=int, metavar="K", default=4,
+                   help="split the classes into K domains of consecutive classes (default 4; 1: one domain)")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="list the N functions of Cascade.fit + predict with the most CPU seconds (cumulative)")
     p.add_argument("--repeat", type=int, metavar="R", default=0,
                    help="time Cascade.predict R more times on the same fitted cascade (each on its own line)")
     a = p.parse_args(argv)
+    if not 1 <= a.domains <= a.classes:
+        p.error(f"--domains must lie in 1..{a.classes} (the number of classes), got {a.domains}")
+    domains = [f"domain{i}" for i in np.arange(a.classes) * a.domains // a.classes]
     support, ys, query, yq, text, val = make_task(a.queries, a.classes, a.shots, a.dim, a.backbones,
                                                   val_per_class=a.val_per_class)
     k0 = next(iter(support))
     print(f"{a.queries} queries x {a.classes} classes x {a.backbones} backbones (D={a.dim}), "
-          f"{ys.size} support rows, {val[1].size} validation rows; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+          f"{ys.size} support rows, {val[1].size} validation rows, {a.domains} domain(s); {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     print(f"  BLAS: {blas_info()}")
     print(f"  CPU: {cpu_info()}")
     print(f"  float32 products: {product_gflops()}")
@@ -197,7 +205,8 @@ def main(argv=None):
                            + ([f"stages.cascade.refit_check={a.refit_check}"] if a.refit_check is not None else []))
     prof = cProfile.Profile(time.process_time) if a.profile else None
     timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
-          lambda: profiled(prof, casc.fit, support, ys, text, a.classes, val=val if val[1].size else None), rows)
+          lambda: profiled(prof, casc.fit, support, ys, text, a.classes, val=val if val[1].size else None,
+                           domains=domains), rows)
     res = timed("Cascade.predict (prior, InMaP joint, pools, GDA, routing)",
                 lambda: profiled(prof, casc.predict, query), rows)
     total, cpu = rows[-1][1] + rows[-2][1], rows[-1][2] + rows[-2][2]
@@ -208,6 +217,9 @@ def main(argv=None):
           f"{res.details.get('balance_refit')}"
           + (f" (its check: gain {res.details['refit_gain']:+.3f} +- {res.details['refit_gain_se']:.3f})"
              if "refit_gain" in res.details else ""))
+    if "domains" in res.details:
+        print("  queries scored again per domain (its own cascade): "
+              + ", ".join(f"{d['domain']} {d['n_queries'] if d['rescored'] else 0}" for d in res.details["domains"]))
     for i in range(a.repeat):
         timed(f"Cascade.predict again ({i + 1} of {a.repeat})", lambda: casc.predict(query), rows)
     if prof is not None:

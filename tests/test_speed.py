@@ -173,3 +173,20 @@ def test_seen_stages_fitted_side_by_side_equal_one_at_a_time():
     for k in ("a", "b"):
         assert np.array_equal(side_by_side[0][k].coef_, alone[0][k].coef_)
         assert np.array_equal(side_by_side[0][k].alpha_, alone[0][k].alpha_)
+
+
+def test_stages_speed_times_the_per_domain_cascades():
+    """``--domains K`` splits the classes into K domains, whose own cascades the timed predict includes; the
+    last line says how many queries each scored again. ``--domains 1``: one cascade, no such line."""
+    base = [sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "12",
+            "--dim", "16", "--val-per-class", "2"]
+    r = subprocess.run(base + ["--domains", "3"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 domain(s)" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if "queries scored again per domain" in x)
+    counts = [int(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert len(counts) == 3 and sum(counts) == 150, line
+    one = subprocess.run(base + ["--domains", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert one.returncode == 0 and "queries scored again" not in one.stdout, one.stdout + one.stderr
+    bad = subprocess.run(base + ["--domains", "13"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert bad.returncode == 2 and "--domains must lie in 1..12" in bad.stderr

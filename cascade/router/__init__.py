@@ -1,7 +1,7 @@
 """The cascade: which stage sees which query, and how their scores combine.
 
 ``Cascade.fit`` fits the inductive experts on the support rows: zero-shot CLIP over all classes and each seen
-stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a query set in seven steps:
+stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a query set in eight steps:
 
 1. the inductive experts score the queries;
 2. the class marginal of the query set is estimated (``prior="estimate"``): zero-shot's own EM estimate when it
@@ -19,7 +19,10 @@ stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a qu
    unless validation rows find that refit worse than the balanced pool (``refit_check``, :mod:`.refine`).
    Where held-out rows decline on a few queries per class, which they underrate, the count rule balances part
    of the way, without the refit (``balance_few_per_class``);
-7. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains
+7. where the classes fall into several domains (``per_domain``), each query is scored again by its domain's own
+   cascade (the same steps 1-6 over that domain's classes, fitted on its rows alone), whose distribution
+   replaces the global one inside the domain that holds most of the query's probability;
+8. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains
    (:mod:`.routing`).
 
 Several CLIP backbones count as one through their joint features (:mod:`.joint`). Every weight and temperature

@@ -34,6 +34,7 @@ from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combi
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
                    fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
+from .threads import run_parallel
 from .routing import apply_specialists, route, route_names
 
 FORMAT = "cascade.router/2"
@@ -353,11 +354,11 @@ class Cascade(HasParams):
         self.class_domain_ = np.array([names.index(d) for d in domains], dtype=np.int64)
         params = {k: v for k, v in self.get_params().items() if k not in ("specialists", "per_domain")}
         stages = self.stages()
+        jobs = {}
         for i in range(len(names)):
             classes = self._domain_classes(i)
             seen = classes[classes < self.n_seen_]
             if len(seen) == 0 or len(classes) < 2:
-                self.domain_cascades_.append(None)
                 continue
             relabel = np.full(self.n_classes_, -1, dtype=np.int64)
             relabel[seen] = np.arange(len(seen))
@@ -370,9 +371,10 @@ class Cascade(HasParams):
                                  seen_stages=[clone(st) for st in stages.seen],
                                  refine=None if stages.refine is None else clone(stages.refine),
                                  specialists=(), per_domain=False))
-            sub.fit({k: v[rows] for k, v in self.support_.items()}, relabel[self.support_y_[rows]],
-                    {k: t[classes] for k, t in self.text_.items()}, len(seen), val=sub_val)
-            self.domain_cascades_.append(sub)
+            jobs[i] = partial(sub.fit, {k: v[rows] for k, v in self.support_.items()}, relabel[self.support_y_[rows]],
+                              {k: t[classes] for k, t in self.text_.items()}, len(seen), val=sub_val)
+        fitted = dict(zip(jobs, run_parallel(list(jobs.values()))))
+        self.domain_cascades_ = [fitted.get(i) for i in range(len(names))]
 
     def _domain_classes(self, i: int) -> np.ndarray:
         """Domain ``i``'s classes, seen ones first (indices are ascending and seen classes come first)."""
@@ -461,13 +463,17 @@ class Cascade(HasParams):
         member[np.arange(C), self.class_domain_] = 1.0
         mass = np.asarray(scores, dtype=np.float64) @ member
         assign = mass.argmax(axis=1)
+        rows = [np.flatnonzero(assign == i) for i in range(len(self.domain_names_))]
+        todo = [i for i, sub in enumerate(self.domain_cascades_)
+                if sub is not None and len(rows[i]) >= MIN_DOMAIN_QUERIES]
+        results = dict(zip(todo, run_parallel([partial(self.domain_cascades_[i].predict,
+                                                        {k: v[rows[i]] for k, v in feats.items()}) for i in todo])))
         out = []
-        for i, (name, sub) in enumerate(zip(self.domain_names_, self.domain_cascades_)):
-            rows = np.flatnonzero(assign == i)
-            entry = {"domain": name, "n_queries": int(len(rows)), "rescored": False}
-            if sub is not None and len(rows) >= MIN_DOMAIN_QUERIES:
-                res = sub.predict({k: v[rows] for k, v in feats.items()})
-                scores[np.ix_(rows, self._domain_classes(i))] = res.scores * mass[rows, i:i + 1]
+        for i, name in enumerate(self.domain_names_):
+            entry = {"domain": name, "n_queries": int(len(rows[i])), "rescored": False}
+            if i in results:
+                res = results.pop(i)
+                scores[np.ix_(rows[i], self._domain_classes(i))] = res.scores * mass[rows[i], i:i + 1]
                 d = res.details
                 entry.update(rescored=True, balanced=bool(d.get("balanced", False)),
                              balance_refit=bool(d.get("balance_refit", False)),

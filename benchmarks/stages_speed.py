@@ -16,10 +16,14 @@ refit is judged by its check, ``--refit-check``, which drops it on this syntheti
 and still times the check, ``false`` skips the check).
 ``--domains K`` (default 4, the challenge's four domains) splits the classes into K consecutive blocks, each a
 domain: the default cascade then scores every query again with its domain's own cascade (``per_domain``), and the
-last lines say how many queries each scored; ``--domains 1`` times one cascade over all classes.
+last lines say how many queries each scored; ``--domains 1`` times one cascade over all classes. With several domains the global distribution is neither
+refined nor balanced (each domain's cascade decides for itself), so the line on the balancing and ``--balance`` /
+``--refit-check`` concern the domain cascades.
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
-says where the time of each step goes when other jobs make the wall clock meaningless. ``--repeat R`` times the
+says where the time of each step goes when other jobs make the wall clock meaningless (cProfile sees the calling
+thread only: work run side by side in threads, such as the domain cascades, shows as waiting; profile with
+``--domains 1`` to see the global cascade's steps). ``--repeat R`` times the
 same predict R more times (same fitted cascade, same result): the spread of one version under the same load. With
 ``OPENBLAS_NUM_THREADS=1`` the CPU seconds count the work alone, not OpenBLAS's threads waiting for each other.
 
@@ -213,13 +217,15 @@ def main(argv=None):
     print(f"  {'TOTAL default cascade (fit + predict, all stages)':<58}{total:8.2f} s  (cpu {cpu:6.2f} s)")
     print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
-    print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced pool: "
-          f"{res.details.get('balance_refit')}"
-          + (f" (its check: gain {res.details['refit_gain']:+.3f} +- {res.details['refit_gain_se']:.3f})"
-             if "refit_gain" in res.details else ""))
+    if "balanced" in res.details:              # with several domains, each domain's cascade balances or not
+        print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced "
+              f"pool: {res.details.get('balance_refit')}"
+              + (f" (its check: gain {res.details['refit_gain']:+.3f} +- {res.details['refit_gain_se']:.3f})"
+                 if "refit_gain" in res.details else ""))
     if "domains" in res.details:
         print("  queries scored again per domain (its own cascade): "
-              + ", ".join(f"{d['domain']} {d['n_queries'] if d['rescored'] else 0}" for d in res.details["domains"]))
+              + ", ".join(f"{d['domain']} {d['n_queries'] if d['rescored'] else 0} "
+                          f"({'balanced' if d.get('balanced') else 'not balanced'})" for d in res.details["domains"]))
     for i in range(a.repeat):
         timed(f"Cascade.predict again ({i + 1} of {a.repeat})", lambda: casc.predict(query), rows)
     if prof is not None:

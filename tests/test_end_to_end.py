@@ -140,9 +140,8 @@ def test_result_file_lists_every_test_image_once_sorted(workspace, tested):
         idx = [int(t) for t in line.rsplit(" ", 5)[1:]]
         assert len(idx) == 5 and len(set(idx)) == 5 and all(0 <= i < 403 for i in idx)
     assert "class marginal over these images: " in tested.stderr      # the cascade says which marginal it used
-    assert "GDA refinement kept" in tested.stderr or "GDA refinement dropped" in tested.stderr
-    assert "final scores " in tested.stderr                            # ... and whether it balanced them
-    assert "domain Thu-dog: " in tested.stderr                         # ... and what each domain's own cascade did
+    # ... and, per domain (each has its own cascade here, which makes the checks), whether it balanced its images
+    assert "domain Thu-dog: " in tested.stderr and "balanced" in tested.stderr
 
 
 def test_unreadable_test_images_are_listed_and_reported(workspace, tested):

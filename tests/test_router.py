@@ -764,3 +764,23 @@ def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
     save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain/")}, meta)
     old = Cascade.load(tmp_path / "model")
     assert old.per_domain is False and old.domain_cascades_ == []
+
+
+def test_where_every_domain_has_its_cascade_the_global_refinement_and_balancing_are_skipped():
+    """Every class is scored again by its domain's cascade: the global distribution only says which domain a query
+    belongs to, so the global refinement and balancing are not made; the pool's domain mass is what is scaled."""
+    support, ys, query, yq, text, S = _domain_task(seed=13)
+    val = (query, np.minimum(yq, S - 1))
+    domains = ["a"] * 3 + ["b"] * 7                          # b: seen classes 3-5 and the unseen 6-9
+    on = small().fit(support, ys, text, S, val=val, domains=domains)
+    assert all(c is not None for c in on.domain_cascades_)
+    res = on.predict(query)
+    d = res.details
+    assert "refine_dropped" not in d and "balanced" not in d and d["refine_temperature"] is None
+    assert [e["rescored"] for e in d["domains"]] == [True, True] and np.allclose(res.scores.sum(1), 1.0)
+    pool_only = small().set_params(refine=None, balance="none", per_domain=False).fit(support, ys, text, S, val=val)
+    ref = pool_only.predict(query)
+    assert d["prior_source"] == ref.details["prior_source"] == "zero-shot"   # the same marginal, the same InMaP
+    member = np.eye(2)[on.class_domain_]
+    np.testing.assert_allclose(res.scores @ member, ref.scores @ member, atol=1e-9)
+    assert np.mean(res.top5[:, 0] == yq) > 0.8

@@ -100,7 +100,7 @@ def test_kept_experts_are_read_only_and_released():
 
 def test_stages_speed_prints_wall_and_cpu_per_step_and_a_profile():
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "10",
-                        "--dim", "16", "--val-per-class", "2", "--profile", "4", "--repeat", "1"],
+                        "--dim", "16", "--val-per-class", "2", "--profile", "4", "--repeat", "1", "--domains", "1"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
@@ -125,7 +125,8 @@ def test_stages_speed_times_the_balanced_refit_with_and_without_its_check(check,
     """``--balance always`` makes the refit; ``--refit-check`` sets its check (a large threshold keeps the refit
     and still times the check, ``false`` skips it), and the last line says which ran."""
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/stages_speed.py"), "--queries", "150", "--classes", "10",
-                        "--dim", "16", "--val-per-class", "2", "--balance", "always", "--refit-check", check],
+                        "--dim", "16", "--val-per-class", "2", "--balance", "always", "--refit-check", check,
+                        "--domains", "1"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     last = next(line for line in r.stdout.splitlines() if "final distribution balanced: True" in line)
@@ -184,7 +185,8 @@ def test_stages_speed_times_the_per_domain_cascades():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 domain(s)" in r.stdout
     line = next(x for x in r.stdout.splitlines() if "queries scored again per domain" in x)
-    counts = [int(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
+    counts = [int(part.split()[1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert line.count("balanced") == 3, line
     assert len(counts) == 3 and sum(counts) == 150, line
     one = subprocess.run(base + ["--domains", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert one.returncode == 0 and "queries scored again" not in one.stdout, one.stdout + one.stderr

@@ -21,7 +21,8 @@ stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a qu
    of the way, without the refit (``balance_few_per_class``);
 7. where the classes fall into several domains (``per_domain``), each query is scored again by its domain's own
    cascade (the same steps 1-6 over that domain's classes, fitted on its rows alone), whose distribution
-   replaces the global one inside the domain that holds most of the query's probability;
+   replaces the global one inside the domain that holds most of the query's probability (where every domain
+   has its own cascade, steps 5 and 6 are left to them and the pool decides the domain);
 8. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains
    (:mod:`.routing`).
 

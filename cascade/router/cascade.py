@@ -203,7 +203,9 @@ class Cascade(HasParams):
         that mixes domains is a mixture of query sets of different shapes (one balanced, one not; one whose
         refinement helps, one where it hurts), and the global checks, which judge all domains at once, cannot
         suit each of them (docs/accuracy.md, "Several domains in one task"). A domain with no seen class, or with
-        a single class, keeps the global scores. About one more fit of each expert per query, over fewer classes.
+        a single class, keeps the global scores. Where every domain has its own cascade, the global refinement
+        and balancing are not made (the global pool only says which domain a query belongs to). The domain
+        cascades are fitted and run side by side (:func:`~cascade.router.threads.run_parallel`).
     refit_check : float or None
         With validation rows: keep the balanced refit only unless the validation rows, taking part in it as the
         queries do (in both balancings and among the refinement's rows), find its mean log-likelihood of their
@@ -420,14 +422,17 @@ class Cascade(HasParams):
         held_scores = pooled(held, weights, S, self.combine) if held is not None else None
         held_pool = held_scores           # the held-out rows' pool, for the balanced refit's check of step 6
         # 5. the refinement fitted on the queries with the pool as soft labels, dropped when held-out rows object
-        keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool"
+        #    (steps 5 and 6 are skipped where every domain has its own cascade: the global distribution then only
+        #    says which domain each query belongs to, and the pool says it as well)
+        by_domain = self._domains_cover_all()
+        keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool" and not by_domain
         t_ref, pool_scores = None, (scores if keep_pool else None)   # kept only for the balanced refit of step 6
-        if refinement is not None:
+        if refinement is not None and not by_domain:
             scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
         # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement
         #    then refitted on the balanced pool and anchored by it, ``balance_refit``); where they decline on a few
         #    queries per class, part of the way by the count rule (``balance_few_per_class``, no refit)
-        if self.balance != "none" and self.combine == "pool":      # "replace": the seeds' rule, unbalanced
+        if self.balance != "none" and self.combine == "pool" and not by_domain:   # "replace": the seeds' rule
             scores, target = self._balance(scores, held_scores, marginal, details)
             refit = (details["balanced"] and self.balance_refit and refinement is not None
                      and not details["balance_few"])
@@ -452,6 +457,11 @@ class Cascade(HasParams):
             details["n_iter"] = stage.n_iter_
         return CascadeResult(scores=scores, top5=topk_indices(scores, min(5, self.n_classes_)), route=routes,
                              details=details)
+
+    def _domains_cover_all(self) -> bool:
+        """Whether every domain has a cascade of its own (then every class is scored again by one)."""
+        cascades = getattr(self, "domain_cascades_", None)
+        return bool(cascades) and all(c is not None for c in cascades)
 
     def _predict_domains(self, feats: dict, scores: np.ndarray, details: dict) -> None:
         """Inside each query's domain (the one its distribution gives the most mass), replace ``scores`` (in place)

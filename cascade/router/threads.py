@@ -5,7 +5,8 @@ its threads, but the element-wise work runs on one core, and a small product gai
 Independent fits on the support rows (each seen stage on each backbone, and the folds of their leave-one-fold-out
 refits) therefore run in threads of their own, as many at once as BLAS has threads, each on one BLAS thread. Fits
 on the query set (the refinement, its check and its folds) run one at a time: two at once would hold the queries'
-rows twice, and their large products already keep every core busy.
+rows twice, and their large products already keep every core busy. The domain cascades (``per_domain``) are the
+exception: each fits and scores its own domain's queries, disjoint subsets whose products are small.
 
 One BLAS thread per fit also makes a fit's result independent of the machine: BLAS's sums are rounded
 differently with different numbers of threads, so a fit run beside others equals, bit for bit, the same fit run

@@ -34,8 +34,8 @@ from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combi
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
                    fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
 from .refine import Refinement
-from .threads import run_parallel
 from .routing import apply_specialists, route, route_names
+from .threads import run_parallel
 
 FORMAT = "cascade.router/2"
 ZERO_SHOT_SCALE = 100.0          # CLIP's logit scale, used when the cascade is not calibrated
@@ -471,7 +471,7 @@ class Cascade(HasParams):
         n, C = scores.shape
         member = np.zeros((C, len(self.domain_names_)))
         member[np.arange(C), self.class_domain_] = 1.0
-        mass = np.asarray(scores, dtype=np.float64) @ member
+        mass = np.concatenate([np.asarray(scores[b], dtype=np.float64) @ member for b in row_blocks(n)])
         assign = mass.argmax(axis=1)
         rows = [np.flatnonzero(assign == i) for i in range(len(self.domain_names_))]
         todo = [i for i, sub in enumerate(self.domain_cascades_)

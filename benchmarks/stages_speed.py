@@ -16,9 +16,9 @@ refit is judged by its check, ``--refit-check``, which drops it on this syntheti
 and still times the check, ``false`` skips the check).
 ``--domains K`` (default 4, the challenge's four domains) splits the classes into K consecutive blocks, each a
 domain: the default cascade then scores every query again with its domain's own cascade (``per_domain``), and the
-last lines say how many queries each scored; ``--domains 1`` times one cascade over all classes. With several domains the global distribution is neither
-refined nor balanced (each domain's cascade decides for itself), so the line on the balancing and ``--balance`` /
-``--refit-check`` concern the domain cascades.
+last line says how many queries each scored; ``--domains 1`` times one cascade over all classes. With several
+domains the global distribution is neither refined nor balanced (each domain's cascade decides for itself), so
+``--balance`` and ``--refit-check`` concern the domain cascades.
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
 says where the time of each step goes when other jobs make the wall clock meaningless (cProfile sees the calling

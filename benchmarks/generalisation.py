@@ -4,6 +4,7 @@
                                                   [--no-merge] [--query-frac 0.8] [--no-val] [--noise-seeds 1]
                                                   [--harder 0.5,0.8]
                                                   [--families 2] [--family-sizes 40,80,131] [--groups G1,G2]
+                                                  [--only-merged]
                                                   [--set KEY=VALUE ...] [--compare] [--by-task] [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
@@ -34,7 +35,8 @@ only to score, as in ``python -m cascade bench``):
   counts (support, validation and query rows drawn from the pooled rows of the class), and N open ones per size
   whose first 2/3 of the classes keep support and validation rows (the others are unseen, text only) - other
   seen/unseen splits than the given open task's. ``--family-source`` draws them from other task files than the
-  ones given; ``--groups given,classes,...`` keeps only some groups (cheaper runs).
+  ones given; ``--groups given,classes,...`` keeps only some groups (cheaper runs). ``--only-merged`` keeps only
+  the merged tasks and those made from them: a change to the per-domain step changes no other task.
 
 ``--no-val`` drops every task's validation rows after the suite is built (no method sees them: LP++ keeps its last
 epoch, the cascade calibrates on its support rows out of fold), as for a submission that may use only the few
@@ -304,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--groups", default="",
                    help="keep only these groups, comma-separated (given, redrawn, noisy text, harder images, "
                         "classes, classes open); default: all")
+    p.add_argument("--only-merged", action="store_true",
+                   help="keep only the merged tasks and those made from them (the only tasks of several domains: "
+                        "a change to the per-domain step changes nothing else)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change the cascade row (repeatable), e.g. --set 'stages.cascade.refine=\"\"' --set "
                         "stages.inmap.n_iter=2000")
@@ -346,6 +351,10 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--groups: no task in group(s) {unknown} (this suite has {sorted(known)})")
         suite = [item for item in suite if item[0] in groups]
+    if args.only_merged:
+        suite = [item for item in suite if item[1].startswith("merged")]
+        if not suite:
+            p.error("--only-merged: this suite has no merged task (--no-merge, or fewer than two tasks of a kind)")
     if args.no_val:
         for _, _, task in suite:
             task.pop("val_x"), task.pop("val_y")

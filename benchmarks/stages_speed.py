@@ -17,8 +17,9 @@ and still times the check, ``false`` skips the check).
 ``--domains K`` (default 4, the challenge's four domains) splits the classes into K consecutive blocks, each a
 domain: the default cascade then scores every query again with its domain's own cascade (``per_domain``), and the
 last line says how many queries each scored; ``--domains 1`` times one cascade over all classes. With several
-domains the global distribution is neither refined nor balanced (each domain's cascade decides for itself), so
-``--balance`` and ``--refit-check`` concern the domain cascades.
+domains the global distribution is the inductive experts' pool alone, neither refined nor balanced, with no InMaP
+over all classes (each domain's cascade decides for itself), so ``--balance`` and ``--refit-check`` concern the
+domain cascades.
 Every line gives wall seconds and this process's CPU seconds (all its threads); ``--profile N`` then lists the N
 functions of the cascade's fit + predict with the most CPU seconds (cProfile on process time, cumulative), which
 says where the time of each step goes when other jobs make the wall clock meaningless (cProfile sees the calling
@@ -215,7 +216,8 @@ def main(argv=None):
                 lambda: profiled(prof, casc.predict, query), rows)
     total, cpu = rows[-1][1] + rows[-2][1], rows[-1][2] + rows[-2][2]
     print(f"  {'TOTAL default cascade (fit + predict, all stages)':<58}{total:8.2f} s  (cpu {cpu:6.2f} s)")
-    print(f"  InMaP steps in the cascade: {res.details.get('n_iter')}; synthetic top-1 "
+    steps = res.details.get("n_iter", "none over all classes (each domain's cascade runs its own)")
+    print(f"  InMaP steps in the cascade: {steps}; synthetic top-1 "
           f"{np.mean(res.top5[:, 0] == yq) * 100:.1f}%; load average now {os.getloadavg()[0]:.2f}")
     if "balanced" in res.details:              # with several domains, each domain's cascade balances or not
         print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced "

@@ -4,6 +4,9 @@ import pytest
 
 from cascade.config import default_cascade
 from cascade.router import Cascade
+from cascade.router.domains import (classifier_from_state, classifier_state, domain_mass, domain_posterior,
+                                    fit_domain_classifier, rescale_domains)
+from cascade.router.pool import pool
 from cascade.stages import InMaP, LinearProbePP, NotFittedError
 
 
@@ -722,25 +725,38 @@ def test_per_domain_cascades_rescore_each_query_inside_its_domain_only():
     np.testing.assert_array_equal(b.text_["bb0"], text["bb0"][3:8])
     assert sorted(set(b.support_y_.tolist())) == [0, 1, 2] and len(b.support_y_) == 12
     assert off.domain_cascades_ == []
+    # the domain classifier knows the domains of the labelled rows (a and b; c has none)
+    assert on.domain_classifier_.classes_.tolist() == [0, 1]
     r_on, r_off = on.predict(query), off.predict(query)
     assert np.allclose(r_on.scores.sum(1), 1.0)
     member = np.eye(3)[on.class_domain_]
-    mass_on, mass_off = r_on.scores @ member, r_off.scores @ member
-    np.testing.assert_allclose(mass_on, mass_off, atol=1e-9)   # each domain keeps its global mass per query
-    home = mass_off.argmax(1)
+    mass_off = r_off.scores @ member
+    # each query's domain probabilities: the global mass, shared out between a and b by the square root of their
+    # mass times the classifier; c, which the classifier does not know, keeps its global mass
+    post = domain_posterior(mass_off, on.domain_classifier_, on._joint(query), 0.5)
+    np.testing.assert_allclose(post[:, 2], mass_off[:, 2])
+    np.testing.assert_allclose(post.sum(1), 1.0)
+    np.testing.assert_allclose(r_on.scores @ member, post, atol=1e-9)
+    home = post.argmax(1)
     entries = r_on.details["domains"]
     assert [e["domain"] for e in entries] == ["a", "b", "c"]
     assert [e["n_queries"] for e in entries] == [int(np.sum(home == i)) for i in range(3)]
     assert [e["rescored"] for e in entries] == [True, True, False]
+    ratio = post / mass_off
     for i, sub in ((0, a), (1, b)):
         rows, cls = np.flatnonzero(home == i), np.flatnonzero(on.class_domain_ == i)
         inside = sub.predict({k: v[rows] for k, v in query.items()}).scores
-        np.testing.assert_allclose(r_on.scores[np.ix_(rows, cls)], inside * mass_off[rows, i:i + 1], atol=1e-9)
-        others = np.setdiff1d(np.arange(10), cls)          # the other domains' classes keep the global scores
-        np.testing.assert_allclose(r_on.scores[np.ix_(rows, others)], r_off.scores[np.ix_(rows, others)])
+        np.testing.assert_allclose(r_on.scores[np.ix_(rows, cls)], inside * post[rows, i:i + 1], atol=1e-9)
+        for j in set(range(3)) - {i}:      # the other domains keep the global ranking, scaled to their share
+            other = np.flatnonzero(on.class_domain_ == j)
+            np.testing.assert_allclose(r_on.scores[np.ix_(rows, other)],
+                                       r_off.scores[np.ix_(rows, other)] * ratio[rows, j:j + 1], atol=1e-12)
     rows = np.flatnonzero(home == 2)
-    np.testing.assert_allclose(r_on.scores[rows], r_off.scores[rows])
+    np.testing.assert_allclose(r_on.scores[rows], r_off.scores[rows] * ratio[rows][:, on.class_domain_], atol=1e-12)
     assert "domains" not in r_off.details
+    # without the classifier the global mass alone decides, and every domain keeps it
+    r_mass = on.set_params(domain_classifier=False).predict(query)
+    np.testing.assert_allclose(r_mass.scores @ member, mass_off, atol=1e-9)
 
 
 def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
@@ -757,30 +773,127 @@ def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
     path = m.save(tmp_path / "model")
     back = Cascade.load(tmp_path / "model")
     assert back.per_domain is True and back.domain_names_ == ["a", "b", "c"] and back.domain_cascades_[2] is None
+    assert (back.domain_classifier, back.domain_mass_weight, back.domain_global) == (True, 0.5, "inductive")
+    xq = m._joint(query)
+    np.testing.assert_array_equal(back.domain_classifier_.predict_proba(xq), m.domain_classifier_.predict_proba(xq))
     np.testing.assert_allclose(back.predict(query).scores, m.predict(query).scores, atol=1e-6)
     from cascade.io import load_npz_json, save_npz_json
     arrays, meta = load_npz_json(path)
+    # a model written before the domain classifier existed: the global pool's mass decides the domain
+    del meta["domain_classifier"], meta["domain_mass_weight"], meta["domain_global"]
+    save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain_clf/")}, meta)
+    older = Cascade.load(tmp_path / "model")
+    assert (older.domain_classifier, older.domain_global, older.domain_classifier_) == (False, "pool", None)
+    assert older.predict(query).details["domains"]
     del meta["per_domain"], meta["domains"]
-    save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain/")}, meta)
+    save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain")}, meta)
     old = Cascade.load(tmp_path / "model")
     assert old.per_domain is False and old.domain_cascades_ == []
 
 
-def test_where_every_domain_has_its_cascade_the_global_refinement_and_balancing_are_skipped():
-    """Every class is scored again by its domain's cascade: the global distribution only says which domain a query
-    belongs to, so the global refinement and balancing are not made; the pool's domain mass is what is scaled."""
+def test_where_every_domain_has_its_cascade_the_global_transductive_steps_are_skipped():
+    """Every class is scored again by its domain's cascade: the global distribution only helps say which domain a
+    query belongs to. By default (``domain_global="inductive"``) the inductive experts' pool says it, and the global
+    marginal, InMaP, refinement and balancing are not made; with ``"pool"`` the global pool does, unrefined."""
     support, ys, query, yq, text, S = _domain_task(seed=13)
     val = (query, np.minimum(yq, S - 1))
     domains = ["a"] * 3 + ["b"] * 7                          # b: seen classes 3-5 and the unseen 6-9
     on = small().fit(support, ys, text, S, val=val, domains=domains)
     assert all(c is not None for c in on.domain_cascades_)
+    member = np.eye(2)[on.class_domain_]
+    xq = on._joint(query)
+    res = on.predict(query)
+    d = res.details
+    assert not {"prior", "n_iter", "refine_dropped", "balanced", "pool_weights"} & set(d)
+    assert [e["rescored"] for e in d["domains"]] == [True, True] and np.allclose(res.scores.sum(1), 1.0)
+    inductive = pool(on._zero_shot_log_proba(query), on._seen_log_proba(query), S, weights=on.inductive_pool_)
+    np.testing.assert_allclose(res.scores @ member,
+                               domain_posterior(inductive @ member, on.domain_classifier_, xq), atol=1e-9)
+    assert np.mean(res.top5[:, 0] == yq) > 0.8
+    # "pool": the global pool of all experts (InMaP included), neither refined nor balanced
+    on.set_params(domain_global="pool")
     res = on.predict(query)
     d = res.details
     assert "refine_dropped" not in d and "balanced" not in d and d["refine_temperature"] is None
-    assert [e["rescored"] for e in d["domains"]] == [True, True] and np.allclose(res.scores.sum(1), 1.0)
     pool_only = small().set_params(refine=None, balance="none", per_domain=False).fit(support, ys, text, S, val=val)
     ref = pool_only.predict(query)
     assert d["prior_source"] == ref.details["prior_source"] == "zero-shot"   # the same marginal, the same InMaP
-    member = np.eye(2)[on.class_domain_]
-    np.testing.assert_allclose(res.scores @ member, ref.scores @ member, atol=1e-9)
+    np.testing.assert_allclose(res.scores @ member,
+                               domain_posterior(ref.scores @ member, on.domain_classifier_, xq), atol=1e-9)
     assert np.mean(res.top5[:, 0] == yq) > 0.8
+    # the global InMaP is needed where it routes the unseen queries (routing="stage1"): then it is made
+    on.set_params(domain_global="inductive", routing="stage1")
+    assert "n_iter" in on.predict(query).details
+
+
+def _style_task(seed=0, n_query=200, dim=16, style=0.6):
+    """Two domains of 4 classes each whose class names say little about the domain (each class of b is a near
+    copy of a class of a), but whose images differ by a shared offset along one direction, as two image sources
+    do (framing, background): the text does not carry that offset."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng.standard_normal((4, dim)))
+    centres = np.concatenate([base, unit(base + 0.15 * rng.standard_normal((4, dim)))])
+    offset = np.zeros(dim)
+    offset[0] = style
+    shift = np.where(np.arange(8)[:, None] < 4, -offset, offset)
+    text = {"bb0": unit(centres + 0.05 * rng.standard_normal(centres.shape))}
+
+    def rows(y):
+        return unit(centres[y] + shift[y] + 0.3 * rng.standard_normal((len(y), dim)))
+
+    ys, yv, yq = np.repeat(np.arange(8), 4), np.repeat(np.arange(8), 2), rng.integers(0, 8, n_query)
+    return {"bb0": rows(ys)}, ys, ({"bb0": rows(yv)}, yv), {"bb0": rows(yq)}, yq, text
+
+
+def test_the_domain_classifier_tells_image_sources_apart_where_the_class_names_cannot():
+    support, ys, val, query, yq, text = _style_task()
+    domains = ["a"] * 4 + ["b"] * 4
+    truth = (yq >= 4).astype(int)
+    found = {}
+    for name, params in (("mass", dict(domain_classifier=False)), ("default", {}),
+                         ("classifier", dict(domain_mass_weight=0.0))):
+        m = small().set_params(**params).fit(support, ys, text, 8, val=val, domains=domains)
+        res = m.predict(query)
+        found[name] = np.mean((res.scores @ np.eye(2)[m.class_domain_]).argmax(1) == truth)
+    assert found["classifier"] > 0.95 and found["classifier"] > found["mass"] + 0.05
+    assert found["default"] >= found["mass"]
+
+
+def test_domain_posterior_and_rescaling():
+    mass = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.0, 0.6, 0.4]])
+
+    class Known:                            # a classifier of domains 0 and 1 only
+        classes_ = np.array([0, 1])
+
+        @staticmethod
+        def predict_proba(x):
+            return np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]])[: len(x)]
+
+    x = np.zeros((3, 2))
+    assert domain_posterior(mass, None, x) is mass
+    both = domain_posterior(mass, Known, x, 1.0)
+    np.testing.assert_allclose(both[:, 2], mass[:, 2])                       # domain 2 keeps its mass
+    np.testing.assert_allclose(both.sum(1), 1.0)
+    np.testing.assert_allclose(both[0, :2], 0.8 * np.array([0.1, 0.24]) / 0.34)
+    np.testing.assert_allclose(both[2, :2], [0.0, 0.6])                      # no mass on 0: the product keeps 0
+    half = domain_posterior(mass, Known, x)                                  # the default: the mass's square root
+    w = np.sqrt([0.5, 0.3]) * [0.2, 0.8]
+    np.testing.assert_allclose(half[0, :2], 0.8 * w / w.sum())
+    only = domain_posterior(mass, Known, x, 0.0)
+    np.testing.assert_allclose(only[:, :2], mass[:, :2].sum(1, keepdims=True) * Known.predict_proba(x))
+    class_domain = np.array([0, 0, 1, 2, 2])
+    scores = np.array([[0.3, 0.2, 0.3, 0.1, 0.1], [0.05, 0.05, 0.1, 0.4, 0.4], [0.0, 0.0, 0.6, 0.1, 0.3]])
+    np.testing.assert_allclose(domain_mass(scores, class_domain, 3), mass)
+    out = scores.copy()
+    rescale_domains(out, class_domain, mass, both)
+    np.testing.assert_allclose(domain_mass(out, class_domain, 3), both)
+    np.testing.assert_allclose(out[:, 3:], scores[:, 3:])
+    np.testing.assert_allclose(out[0, 0] / out[0, 1], 1.5)                   # the ranking inside a domain is kept
+    # one domain among the rows: nothing to tell apart; the state round trip keeps scikit-learn's predict_proba
+    assert fit_domain_classifier(np.eye(3), np.zeros(3, int)) is None
+    rng = np.random.default_rng(0)
+    xr, dr = rng.standard_normal((30, 4)), np.repeat([0, 2, 3], 10)
+    clf = fit_domain_classifier(xr, dr)
+    back = classifier_from_state(classifier_state(clf))
+    np.testing.assert_array_equal(back.predict_proba(xr), clf.predict_proba(xr))
+    assert classifier_from_state(classifier_state(None)) is None

@@ -29,6 +29,8 @@ from ..stages.gda import GDA
 from ..stages.inmap import InMaP
 from ..stages.lpp import LinearProbePP
 from .folds import class_folds
+from .domains import (classifier_from_state, classifier_state, domain_mass, domain_posterior,
+                      fit_domain_classifier, rescale_domains)
 from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combined_logits, joint_features,
                     joint_logits)
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
@@ -239,6 +241,9 @@ class Cascade(HasParams):
         "balance_few_per_class": [Interval(Real, 0, None)],
         "balance_refit": [BOOL],
         "per_domain": [BOOL],
+        "domain_classifier": [BOOL],
+        "domain_mass_weight": [Interval(Real, 0, None)],
+        "domain_global": [Options("inductive", "pool")],
     }
 
     def __init__(self, transductive: Stage | None = None, seen_stages=None, refine="default",
@@ -246,7 +251,9 @@ class Cascade(HasParams):
                  combine: str = "pool", calibrate: bool = True, cv_folds: int = 4, specialists=(),
                  refine_check=1.0, rebalance: bool = True, balance: str = "check", balance_min_gain: float = 0.1,
                  balance_refit: bool = True, balance_without_val: str = "counts",
-                 balance_few_per_class: float = 5.0, refit_check=2.0, per_domain: bool = True):
+                 balance_few_per_class: float = 5.0, refit_check=2.0, per_domain: bool = True,
+                 domain_classifier: bool = True, domain_mass_weight: float = 0.5,
+                 domain_global: str = "inductive"):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -266,6 +273,9 @@ class Cascade(HasParams):
         self.balance_few_per_class = balance_few_per_class
         self.refit_check = refit_check
         self.per_domain = per_domain
+        self.domain_classifier = domain_classifier
+        self.domain_mass_weight = domain_mass_weight
+        self.domain_global = domain_global
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -342,8 +352,11 @@ class Cascade(HasParams):
         """``domain_names_``, ``class_domain_`` ([C] index into them) and ``domain_cascades_``: per domain, a
         cascade with the same settings fitted on the domain's classes alone (seen ones first, each block in
         ascending order) and on its support and validation rows, or None where the domain keeps the global
-        scores (no seen class, a single class). All empty unless ``per_domain`` and at least two domains."""
+        scores (no seen class, a single class); ``domain_classifier_``: the domain of the labelled rows (support
+        and validation) on their joint features (:mod:`.domains`). All empty unless ``per_domain`` and at least
+        two domains."""
         self.domain_names_, self.class_domain_, self.domain_cascades_ = [], None, []
+        self.domain_classifier_ = None
         if not self.per_domain or domains is None:
             return
         domains = [str(d) for d in domains]
@@ -377,6 +390,13 @@ class Cascade(HasParams):
                               {k: t[classes] for k, t in self.text_.items()}, len(seen), val=sub_val)
         fitted = dict(zip(jobs, run_parallel(list(jobs.values()))))
         self.domain_cascades_ = [fitted.get(i) for i in range(len(names))]
+        rows_x, rows_y = [self._support_joint()], [self.support_y_]
+        if val is not None:
+            rows_x.append(self._joint(val[0]))
+            rows_y.append(np.asarray(val[1]))
+        if self.domain_classifier:
+            self.domain_classifier_ = fit_domain_classifier(np.concatenate(rows_x),
+                                                            self.class_domain_[np.concatenate(rows_y)])
 
     def _domain_classes(self, i: int) -> np.ndarray:
         """Domain ``i``'s classes, seen ones first (indices are ascending and seen classes come first)."""
@@ -405,6 +425,14 @@ class Cascade(HasParams):
 
         # 1. the experts of a block of query rows, made on demand (never kept for all queries)
         experts = QueryExperts(self, feats, xq)
+        if self._domains_decide():
+            # every domain has its own cascade, which makes steps 2-6 over its classes: the global distribution
+            # only helps say which domain a query belongs to, and the inductive experts' pool says it as well
+            scores = fill_rows(n, C, lambda rows: pool(experts.zero_shot(rows), experts.seen(rows), S, self.combine,
+                                                        weights=self.inductive_pool_))
+            experts.release()
+            self._predict_domains(feats, xq, scores, details)
+            return self._finish(scores, query, experts, details)
         # 2. the class marginal of the query set, the transductive stage's prior
         stage = clone(self.stages().transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
@@ -444,17 +472,19 @@ class Cascade(HasParams):
         del pool_scores
         # 7. where the classes fall into domains, each query scored again by its domain's own cascade
         if getattr(self, "domain_cascades_", None):
-            self._predict_domains(feats, scores, details)
-        # 8. routing, then the specialists re-rank inside their domains
-        scores, unseen = route(scores, experts.transductive, S, self.routing)
+            self._predict_domains(feats, xq, scores, details)
+        details.update(self._pool_details(weights), transductive_temperature=a1, refine_temperature=t_ref)
+        if hasattr(stage, "n_iter_"):
+            details["n_iter"] = stage.n_iter_
+        return self._finish(scores, query, experts, details)
+
+    def _finish(self, scores: np.ndarray, query: dict, experts: QueryExperts, details: dict) -> CascadeResult:
+        """8. routing, then the specialists re-rank inside their domains."""
+        scores, unseen = route(scores, experts.transductive, self.n_seen_, self.routing)
         routes = route_names(unseen)
         scores = apply_specialists(self.specialists, scores, query, routes)
         scores /= scores.sum(axis=1, keepdims=True)
-        details.update(self._pool_details(weights),
-                       transductive_temperature=a1, refine_temperature=t_ref,
-                       seen_temperatures=list(self.seen_temperatures_), n_unseen_routed=int(unseen.sum()))
-        if hasattr(stage, "n_iter_"):
-            details["n_iter"] = stage.n_iter_
+        details.update(seen_temperatures=list(self.seen_temperatures_), n_unseen_routed=int(unseen.sum()))
         return CascadeResult(scores=scores, top5=topk_indices(scores, min(5, self.n_classes_)), route=routes,
                              details=details)
 
@@ -463,15 +493,24 @@ class Cascade(HasParams):
         cascades = getattr(self, "domain_cascades_", None)
         return bool(cascades) and all(c is not None for c in cascades)
 
-    def _predict_domains(self, feats: dict, scores: np.ndarray, details: dict) -> None:
-        """Inside each query's domain (the one its distribution gives the most mass), replace ``scores`` (in place)
-        by the domain cascade's distribution times that mass, so rows still sum to 1 and the other domains keep
-        the global scores. The domain cascades see only their own queries: each checks its balancing and its
-        refinement on its own query set. ``details["domains"]``: one entry per domain."""
-        n, C = scores.shape
-        member = np.zeros((C, len(self.domain_names_)))
-        member[np.arange(C), self.class_domain_] = 1.0
-        mass = np.concatenate([np.asarray(scores[b], dtype=np.float64) @ member for b in row_blocks(n)])
+    def _domains_decide(self) -> bool:
+        """Whether the global steps 2-6 are left out (``domain_global="inductive"``): every domain has its own
+        cascade and the joint routing reads the final scores alone (``routing="stage1"`` needs the global
+        transductive stage)."""
+        return self.domain_global == "inductive" and self.routing == "joint" and self._domains_cover_all()
+
+    def _predict_domains(self, feats: dict, xq: np.ndarray, scores: np.ndarray, details: dict) -> None:
+        """Each query's domain probabilities (:func:`~.domains.domain_posterior`: the global distribution's mass
+        per domain, to the power ``domain_mass_weight``, times the domain classifier) rescale its global scores
+        domain by domain; inside its most probable domain the domain cascade's distribution times that probability
+        replaces them (in place), so rows still sum to 1. The domain cascades see only their own queries: each
+        checks its balancing and its refinement on its own query set. ``details["domains"]``: one entry per
+        domain."""
+        mass = domain_mass(scores, self.class_domain_, len(self.domain_names_))
+        clf = getattr(self, "domain_classifier_", None) if self.domain_classifier else None
+        post = domain_posterior(mass, clf, xq, self.domain_mass_weight)
+        rescale_domains(scores, self.class_domain_, mass, post)
+        mass = post
         assign = mass.argmax(axis=1)
         rows = [np.flatnonzero(assign == i) for i in range(len(self.domain_names_))]
         todo = [i for i, sub in enumerate(self.domain_cascades_)
@@ -735,7 +774,9 @@ class Cascade(HasParams):
             "refine": describe_stage(stages.refine) if stages.refine is not None else None,
             "seen_prototypes": [describe_stage(s) for s in stages.seen],
             "seen_fitted": stages_meta,
-            "per_domain": bool(self.per_domain),
+            "per_domain": bool(self.per_domain), "domain_classifier": bool(self.domain_classifier),
+            "domain_mass_weight": float(self.domain_mass_weight),
+            "domain_global": self.domain_global,
         }
         if getattr(self, "domain_cascades_", None):
             cascades = []
@@ -748,6 +789,7 @@ class Cascade(HasParams):
                 cascades.append(m)
             meta["domains"] = {"names": self.domain_names_, "class_domain": self.class_domain_.tolist(),
                                "cascades": cascades}
+            arrays.update({f"domain_clf/{k}": v for k, v in classifier_state(self.domain_classifier_).items()})
         return arrays, meta
 
     @classmethod
@@ -785,7 +827,10 @@ class Cascade(HasParams):
                   # written before the refit's check existed: the balanced refit was always kept
                   refit_check=meta.get("refit_check"),
                   # written before the domain cascades existed: one cascade over all classes
-                  per_domain=bool(meta.get("per_domain", False)))
+                  per_domain=bool(meta.get("per_domain", False)),
+                  # written before the domain classifier existed: the global pool's mass decided the domain
+                  domain_classifier=bool(meta.get("domain_classifier", False)),
+                  domain_mass_weight=meta.get("domain_mass_weight", 0.5), domain_global=meta.get("domain_global", "pool"))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]
@@ -814,6 +859,8 @@ class Cascade(HasParams):
             fitted.append(per_backbone)
         obj.seen_fitted_ = fitted
         obj.domain_names_, obj.class_domain_, obj.domain_cascades_ = [], None, []
+        obj.domain_classifier_ = classifier_from_state({name[len("domain_clf/"):]: v for name, v in arrays.items()
+                                                        if name.startswith("domain_clf/")})
         dom = meta.get("domains")
         if dom:
             obj.domain_names_ = list(dom["names"])

@@ -624,3 +624,17 @@ def test_per_domain_cascades_on_tasks_of_several_domains():
         verdicts = {e["domain"]: e for e in d_on["domains"]}
         assert all(e["rescored"] for e in verdicts.values()) and "domains" not in d_off
         assert verdicts["imagenet_dev"]["balanced"] and not verdicts["caltech101"]["balanced"], verdicts
+
+
+def test_domain_accuracy_prints_how_often_a_query_is_given_its_own_domain():
+    """benchmarks/domain_accuracy.py on the given merged tasks: the domain classifier times the mass's square root
+    (the default) gives more queries their own domain than the mass alone (docs/accuracy.md)."""
+    r = subprocess.run([sys.executable, "benchmarks/domain_accuracy.py", "--redraws", "0", "--noise", "", "--harder",
+                        "", "--c", "10", "--weights", "0.5"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("2 merged tasks") and lines[1].split()[-4:] == ["mass", "clf", "10", "0.5@10"]
+    for kind in ("closed", "open"):
+        row = next(line.split() for line in lines if line.startswith("given") and line.split()[1] == kind)
+        mass, clf, both = map(float, row[-3:])
+        assert both > mass + 1.0 and 80 < mass < 100, row

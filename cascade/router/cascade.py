@@ -205,9 +205,20 @@ class Cascade(HasParams):
         that mixes domains is a mixture of query sets of different shapes (one balanced, one not; one whose
         refinement helps, one where it hurts), and the global checks, which judge all domains at once, cannot
         suit each of them (docs/accuracy.md, "Several domains in one task"). A domain with no seen class, or with
-        a single class, keeps the global scores. Where every domain has its own cascade, the global refinement
-        and balancing are not made (the global pool only says which domain a query belongs to). The domain
-        cascades are fitted and run side by side (:func:`~cascade.router.threads.run_parallel`).
+        a single class, keeps the global scores. The domain cascades are fitted and run side by side
+        (:func:`~cascade.router.threads.run_parallel`).
+    domain_classifier : bool
+        With ``per_domain``: fit a classifier of the labelled rows' domain on their joint features and let it
+        help say which domain each query belongs to (:mod:`cascade.router.domains`): the domains of a task come
+        from different image sources, whose look the class names do not carry. False: the global mass alone.
+    domain_mass_weight : float
+        The exponent of the global mass per domain in the query's domain probabilities, ``mass ** w *
+        classifier`` (0: the classifier alone; 1: their product).
+    domain_global : "inductive" | "pool"
+        Where every domain has its own cascade (and ``routing="joint"``), the global distribution only says which
+        domain a query belongs to: "inductive" takes it from zero-shot and the seen stages pooled (steps 2-6 over
+        all classes are not made, which saves InMaP over all classes); "pool" makes steps 2-4 (the global pool,
+        neither refined nor balanced).
     refit_check : float or None
         With validation rows: keep the balanced refit only unless the validation rows, taking part in it as the
         queries do (in both balancings and among the refinement's rows), find its mean log-likelihood of their

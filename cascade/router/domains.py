@@ -37,12 +37,12 @@ def domain_mass(scores: np.ndarray, class_domain: np.ndarray, n_domains: int) ->
     return np.concatenate([np.asarray(scores[b], dtype=np.float64) @ member for b in row_blocks(len(scores))])
 
 
-def fit_domain_classifier(x: np.ndarray, domain: np.ndarray) -> LogisticRegression | None:
+def fit_domain_classifier(x: np.ndarray, domain: np.ndarray, C: float = DOMAIN_C) -> LogisticRegression | None:
     """A multinomial logistic regression of the rows' domain on their joint features ``x``, or None where the rows
     come from fewer than two domains (there is nothing to tell apart)."""
     if len(np.unique(domain)) < 2:
         return None
-    return LogisticRegression(C=DOMAIN_C, max_iter=2000).fit(np.asarray(x, dtype=np.float64), domain)
+    return LogisticRegression(C=C, max_iter=2000).fit(np.asarray(x, dtype=np.float64), domain)
 
 
 def classifier_state(clf: LogisticRegression | None) -> dict:

@@ -10,6 +10,11 @@ classifier of ``cascade/router/domains.py`` is fitted on the labelled rows (supp
 validation rows) with each ``--c``. Printed per group and kind (closed / open): the share of queries (%) whose
 most probable domain is their own, by the mass alone (``mass``), by each classifier alone (``clf C``) and by
 ``mass ** w * classifier`` for each ``--weights`` w and C (``w@C``). Query labels only score.
+
+``--per-source`` also fits the default cascade (per-domain, with its classifier) on each given merged task and
+prints, per source domain, its queries' top-1, the share of them given another domain, and what that domain's
+own cascade decided (balanced or not, and the balancing check's gain) - where what the domain step still loses
+is seen.
 """
 from __future__ import annotations
 
@@ -67,6 +72,30 @@ def task_accuracy(task: dict, Cs, weights, use_val: bool = True) -> dict:
     return out
 
 
+def per_source(task: dict, label: str, use_val: bool = True) -> None:
+    """The default cascade on ``task``: per source domain, top-1 of its queries, % sent to another domain and its
+    domain cascade's balancing verdict."""
+    val = ({BACKBONE: task["val_x"]}, task["val_y"]) if use_val and "val_x" in task else None
+    m = default_cascade().fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]},
+                              task["n_seen"], val=val, domains=task["class_domain"])
+    res = m.predict({BACKBONE: task["query_x"]})
+    y, pred, dom = task["query_y"], res.scores.argmax(1), task["class_domain"]
+    print(f"{label}: top-1 {100 * np.mean(pred == y):.2f}")
+    entries = {e["domain"]: e for e in res.details.get("domains", [])}
+    for name in dict.fromkeys(dom.tolist()):
+        mine = dom[y] == name
+        e = entries.get(name, {})
+        verdict = "global scores"
+        if e.get("rescored"):
+            verdict = ("balanced part of the way (count rule)" if e.get("balance_few") else "balanced"
+                       ) if e.get("balanced") else "not balanced"
+            if e.get("balance_gain") is not None:
+                verdict += f", check's gain {e['balance_gain']:+.3f}"
+        print(f"  {name:<16} {int(mine.sum()):>5} queries  top-1 {100 * np.mean(pred[mine] == y[mine]):6.2f}  "
+              f"sent to another domain {100 * np.mean(dom[pred[mine]] != name):5.2f} %  "
+              f"its cascade: {e.get('n_queries', 0)} queries, {verdict}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -79,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-val", action="store_true", help="no validation rows (the classifier sees the support rows)")
     p.add_argument("--c", default="1,10", help="the classifier's inverse regularisations C (default 1,10)")
     p.add_argument("--weights", default="0.5,1", help="exponents w of the mass in mass ** w * classifier")
+    p.add_argument("--per-source", action="store_true",
+                   help="also the default cascade's top-1 per source domain of each given merged task")
     a = p.parse_args(argv)
     Cs, weights = _floats(a.c, "--c", p), _floats(a.weights, "--weights", p)
     noise, harder = _floats(a.noise, "--noise", p), _floats(a.harder, "--harder", p)
@@ -99,6 +130,10 @@ def main(argv=None) -> int:
     print(f"{'group':<14}{'kind':<8}{'tasks':>6}" + "".join(f"{k:>10}" for k in keys))
     for (group, kind), accs in rows.items():
         print(f"{group:<14}{kind:<8}{len(accs):>6}" + "".join(f"{np.mean([r[k] for r in accs]):>10.2f}" for k in keys))
+    if a.per_source:
+        for group, name, task in suite:
+            if group == "given":
+                per_source(task, name, use_val=not a.no_val)
     return 0
 
 

@@ -107,7 +107,8 @@ def _log_domains(details: dict) -> None:
         if not d["rescored"]:
             _log(f"domain {d['domain'] or '-'}: {d['n_queries']} images, global scores kept")
             continue
-        steps = ["balanced" if d["balanced"] else "not balanced"]
+        steps = [("balanced part of the way, few images per class" if d.get("balance_few") else "balanced")
+                 if d["balanced"] else "not balanced"]
         if d["balance_refit"]:
             steps.append("GDA refit on the balanced scores")
         elif d["refit_dropped"]:

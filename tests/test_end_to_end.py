@@ -365,12 +365,15 @@ def test_the_per_domain_verdicts_are_one_line_per_domain(capsys):
     _log_domains({"domains": [dict(base, domain="Food-101", n_queries=40),
                               dict(base, domain="Caltech-101", n_queries=12, balanced=False, balance_refit=False,
                                    refine_dropped=True),
+                              dict(base, domain="Thu-dog", n_queries=30, balance_refit=False, balance_few=True),
                               {"domain": "Stanford-Cars", "n_queries": 3, "rescored": False}]})
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "[cascade] domain Food-101: 40 images scored again by its own cascade (balanced, GDA refit on the "
         "balanced scores)",
         "[cascade] domain Caltech-101: 12 images scored again by its own cascade (not balanced, refinement dropped)",
+        "[cascade] domain Thu-dog: 30 images scored again by its own cascade (balanced part of the way, few images "
+        "per class)",
         "[cascade] domain Stanford-Cars: 3 images, global scores kept"]
     _log_domains({})                                  # one domain, or per_domain = false: nothing to say
     assert capsys.readouterr().err == ""

@@ -742,6 +742,7 @@ def test_per_domain_cascades_rescore_each_query_inside_its_domain_only():
     assert [e["domain"] for e in entries] == ["a", "b", "c"]
     assert [e["n_queries"] for e in entries] == [int(np.sum(home == i)) for i in range(3)]
     assert [e["rescored"] for e in entries] == [True, True, False]
+    assert all({"balanced", "balance_few", "balance_gain", "refine_dropped"} <= set(e) for e in entries[:2])
     ratio = post / mass_off
     for i, sub in ((0, a), (1, b)):
         rows, cls = np.flatnonzero(home == i), np.flatnonzero(on.class_domain_ == i)

@@ -538,7 +538,8 @@ class Cascade(HasParams):
                 entry.update(rescored=True, balanced=bool(d.get("balanced", False)),
                              balance_refit=bool(d.get("balance_refit", False)),
                              refine_dropped=bool(d.get("refine_dropped", False)),
-                             refit_dropped=bool(d.get("refit_dropped", False)))
+                             refit_dropped=bool(d.get("refit_dropped", False)),
+                             balance_few=bool(d.get("balance_few", False)), balance_gain=d.get("balance_gain"))
             out.append(entry)
         details["domains"] = out
 

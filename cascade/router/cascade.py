@@ -401,11 +401,11 @@ class Cascade(HasParams):
                               {k: t[classes] for k, t in self.text_.items()}, len(seen), val=sub_val)
         fitted = dict(zip(jobs, run_parallel(list(jobs.values()))))
         self.domain_cascades_ = [fitted.get(i) for i in range(len(names))]
-        rows_x, rows_y = [self._support_joint()], [self.support_y_]
-        if val is not None:
-            rows_x.append(self._joint(val[0]))
-            rows_y.append(np.asarray(val[1]))
         if self.domain_classifier:
+            rows_x, rows_y = [self._support_joint()], [self.support_y_]
+            if val is not None:
+                rows_x.append(self._joint(val[0]))
+                rows_y.append(np.asarray(val[1]))
             self.domain_classifier_ = fit_domain_classifier(np.concatenate(rows_x),
                                                             self.class_domain_[np.concatenate(rows_y)])
 
@@ -430,8 +430,6 @@ class Cascade(HasParams):
         feats = check_feature_set(query, self.backbones_, "query", {k: t.shape[1] for k, t in self.text_.items()})
         n, C, S = len(feats[self.backbones_[0]]), self.n_classes_, self.n_seen_
         xq = self._joint(feats)
-        held_x = self._joint(self.val_) if self.val_ is not None else None
-        refinement = self._refinement(held_x) if self.stages().refine is not None else None
         details = {}
 
         # 1. the experts of a block of query rows, made on demand (never kept for all queries)
@@ -444,6 +442,8 @@ class Cascade(HasParams):
             experts.release()
             self._predict_domains(feats, xq, scores, details)
             return self._finish(scores, query, experts, details)
+        held_x = self._joint(self.val_) if self.val_ is not None else None
+        refinement = self._refinement(held_x) if self.stages().refine is not None else None
         # 2. the class marginal of the query set, the transductive stage's prior
         stage = clone(self.stages().transductive)
         if self.prior == "estimate" and "prior" in stage.get_params():
@@ -521,8 +521,7 @@ class Cascade(HasParams):
         clf = getattr(self, "domain_classifier_", None) if self.domain_classifier else None
         post = domain_posterior(mass, clf, xq, self.domain_mass_weight)
         rescale_domains(scores, self.class_domain_, mass, post)
-        mass = post
-        assign = mass.argmax(axis=1)
+        assign = post.argmax(axis=1)
         rows = [np.flatnonzero(assign == i) for i in range(len(self.domain_names_))]
         todo = [i for i, sub in enumerate(self.domain_cascades_)
                 if sub is not None and len(rows[i]) >= MIN_DOMAIN_QUERIES]
@@ -533,7 +532,7 @@ class Cascade(HasParams):
             entry = {"domain": name, "n_queries": int(len(rows[i])), "rescored": False}
             if i in results:
                 res = results.pop(i)
-                scores[np.ix_(rows[i], self._domain_classes(i))] = res.scores * mass[rows[i], i:i + 1]
+                scores[np.ix_(rows[i], self._domain_classes(i))] = res.scores * post[rows[i], i:i + 1]
                 d = res.details
                 entry.update(rescored=True, balanced=bool(d.get("balanced", False)),
                              balance_refit=bool(d.get("balance_refit", False)),
@@ -842,7 +841,8 @@ class Cascade(HasParams):
                   per_domain=bool(meta.get("per_domain", False)),
                   # written before the domain classifier existed: the global pool's mass decided the domain
                   domain_classifier=bool(meta.get("domain_classifier", False)),
-                  domain_mass_weight=meta.get("domain_mass_weight", 0.5), domain_global=meta.get("domain_global", "pool"))
+                  domain_mass_weight=meta.get("domain_mass_weight", 0.5),
+                  domain_global=meta.get("domain_global", "pool"))
         keys = meta["backbones"]
         obj.backbones_ = keys
         obj.weights_ = meta["weights"]

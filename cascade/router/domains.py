@@ -7,17 +7,15 @@ signals say where a query belongs:
 * the mass the global distribution gives each domain's classes (what the class names and the support rows say);
 * a domain classifier on the image features, fitted on the labelled rows with their class's domain as the label.
   Sources differ in how their images look (framing, background, resolution, what else is in the picture), which
-  the class names do not say: on the merged real-feature tasks it halves the queries sent to the wrong domain
-  (docs/accuracy.md, "Several domains in one task").
+  the class names do not say.
 
 ``domain_classifier`` and ``domain_mass_weight`` choose: without the classifier the mass alone decides; with it,
 each query's domain probabilities are ``mass ** w * classifier``, renormalised (``w``: the mass's exponent; 0:
-the classifier alone). The global mass is overconfident where the class names mislead (noisy text, overlapping
-classes) and the classifier where few labelled rows trained it; ``w = 0.5`` was best or near best on every merged
-group of the generalisation suite, with and without validation rows (docs/accuracy.md). The classifier is
-scikit-learn's ``LogisticRegression`` with ``C = 10`` (unit-norm CLIP features need weak regularisation: with
-the default ``C = 1`` and only the support rows it sends more queries to the wrong domain than the mass alone);
-only its coefficients are saved.
+the classifier alone). The mass is overconfident where the class names mislead, the classifier where few
+labelled rows trained it, so neither gets the last word (the choice of ``w``: docs/accuracy.md, "Several domains
+in one task"). The classifier is scikit-learn's ``LogisticRegression`` with a weak regularisation (``C = 10``):
+unit-norm CLIP features give small logits, and with the default ``C = 1`` and the support rows alone it learns
+little more than how many rows each domain has. Only its coefficients are saved.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ..stages.calibration import row_blocks
 
-DOMAIN_C = 10.0                  # the classifier's inverse regularisation (docs/accuracy.md)
+DOMAIN_C = 10.0                  # the classifier's inverse regularisation
 
 
 def domain_mass(scores: np.ndarray, class_domain: np.ndarray, n_domains: int) -> np.ndarray:

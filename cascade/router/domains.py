@@ -14,8 +14,8 @@ each query's domain probabilities are ``mass ** w * classifier``, renormalised (
 the classifier alone). The mass is overconfident where the class names mislead, the classifier where few
 labelled rows trained it, so neither gets the last word (the choice of ``w``: docs/accuracy.md, "Several domains
 in one task"). The classifier is scikit-learn's ``LogisticRegression`` with a weak regularisation (``C = 10``):
-unit-norm CLIP features give small logits, and with the default ``C = 1`` and the support rows alone it learns
-little more than how many rows each domain has. Only its coefficients are saved.
+unit-norm CLIP features give small logits, and with the default ``C = 1`` and the support rows alone it tells
+the domains apart worse than the class mass does. Only its coefficients are saved.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
                                                   [--no-merge] [--query-frac 0.8] [--no-val] [--noise-seeds 1]
                                                   [--harder 0.5,0.8]
                                                   [--families 2] [--family-sizes 40,80,131] [--groups G1,G2]
-                                                  [--only-merged]
+                                                  [--only-merged] [--topics 2,3]
                                                   [--set KEY=VALUE ...] [--compare] [--by-task] [--json]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
@@ -37,6 +37,12 @@ only to score, as in ``python -m cascade bench``):
   seen/unseen splits than the given open task's. ``--family-source`` draws them from other task files than the
   ones given; ``--groups given,classes,...`` keeps only some groups (cheaper runs). ``--only-merged`` keeps only
   the merged tasks and those made from them: a change to the per-domain step changes no other task.
+
+* ``topics`` (only with ``--topics K1,K2,...``): each single-domain task given (and ``--noise-seeds`` - 1 redraws
+  of it) split into K domains by topic: its classes clustered by their text embeddings (k-means, seeded), each
+  cluster named a domain. Unlike the merged tasks, whose domains come from different image sources, these domains
+  share one source and differ only in what the classes are: the case where the cascade's domain classifier can
+  learn nothing but the topic (names ``<task>%K``, ``<task>%K#r``).
 
 ``--no-val`` drops every task's validation rows after the suite is built (no method sees them: LP++ keeps its last
 epoch, the cascade calibrates on its support rows out of fold), as for a submission that may use only the few
@@ -195,6 +201,18 @@ def harder_images(task: dict, s: float) -> dict:
     return out
 
 
+def topic_domains(task: dict, k: int, seed: int) -> dict:
+    """``task`` with ``class_domain``: its classes clustered into ``k`` topics by their text embeddings (scikit-learn's
+    k-means, seeded), domain ``topic<j>`` for cluster j. A task that already has domains keeps them."""
+    from sklearn.cluster import KMeans
+
+    C = task["text_x"].shape[0]
+    if not 2 <= k <= C:
+        raise ValueError(f"a topic split needs 2..{C} domains, got {k}")
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(task["text_x"].astype(np.float64))
+    return dict(task, class_domain=np.array([f"topic{j}" for j in labels]))
+
+
 def class_family(task: dict, n_classes: int, seed: int, n_seen: int | None = None) -> dict:
     """A task drawn from a closed task's pool of rows: ``n_classes`` of its classes (a seeded random subset, in
     random order), every row of them (support, validation and query rows together) dealt again per class into
@@ -257,7 +275,7 @@ def class_families(paths, sizes, draws: int, open_frac: float = 2 / 3):
 
 
 def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noise_seeds: int = 1, harder=(),
-                family_sizes=(), family_draws: int = 0, family_paths=None):
+                family_sizes=(), family_draws: int = 0, family_paths=None, topics=()):
     base = [(Path(p).stem, load_task(p)) for p in paths]
     closed = [(n, t) for n, t in base if t["n_seen"] == t["text_x"].shape[0]]
     opened = [(n, t) for n, t in base if t["n_seen"] < t["text_x"].shape[0]]
@@ -278,6 +296,14 @@ def build_suite(paths, redraws: int, noise, query_frac: float, merged: bool, noi
             for r in range(noise_seeds):
                 label = f"{name}^{s:g}" + (f"#{r}" if noise_seeds > 1 else "")
                 suite.append(("harder images", label, harder_images(redraw(t, 500 + r, query_frac), s)))
+    for k in topics:
+        for name, t in base:
+            if "class_domain" in t or t["text_x"].shape[0] < 2 * k:
+                continue
+            for r in range(noise_seeds):
+                label = f"{name}%{k}" + (f"#{r}" if noise_seeds > 1 else "")
+                suite.append(("topics", label, topic_domains(t if r == 0 else redraw(t, 900 + r, query_frac), k,
+                                                             11 + r)))
     if family_sizes and family_draws > 0:
         suite.extend(class_families(paths if family_paths is None else family_paths, family_sizes, family_draws))
     return suite
@@ -296,6 +322,8 @@ def main(argv=None) -> int:
                    help="noisy-text (and harder-image) tasks per level and task (default 1)")
     p.add_argument("--harder", default="", help="class-overlap levels s in [0, 1) of the 'harder images' group, "
                                                 "comma-separated, e.g. 0.5,0.8 (default: none)")
+    p.add_argument("--topics", default="", help="domain counts K of the 'topics' group, comma-separated: every "
+                   "single-domain task split into K domains by clustering its class names (default: none)")
     p.add_argument("--families", type=int, default=2,
                    help="class-subset tasks per size and kind (closed, open) drawn from each closed task with "
                         "enough classes, e.g. imagenet_dev (default 2; 0: none)")
@@ -332,8 +360,11 @@ def main(argv=None) -> int:
         p.error("--noise-seeds must be at least 1")
     try:
         sizes = [int(s) for s in args.family_sizes.split(",") if s.strip()]
+        topics = [int(s) for s in args.topics.split(",") if s.strip()]
     except ValueError as exc:
-        p.error(f"--family-sizes: {exc}")
+        p.error(f"--family-sizes / --topics: {exc}")
+    if any(k < 2 for k in topics):
+        p.error("--topics: at least 2 domains each")
     if args.families < 0 or any(n < 2 for n in sizes):
         p.error("--families must be >= 0 and --family-sizes at least 2 classes each")
     if args.compare and not args.set:
@@ -341,7 +372,7 @@ def main(argv=None) -> int:
     kwargs = cascade_kwargs(args.set)
     try:
         suite = build_suite(paths, args.redraws, noise, args.query_frac, not args.no_merge, args.noise_seeds,
-                            harder, sizes, args.families, args.family_source)
+                            harder, sizes, args.families, args.family_source, topics)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]

@@ -367,6 +367,34 @@ def test_generalisation_task_transforms():
     assert zero_shot(h) < zero_shot(a) - 0.3            # the classes overlap: about 94 % -> about 40 %
 
 
+
+def test_generalisation_topic_domains():
+    """The ``topics`` group: one image source split into domains by clustering its class names. Every class gets one
+    of K topic domains, semantically close classes share one, the rows are untouched, a task that has domains
+    already is left out, and the same seed gives the same split."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generalisation import build_suite, topic_domains
+
+    from cascade.bench import load_task
+    a = load_task(TASKS / "caltech101.npz")
+    t = topic_domains(a, 3, 11)
+    names = t["class_domain"]
+    assert names.shape == (40,) and set(names.tolist()) == {"topic0", "topic1", "topic2"}
+    for k in ("support", "val", "query"):
+        np.testing.assert_array_equal(t[f"{k}_x"], a[f"{k}_x"])
+    np.testing.assert_array_equal(topic_domains(a, 3, 11)["class_domain"], names)
+    sim = a["text_x"] @ a["text_x"].T
+    same = names[:, None] == names[None, :]
+    off = ~np.eye(40, dtype=bool)
+    assert sim[same & off].mean() > sim[~same].mean()       # a topic holds classes whose names are alike
+    with pytest.raises(ValueError, match="2..40"):
+        topic_domains(a, 41, 0)
+    paths = [str(TASKS / "food101.npz"), str(TASKS / "caltech101.npz")]
+    suite = build_suite(paths, 0, [], 0.8, True, 2, topics=(2,))
+    topics = [(n, task) for g, n, task in suite if g == "topics"]
+    assert [n for n, _ in topics] == ["food101%2#0", "food101%2#1", "caltech101%2#0", "caltech101%2#1"]
+    assert len(topics[1][1]["query_y"]) == 176 and "class_domain" in topics[1][1]   # #1: a redraw, split too
+
 def test_generalisation_class_families():
     """The class-subset families drawn from imagenet_dev: every draw takes other classes and deals each class's
     rows (support, validation and query together) again into the source's counts (4 / 1 / 2); the open ones keep

@@ -8,7 +8,9 @@ finds it and never downloads. ``scripts/setup.sh`` installs the package; this mo
 
 Also handled here:
 * ``nvcc`` present without a CUDA runtime (``libcudart``): Jittor would try to build CUDA kernels and fail, so we
-  set ``nvcc_path=""`` unless a GPU is really usable.
+  set ``nvcc_path=""`` unless a GPU is really usable. With a GPU, the optional CUDA libraries Jittor would
+  download at its first import (NCCL, cuTT, CUTLASS) are switched off: offline the download fails the import;
+  with CUDA 13's compiler, five small edits to Jittor's sources let it build (:data:`CUDA13_EDITS`).
 * Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``. (Its
   one-line "Compiling Operators(i/n)" progress, printed on stderr by Jittor's C++ core when a first compile
   takes over 2 s, cannot be switched off; it appears only on a machine's first runs.)
@@ -31,6 +33,7 @@ import ctypes.util
 import glob
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -115,6 +118,84 @@ def cuda_usable() -> bool:
     if ctypes.util.find_library("cuda") is None:
         return False
     return bool(ctypes.util.find_library("cudart") or glob.glob("/usr/local/cuda*/lib64/libcudart.so*"))
+
+
+# Jittor's optional CUDA libraries that it downloads from GitHub and builds at its first CUDA import. Offline
+# the download fails and the import with it; cascade needs none of them (NCCL: multi-GPU reductions, where
+# cascade reduces one number over MPI; cuTT and CUTLASS: faster transposes and kernels Jittor has fallbacks for).
+CUDA_DOWNLOADS = ("use_nccl", "use_cutt", "use_cutlass")
+
+
+def no_cuda_downloads() -> None:
+    """Switch off Jittor's downloaded CUDA libraries (:data:`CUDA_DOWNLOADS`); a user's own setting wins."""
+    for name in CUDA_DOWNLOADS:
+        os.environ.setdefault(name, "0")
+
+
+# Jittor 1.3.11 predates CUDA 13, whose headers it no longer compiles against. Each edit below is
+# (file under the jittor package, old text, new text); found on an H200 with CUDA 13.0 (docs/gpu.md).
+CUDA13_EDITS = (
+    # cudaDeviceProp lost computeMode and clockRate; Jittor reads them only to rank devices
+    ("extern/cuda/inc/helper_cuda.h", "deviceProp.computeMode", "cudaComputeModeDefault"),
+    ("extern/cuda/inc/helper_cuda.h", "deviceProp.clockRate", "1"),
+    # CUB, Thrust and libcu++ 3 refuse C++14: Jittor's flags for g++ and for nvcc
+    ("compiler.py", "-std=c++14 -fPIC", "-std=c++17 -fPIC"),
+    ("compiler.py", '"-std=c++14 -Xcompiler -std:c++14"', '"-std=c++17"'),
+    # CUB 3 removed cub::Max; its softmax kernel uses it
+    ("other/code_softmax.py", "cub::Max()", "cuda::maximum<>()"),
+)
+
+
+def nvcc_major(nvcc: str | None = None) -> int:
+    """CUDA compiler's major version (0 when there is no nvcc or it does not answer)."""
+    nvcc = nvcc or os.environ.get("nvcc_path") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    match = re.search(r"release (\d+)\.", out)
+    return int(match.group(1)) if match else 0
+
+
+def patch_jittor_for_cuda13(jittor_dir: Path) -> list[str]:
+    """Apply :data:`CUDA13_EDITS` to the Jittor package in ``jittor_dir``; return the edits made ('file: old').
+    Idempotent: an edit whose old text is gone is skipped. Raises RuntimeError naming the file and the fix
+    when the package cannot be written."""
+    done = []
+    for rel, old, new in CUDA13_EDITS:
+        path = Path(jittor_dir) / rel
+        try:
+            text = path.read_text()
+        except OSError:
+            continue  # another Jittor version: nothing of this edit to do
+        if old not in text:
+            continue
+        try:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text(text.replace(old, new))
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise RuntimeError(
+                f"{path}: Jittor needs an edit to build with CUDA 13 ({old} -> {new}) and this file cannot be "
+                f"written ({exc}); install Jittor in a writable environment (`bash scripts/setup.sh`), use CUDA 12, "
+                f"or run on the CPU with CASCADE_CPU=1") from exc
+        done.append(f"{rel}: {old}")
+    return done
+
+
+def _cuda13_compat() -> None:
+    """Before Jittor's first CUDA import: apply the CUDA 13 edits where nvcc is version 13 or later."""
+    if nvcc_major() < 13:
+        return
+    import importlib.util
+
+    spec = importlib.util.find_spec("jittor")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    done = patch_jittor_for_cuda13(Path(list(spec.submodule_search_locations)[0]))
+    if done:
+        warnings.warn(f"Jittor edited to build with CUDA 13 ({len(done)} edits; docs/gpu.md)", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _python_sigint() -> None:
@@ -238,6 +319,9 @@ def jittor():
     use_gpu = cuda_usable()
     if not use_gpu:
         os.environ["nvcc_path"] = ""  # nvcc without libcudart: never try to build CUDA kernels
+    else:
+        no_cuda_downloads()
+        _cuda13_compat()
     if not verbose:
         os.environ.setdefault("log_silent", "1")
     import jittor as jt  # noqa: E402  (configured above)

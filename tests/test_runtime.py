@@ -1,0 +1,87 @@
+"""Jittor's set-up for a GPU machine (cascade/runtime.py): no downloads offline, CUDA 13's edits, the GPU check."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascade import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _installed_jittor() -> Path:
+    spec = importlib.util.find_spec("jittor")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _copy_edited_files(dst: Path) -> Path:
+    src = _installed_jittor()
+    for rel in {rel for rel, _, _ in runtime.CUDA13_EDITS}:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)
+    return dst
+
+
+def test_cuda13_edits_match_the_installed_jittor_and_apply_once(tmp_path):
+    tree = _copy_edited_files(tmp_path / "jittor")
+    before = {rel: (tree / rel).read_text() for rel, _, _ in runtime.CUDA13_EDITS}
+    done = runtime.patch_jittor_for_cuda13(tree)
+    assert len(done) == len(runtime.CUDA13_EDITS)      # every edit still finds its text in this Jittor version
+    expected = dict(before)
+    for rel, old, new in runtime.CUDA13_EDITS:
+        expected[rel] = expected[rel].replace(old, new)
+    for rel, old, new in runtime.CUDA13_EDITS:
+        text = (tree / rel).read_text()
+        assert old not in text and new in text and text == expected[rel]   # exactly these edits, nothing else
+    assert "-std=c++14" not in (tree / "compiler.py").read_text().split("cc_flags +=", 1)[1].split("\n", 1)[0]
+    assert runtime.patch_jittor_for_cuda13(tree) == []   # idempotent
+    assert not list(tree.rglob("*.tmp*"))                # written atomically, nothing left behind
+    assert runtime.patch_jittor_for_cuda13(tmp_path / "elsewhere") == []   # no such files: nothing to do
+
+
+def test_cuda13_edit_that_cannot_be_written_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    tree = _copy_edited_files(tmp_path / "jittor")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runtime.os, "replace", refuse)
+    with pytest.raises(RuntimeError, match=r"helper_cuda\.h: Jittor needs an edit to build with CUDA 13.*CASCADE_CPU=1"):
+        runtime.patch_jittor_for_cuda13(tree)
+
+
+def test_nvcc_major_reads_the_release(tmp_path):
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    fake.chmod(0o755)
+    assert runtime.nvcc_major(str(fake)) == 13
+    assert runtime.nvcc_major(str(tmp_path / "missing")) == 0
+
+
+def test_no_cuda_downloads_keeps_the_users_setting(monkeypatch):
+    for name in runtime.CUDA_DOWNLOADS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("use_nccl", "1")
+    runtime.no_cuda_downloads()
+    assert os.environ["use_nccl"] == "1" and os.environ["use_cutt"] == "0" and os.environ["use_cutlass"] == "0"
+
+
+def test_gpu_check_says_so_without_a_gpu(capsys):
+    pytest.importorskip("torch")
+    jt = runtime.jittor()
+    if jt.flags.use_cuda:
+        pytest.skip("a GPU is in use: benchmarks/gpu_check.py measures instead")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu_check.main(["--models", "ViT-B/32"]) == 2
+    assert "no usable GPU" in capsys.readouterr().err

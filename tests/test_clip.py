@@ -114,7 +114,9 @@ def test_model_interface(tiny_inputs):
     assert np.isclose(float(model.logit_scale.numpy().reshape(-1)[0]), ref.logit_scale.item())
     out = model.encode_image(jt.array(images))
     assert isinstance(out, jt.Var) and out.dtype == jt.float32
-    np.testing.assert_allclose(out.numpy(), model.encode_image(images).numpy(), atol=1e-6)
+    # same model, same images, a jt.Var or numpy input: equal to float32 precision (on a GPU two runs may differ
+    # in the last bits, and this failed at atol=1e-6 there: docs/gpu.md)
+    np.testing.assert_allclose(out.numpy(), model.encode_image(images).numpy(), rtol=1e-5, atol=1e-5)
     assert isinstance(model.encode_text(tokens), jt.Var)
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         model.encode_image(images[0])

@@ -10,7 +10,8 @@ Also handled here:
 * ``nvcc`` present without a CUDA runtime (``libcudart``): Jittor would try to build CUDA kernels and fail, so we
   set ``nvcc_path=""`` unless a GPU is really usable. With a GPU, the optional CUDA libraries Jittor would
   download at its first import (NCCL, cuTT, CUTLASS) are switched off: offline the download fails the import;
-  with CUDA 13's compiler, five small edits to Jittor's sources let it build (:data:`CUDA13_EDITS`).
+  with CUDA 13's compiler, five small edits to Jittor's sources let it build (:data:`CUDA13_EDITS`); a GPU run
+  without cuDNN (Jittor drops it silently) is named in one warning, and oneDNN's warning is left out there.
 * Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``. (Its
   one-line "Compiling Operators(i/n)" progress, printed on stderr by Jittor's C++ core when a first compile
   takes over 2 s, cannot be switched off; it appears only on a machine's first runs.)
@@ -315,8 +316,11 @@ def jittor():
         return _jt
     verbose = os.environ.get("CASCADE_VERBOSE") == "1"
     _configure_rank()
-    status["onednn"] = wire_onednn()
     use_gpu = cuda_usable()
+    with warnings.catch_warnings():
+        if use_gpu:      # oneDNN speeds up CPU convolutions only: no warning where the GPU runs them
+            warnings.simplefilter("ignore", RuntimeWarning)
+        status["onednn"] = wire_onednn()
     if not use_gpu:
         os.environ["nvcc_path"] = ""  # nvcc without libcudart: never try to build CUDA kernels
     else:
@@ -330,5 +334,18 @@ def jittor():
 
     jt.flags.use_cuda = 1 if (use_gpu and jt.has_cuda) else 0
     status["device"] = "cuda" if jt.flags.use_cuda else "cpu"
+    if jt.flags.use_cuda:
+        _check_cudnn(jt)
     _jt = jt
     return jt
+
+
+def _check_cudnn(jt) -> None:
+    """Record whether Jittor's cuDNN bindings loaded (``status["cudnn"]``), with one warning where they did not:
+    Jittor drops them silently, and its own convolution kernels are many times slower."""
+    compile_extern = getattr(jt, "compile_extern", None)
+    status["cudnn"] = getattr(compile_extern, "cudnn", None) is not None
+    if not status["cudnn"]:
+        warnings.warn("Jittor runs without cuDNN on this GPU (its bindings need cuDNN 7 or 8 and do not build against "
+                      "cuDNN 9): convolutions use Jittor's own kernels, 24-28x slower than PyTorch's on an H200 "
+                      "(docs/gpu.md)", RuntimeWarning, stacklevel=3)

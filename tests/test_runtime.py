@@ -85,3 +85,17 @@ def test_gpu_check_says_so_without_a_gpu(capsys):
         sys.path.remove(str(ROOT / "benchmarks"))
     assert gpu_check.main(["--models", "ViT-B/32"]) == 2
     assert "no usable GPU" in capsys.readouterr().err
+
+
+def test_missing_cudnn_on_a_gpu_is_said_once(monkeypatch):
+    import types
+
+    monkeypatch.setattr(runtime, "status", {})
+    with pytest.warns(RuntimeWarning, match="without cuDNN.*docs/gpu.md"):
+        runtime._check_cudnn(types.SimpleNamespace(compile_extern=types.SimpleNamespace(cudnn=None)))
+    assert runtime.status["cudnn"] is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime._check_cudnn(types.SimpleNamespace(compile_extern=types.SimpleNamespace(cudnn=object())))
+    assert runtime.status["cudnn"] is True

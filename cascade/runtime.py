@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes.util
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -188,8 +189,6 @@ def _cuda13_compat() -> None:
     """Before Jittor's first CUDA import: apply the CUDA 13 edits where nvcc is version 13 or later."""
     if nvcc_major() < 13:
         return
-    import importlib.util
-
     spec = importlib.util.find_spec("jittor")
     if spec is None or not spec.submodule_search_locations:
         return

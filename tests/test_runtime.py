@@ -99,3 +99,26 @@ def test_missing_cudnn_on_a_gpu_is_said_once(monkeypatch):
         warnings.simplefilter("error")
         runtime._check_cudnn(types.SimpleNamespace(compile_extern=types.SimpleNamespace(cudnn=object())))
     assert runtime.status["cudnn"] is True
+
+
+def test_gpu_check_measures_each_model_against_float64(capsys, monkeypatch):
+    """The check's measuring part, run on the CPU with the small models (CI has no GPU)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    args = type("Args", (), {"batch": 2, "warmup": 1, "iters": 1})
+    jt = runtime.jittor()
+    for name in ("tiny-vit", "tiny-rn", "convnextv2_atto"):
+        gpu_check.check_model(name, args, jt, torch)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["tiny-vit", "image"], ["tiny-vit", "text"], ["tiny-rn", "image"],
+                                                     ["tiny-rn", "text"], ["convnextv2_atto", "image"]]
+    for line in lines:
+        ours = float(line.split("max |x - float64|: cascade ")[1].split()[0])
+        assert ours < 1e-4                     # float32 against float64: exact to float32 precision

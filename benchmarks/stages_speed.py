@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/stages_speed.py [--queries 5000] [--classes 400] [--shots 4] [--dim 512]
                                                 [--backbones 2] [--full-inmap]
                                                 [--balance check|always|none] [--no-balance-refit]
-                                                [--refit-check X|false]
+                                                [--refit-check X|false] [--no-refit-with-val]
                                                 [--domains K] [--profile N] [--repeat R]
 
 Features are synthetic (seeded): per backbone, class centres on the unit sphere, support/query rows =
@@ -13,7 +13,8 @@ LP++ per backbone). ``--full-inmap`` also times the authors' 2000-step InMaP wit
 The synthetic query set is not balanced, so the default check does not balance it; ``--balance always`` times
 the cascade where it does (with the refinement refitted on the balanced pool unless ``--no-balance-refit``; that
 refit is judged by its check, ``--refit-check``, which drops it on this synthetic task: a large threshold keeps it
-and still times the check, ``false`` skips the check).
+and still times the check, ``false`` skips the check; the validation rows join that refit unless
+``--no-refit-with-val``).
 ``--domains K`` (default 4, the challenge's four domains) splits the classes into K consecutive blocks, each a
 domain: the default cascade then scores every query again with its domain's own cascade (``per_domain``), and the
 last line says how many queries each scored; ``--domains 1`` times one cascade over all classes. With several
@@ -169,6 +170,8 @@ def main(argv=None):
                    help="the cascade's balance setting (default: check, the default cascade's)")
     p.add_argument("--no-balance-refit", action="store_true",
                    help="balance_refit=False: a balanced final distribution is the refinement's output, balanced")
+    p.add_argument("--no-refit-with-val", action="store_true",
+                   help="refit_with_val=False: the balanced refit fits without the validation rows")
     p.add_argument("--refit-check", default=None,
                    help="the cascade's refit_check (default: the default cascade's; false: no check)")
     p.add_argument("--domains", type=int, metavar="K", default=4,
@@ -206,7 +209,8 @@ def main(argv=None):
         timed("InMaP authors' 2000 steps fit+score (one backbone)",
               lambda: InMaP().fit(query[k0], text=text[k0]).decision_function(query[k0]), rows)
     casc = default_cascade([f"stages.cascade.balance={a.balance}",
-                            f"stages.cascade.balance_refit={str(not a.no_balance_refit).lower()}"]
+                            f"stages.cascade.balance_refit={str(not a.no_balance_refit).lower()}",
+                            f"stages.cascade.refit_with_val={str(not a.no_refit_with_val).lower()}"]
                            + ([f"stages.cascade.refit_check={a.refit_check}"] if a.refit_check is not None else []))
     prof = cProfile.Profile(time.process_time) if a.profile else None
     timed("Cascade.fit (zero-shot + LP++ x backbones, calibration)",
@@ -223,7 +227,8 @@ def main(argv=None):
         print(f"  final distribution balanced: {res.details.get('balanced')}; refinement refitted on the balanced "
               f"pool: {res.details.get('balance_refit')}"
               + (f" (its check: gain {res.details['refit_gain']:+.3f} +- {res.details['refit_gain_se']:.3f})"
-                 if "refit_gain" in res.details else ""))
+                 if "refit_gain" in res.details else "")
+              + ("; with the validation rows" if res.details.get("refit_with_val") else ""))
     if "domains" in res.details:
         print("  queries scored again per domain (its own cascade): "
               + ", ".join(f"{d['domain']} {d['n_queries'] if d['rescored'] else 0} "

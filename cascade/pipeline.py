@@ -96,7 +96,8 @@ def _log_refit(details: dict) -> None:
     if "refit_dropped" not in details:
         return
     verdict = ("dropped: validation rows find it worse than the balanced pool, which is the final score"
-               if details["refit_dropped"] else "kept")
+               if details["refit_dropped"] else
+               "kept, fitted on the validation rows too" if details.get("refit_with_val") else "kept")
     _log(f"GDA refit on the balanced scores {verdict} (held-out log-likelihood gain {details['refit_gain']:+.3f} "
          f"+- {details['refit_gain_se']:.3f} per row)")
 

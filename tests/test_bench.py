@@ -122,6 +122,11 @@ def test_balancing_is_kept_where_held_out_rows_gain():
     acc_plain, det_plain = run("imagenet_dev", balance_refit=False)
     assert det["balance_refit"] and not det_plain["balance_refit"] and det_plain["balanced"]
     assert acc > acc_plain + 2.0, (acc, acc_plain)
+    # the validation rows join that refit on the closed task (they cover every class), not on the open one
+    acc_noval, det_noval = run("imagenet_dev", refit_with_val=False)
+    assert det["refit_with_val"] and not det_noval["refit_with_val"] and acc > acc_noval, (acc, acc_noval)
+    _, det_open = run("imagenet_dev-open")
+    assert det_open["balance_refit"] and det_open["refit_with_val"] is False
     for name in ("food101", "caltech101-open"):
         _, det = run(name)
         assert not det["balanced"] and not det["balance_refit"] and det["balance_gain"] < 0.1, (name, det)

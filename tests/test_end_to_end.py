@@ -354,6 +354,8 @@ def test_the_refit_verdict_is_one_line(capsys):
         _log_refit({"refit_dropped": dropped, "refit_gain": 0.05 if not dropped else -0.5, "refit_gain_se": 0.04})
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "GDA refit on the balanced scores " in err and expected in err, err
+    _log_refit({"refit_dropped": False, "refit_gain": 0.05, "refit_gain_se": 0.04, "refit_with_val": True})
+    assert "kept, fitted on the validation rows too (held-out" in capsys.readouterr().err
     _log_refit({"balanced": True})                    # no check made: nothing to say
     assert capsys.readouterr().err == ""
 

@@ -209,6 +209,11 @@ def test_save_load_roundtrip(tmp_path):
     del meta["balance_refit"]
     save_npz_json(path, arrays, meta)
     assert Cascade.load(tmp_path / "model").balance_refit is False
+    # ... and one written before the validation rows joined the balanced refit fits it without them, as it did
+    assert back.refit_with_val is True
+    del meta["refit_with_val"]
+    save_npz_json(path, arrays, meta)
+    assert Cascade.load(tmp_path / "model").refit_with_val is False
     # ... and one written before the count rule existed ran the check on the support rows without validation rows
     assert back.balance_without_val == "counts"
     del meta["balance_without_val"]

@@ -198,6 +198,12 @@ class Cascade(HasParams):
         check dropped the refinement of the unbalanced pool: that check judged another fit, and the anchor keeps
         a weak refinement from overriding the pool. One more refinement fit, only where the final distribution
         is balanced.
+    refit_with_val : bool
+        With validation rows that cover every class (a closed task): the balanced refit also fits on them, with
+        their labels, as on more support rows. Its temperature is then the refinement's of step 5, fitted while
+        they were held out (fitting it on them in sample would make it too sharp). Not on open tasks, whose
+        validation rows come from the seen classes only and would pull the Gaussian's class prior and
+        covariance towards them (docs/accuracy.md, "The balanced refit with the validation rows").
     per_domain : bool
         Where the classes fall into several domains (``fit(..., domains=...)``): after the balancing, score the
         queries again with one cascade per domain, each fitted on its domain's classes alone (the same settings),
@@ -251,6 +257,7 @@ class Cascade(HasParams):
         "balance_min_gain": [Interval(Real, 0, None)],
         "balance_few_per_class": [Interval(Real, 0, None)],
         "balance_refit": [BOOL],
+        "refit_with_val": [BOOL],
         "per_domain": [BOOL],
         "domain_classifier": [BOOL],
         "domain_mass_weight": [Interval(Real, 0, None)],
@@ -264,7 +271,7 @@ class Cascade(HasParams):
                  balance_refit: bool = True, balance_without_val: str = "counts",
                  balance_few_per_class: float = 5.0, refit_check=2.0, per_domain: bool = True,
                  domain_classifier: bool = True, domain_mass_weight: float = 0.5,
-                 domain_global: str = "inductive"):
+                 domain_global: str = "inductive", refit_with_val: bool = True):
         self.transductive = transductive
         self.seen_stages = seen_stages
         self.refine = refine
@@ -287,6 +294,7 @@ class Cascade(HasParams):
         self.domain_classifier = domain_classifier
         self.domain_mass_weight = domain_mass_weight
         self.domain_global = domain_global
+        self.refit_with_val = refit_with_val
 
     def stages(self) -> CascadeStages:
         """The stages the parameters name, the defaults filled in: ``transductive=None`` is ``InMaP()``,
@@ -466,8 +474,9 @@ class Cascade(HasParams):
         by_domain = self._domains_cover_all()
         keep_pool = self.balance_refit and self.balance != "none" and self.combine == "pool" and not by_domain
         t_ref, pool_scores = None, (scores if keep_pool else None)   # kept only for the balanced refit of step 6
+        t_fitted = None       # the refinement's temperature, fitted on held-out rows (also where it is dropped)
         if refinement is not None and not by_domain:
-            scores, held_scores, t_ref = self._refine(refinement, xq, scores, held_scores, details)
+            scores, held_scores, t_ref, t_fitted = self._refine(refinement, xq, scores, held_scores, details)
         # 6. the final distribution balanced to the class marginal, when held-out rows gain from it (the refinement
         #    then refitted on the balanced pool and anchored by it, ``balance_refit``); where they decline on a few
         #    queries per class, part of the way by the count rule (``balance_few_per_class``, no refit)
@@ -477,7 +486,8 @@ class Cascade(HasParams):
                      and not details["balance_few"])
             if refit:
                 del scores
-                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target, held_pool, details)
+                scores, t_ref = self._balanced_refit(refinement, xq, pool_scores, target, held_pool, details,
+                                                     t_fitted)
                 refit = not details.get("refit_dropped", False)
             details["balance_refit"] = refit
         del pool_scores
@@ -584,16 +594,16 @@ class Cascade(HasParams):
         return rebalancing_bias(fill_rows(n, self.n_classes_, zero_shot), marginal)
 
     def _refine(self, refinement: Refinement, xq: np.ndarray, scores: np.ndarray, held_scores, details: dict):
-        """(scores, held-out rows' scores, temperature) after the refinement, or the pool's when the check drops
-        it."""
+        """(scores, held-out rows' scores, temperature, fitted temperature) after the refinement, or the pool's
+        (temperature None) when the check drops it; the fitted temperature is returned either way."""
         refined, refined_held, t_ref = refinement.fit_predict(xq, scores)
         if self.refine_check is not None and self.refine_check is not False and self.val_ is not None:
             gain, se = refinement.gain(xq, scores, held_scores)
             dropped = bool(gain < -float(self.refine_check) * se)
             details.update(refine_gain=gain, refine_gain_se=se, refine_dropped=dropped)
             if dropped:
-                return scores, held_scores, None
-        return refined, refined_held, t_ref
+                return scores, held_scores, None, t_ref
+        return refined, refined_held, t_ref, t_ref
 
     def _balance(self, scores: np.ndarray, held_scores, marginal, details: dict):
         """(scores, target marginal): ``scores`` balanced to ``marginal`` (None: uniform) when ``balance`` says so
@@ -621,11 +631,13 @@ class Cascade(HasParams):
         return (balanced(scores, marginal) if keep else scores), marginal
 
     def _balanced_refit(self, refinement: Refinement, xq: np.ndarray, pool_scores: np.ndarray, marginal,
-                        held_pool, details: dict):
+                        held_pool, details: dict, t_fitted=None):
         """(final distribution, temperature): the refinement refitted on the pool balanced to ``marginal``, its
         posterior times that balanced pool, balanced again (per-class biases cancel in the product); or the
         balanced pool alone (temperature None) where ``refit_check`` drops the refit (``details["refit_dropped"]``;
-        ``held_pool``: the held-out rows' pooled distribution)."""
+        ``held_pool``: the held-out rows' pooled distribution). With ``refit_with_val``, validation rows that
+        cover every class join the refit's rows with their labels, at the temperature ``t_fitted`` (step 5's,
+        fitted while they were held out; ``details["refit_with_val"]``)."""
         C = self.n_classes_
         marginal = np.full(C, 1.0 / C) if marginal is None else np.asarray(marginal, dtype=np.float64)
         if (self.refit_check is not None and self.refit_check is not False and held_pool is not None
@@ -636,7 +648,14 @@ class Cascade(HasParams):
             if dropped:
                 return balanced(pool_scores, marginal), None
         pool_balanced = balanced(pool_scores, marginal)
-        refit, _, t_ref = refinement.fit_predict(xq, pool_balanced)
+        labelled = ()
+        if (self.refit_with_val and t_fitted is not None and refinement.held_x is not None
+                and refinement.held_folds is None and len(np.unique(refinement.held_y)) == C):
+            onehot = np.zeros((len(refinement.held_y), C))
+            onehot[np.arange(len(refinement.held_y)), refinement.held_y] = 1.0
+            labelled = [(refinement.held_x, onehot)]
+        details["refit_with_val"] = bool(labelled)
+        refit, _, t_ref = refinement.fit_predict(xq, pool_balanced, labelled, t_fitted)
         tiny = np.finfo(np.float64).tiny
         for rows in row_blocks(len(refit)):            # the product replaces the refit, a block of rows at a time
             anchored = (np.log(np.maximum(np.asarray(refit[rows], dtype=np.float64), tiny))
@@ -778,7 +797,8 @@ class Cascade(HasParams):
             "refit_check": self.refit_check,
             "rebalance": bool(self.rebalance),
             "balance": self.balance, "balance_min_gain": float(self.balance_min_gain),
-            "balance_refit": bool(self.balance_refit), "balance_without_val": self.balance_without_val,
+            "balance_refit": bool(self.balance_refit), "refit_with_val": bool(self.refit_with_val),
+            "balance_without_val": self.balance_without_val,
             "balance_few_per_class": float(self.balance_few_per_class),
             "backbone_weights": self.backbone_weights,
             "transductive": describe_stage(stages.transductive),
@@ -831,6 +851,8 @@ class Cascade(HasParams):
                   balance=meta.get("balance", "none"), balance_min_gain=meta.get("balance_min_gain", 0.1),
                   # written before the refit existed: a balanced final distribution was the refinement's, balanced
                   balance_refit=bool(meta.get("balance_refit", False)),
+                  # written before the validation rows joined the balanced refit: it fitted without them
+                  refit_with_val=bool(meta.get("refit_with_val", False)),
                   # written before the count rule existed: without validation rows the check ran on the support rows
                   balance_without_val=meta.get("balance_without_val", "check"),
                   # written before the few-queries fallback existed: a declined check left the scores unbalanced

@@ -63,14 +63,22 @@ class Refinement:
             return g.fit_parts(parts)
         return g.fit(np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts]))
 
-    def fit_predict(self, xq: np.ndarray, soft: np.ndarray):
+    def fit_predict(self, xq: np.ndarray, soft: np.ndarray, labelled=(), temperature: float | None = None):
         """Fit on the queries ``xq`` (soft labels ``soft`` [Nq, C]) and the support rows: (posterior of the
         queries, posterior of the held-out rows or None, temperature).
 
         The temperature is fitted on the held-out rows (each fold of held-out support rows scored by the stage
-        refitted without it), else on the queries' soft labels; 1 when ``calibrate`` is off."""
+        refitted without it), else on the queries' soft labels; 1 when ``calibrate`` is off. ``labelled``: more
+        rows to fit on, ``[(X, one-hot labels), ...]`` (the validation rows, for the balanced refit), with the
+        ``temperature`` given (fitting it on rows fitted on would make it too sharp); no held-out posterior then."""
         sj, onehot = self._support_rows()
         n, C = len(xq), self.n_classes
+        if labelled:
+            if temperature is None:
+                raise ValueError("fit_predict: labelled rows need the temperature given")
+            g = self._fit([(xq, soft), (sj, onehot), *labelled])
+            t = float(temperature)
+            return fill_rows(n, C, lambda b: np.exp(log_softmax(t * g.decision_function(xq[b])))), None, t
         g = self._fit([(xq, soft), (sj, onehot)])
         z, zv = None, None
         if not self.calibrate:

@@ -35,7 +35,7 @@ from .joint import (backbone_weights, check_feature_set, check_fit_inputs, combi
                     joint_logits)
 from .pool import (Experts, PoolWeights, balance_gain, balanced, clone, count_marginal, expert_names, fit_pool,
                    fit_seen_stages, pool, pooled, rebalancing_bias, seen_log_proba, seen_logits_out_of_fold)
-from .refine import Refinement
+from .refine import Refinement, one_hot
 from .routing import apply_specialists, route, route_names
 from .threads import run_parallel
 
@@ -651,9 +651,7 @@ class Cascade(HasParams):
         labelled = ()
         if (self.refit_with_val and t_fitted is not None and refinement.held_x is not None
                 and refinement.held_folds is None and len(np.unique(refinement.held_y)) == C):
-            onehot = np.zeros((len(refinement.held_y), C))
-            onehot[np.arange(len(refinement.held_y)), refinement.held_y] = 1.0
-            labelled = [(refinement.held_x, onehot)]
+            labelled = [(refinement.held_x, one_hot(refinement.held_y, C))]
         details["refit_with_val"] = bool(labelled)
         refit, _, t_ref = refinement.fit_predict(xq, pool_balanced, labelled, t_fitted)
         tiny = np.finfo(np.float64).tiny

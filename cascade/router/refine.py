@@ -33,6 +33,13 @@ from .folds import out_of_fold
 from .pool import BALANCE_FLOOR, BALANCE_ROUNDS, clone, held_subset, joint_target
 
 
+def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """[N, C] float64 rows with a 1 at each row's label: labelled rows as the refinement's class weights."""
+    out = np.zeros((len(y), n_classes))
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
 @dataclass
 class Refinement:
     """The refine stage and the labelled rows it is fitted and judged with (joint features throughout)."""
@@ -47,9 +54,7 @@ class Refinement:
     calibrate: bool = True
 
     def _support_rows(self):
-        onehot = np.zeros((len(self.support_y), self.n_classes))
-        onehot[np.arange(len(self.support_y)), self.support_y] = 1.0
-        return self.support_x, onehot
+        return self.support_x, one_hot(self.support_y, self.n_classes)
 
     def _fit(self, parts) -> Stage:
         """A clone of the stage fitted on the rows of ``parts`` [(X, soft labels), ...] as on their concatenation.

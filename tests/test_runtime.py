@@ -14,6 +14,16 @@ from cascade import runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _gpu_check():
+    """benchmarks/gpu_check.py as a module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check
+
+
 def _installed_jittor() -> Path:
     spec = importlib.util.find_spec("jittor")
     assert spec is not None and spec.submodule_search_locations
@@ -78,11 +88,7 @@ def test_gpu_check_says_so_without_a_gpu(capsys):
     jt = runtime.jittor()
     if jt.flags.use_cuda:
         pytest.skip("a GPU is in use: benchmarks/gpu_check.py measures instead")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = _gpu_check()
     assert gpu_check.main(["--models", "ViT-B/32"]) == 2
     assert "no usable GPU" in capsys.readouterr().err
 
@@ -105,11 +111,7 @@ def test_gpu_check_measures_each_model_against_float64(capsys, monkeypatch):
     """The check's measuring part, run on the CPU with the small models (CI has no GPU)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("timm")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = _gpu_check()
     monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     args = type("Args", (), {"batch": 2, "warmup": 1, "iters": 1})

@@ -6,6 +6,7 @@
                                                   [--families 2] [--family-sizes 40,80,131] [--groups G1,G2]
                                                   [--only-merged] [--topics 2,3]
                                                   [--set KEY=VALUE ...] [--compare] [--by-task] [--json]
+                                                  [--methods cascade,...] [--against BEFORE.jsonl]
 
 Default tasks: benchmarks/realbench/*.npz. The suite it builds, all from real CLIP features (query labels are used
 only to score, as in ``python -m cascade bench``):
@@ -63,6 +64,10 @@ stages start from the default cascade's own settings (cascade/configs/default.to
 their mean top-1 and the paired difference (changed minus default: mean +- standard error over the tasks, and on
 how many tasks it wins or loses): whether a change helps beyond the noise of single tasks. With many tasks, e.g.
 ``--redraws 20 --noise-seeds 4`` (165 tasks), it takes about a minute per row on 2 CPUs.
+
+``--against BEFORE.jsonl`` pairs the same way a change that is not a setting (a new rule in the code): run the
+suite at the commit before it with ``--json --methods cascade > BEFORE.jsonl`` (``--methods``: only those rows,
+their mean top-1 per group), then the same suite options at the change with ``--against BEFORE.jsonl``.
 
 For each task it prints top-1 per method; then, per group, the mean top-1 of each method, the mean difference of
 the cascade to the best single method (zero-shot, InMaP either way, LP++) and to the seeds' cascade, and on how
@@ -345,7 +350,19 @@ def main(argv=None) -> int:
     p.add_argument("--by-task", action="store_true",
                    help="also summarise per source task and level (e.g. food101^0.5: its redraws together)")
     p.add_argument("--json", action="store_true", help="one JSON object per task, then a summary object")
+    p.add_argument("--methods", default=",".join(ROWS),
+                   help=f"rows to score, comma-separated (default: all, {','.join(ROWS)}); the summary against the "
+                        "best single method needs them all")
+    p.add_argument("--against", metavar="BEFORE.jsonl",
+                   help="pair this run's cascade (with any --set) with the cascade row of an earlier --json output "
+                        "of the same suite, e.g. made at an earlier commit: the paired summary of --compare, for a "
+                        "change that is not a setting")
     args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in ROWS for m in methods):
+        p.error(f"--methods: choose from {', '.join(ROWS)}")
+    if args.compare and args.against:
+        p.error("--compare and --against: choose one")
     paths = args.tasks or sorted(str(x) for x in (ROOT / "benchmarks" / "realbench").glob("*.npz"))
     try:
         noise = [float(s) for s in args.noise.split(",") if s.strip()]
@@ -367,6 +384,7 @@ def main(argv=None) -> int:
         p.error("--topics: at least 2 domains each")
     if args.families < 0 or any(n < 2 for n in sizes):
         p.error("--families must be >= 0 and --family-sizes at least 2 classes each")
+    before = read_before(args.against, p) if args.against else None
     if args.compare and not args.set:
         p.error("--compare needs a change to compare with the default (--set KEY=VALUE)")
     kwargs = cascade_kwargs(args.set)
@@ -389,24 +407,37 @@ def main(argv=None) -> int:
     if args.no_val:
         for _, _, task in suite:
             task.pop("val_x"), task.pop("val_y")
-    if args.compare:
-        return compare(suite, kwargs, args)
+    if args.compare or before is not None:
+        return compare(suite, kwargs, args, before)
     t0 = time.perf_counter()
     rows = []
     if not args.json:
         print(f"{len(suite)} tasks; top-1 % on the queries ({os.cpu_count()} CPUs)"
               + ("; no validation rows" if args.no_val else "")
               + (f"; cascade row with {' '.join(args.set)}" if args.set else ""))
-        print(f"{'group':<14}{'task':<22}" + "".join(f"{m:>17}" for m in ROWS))
+        print(f"{'group':<14}{'task':<22}" + "".join(f"{m:>17}" for m in methods))
     for group, name, task in suite:
         labels = task.pop("query_y")
-        scores = evaluate_task(task, ROWS, kwargs)
+        scores = evaluate_task(task, methods, kwargs)
         top1 = {m: top1_top5(s, labels)["top1"] for m, s in scores.items()}
         rows.append((group, name, top1))
         if args.json:
             print(json.dumps({"group": group, "task": name, "n_query": int(len(labels)), "top1": top1}), flush=True)
         else:
-            print(f"{group:<14}{name:<22}" + "".join(f"{top1[m]:>17.2f}" for m in ROWS), flush=True)
+            print(f"{group:<14}{name:<22}" + "".join(f"{top1[m]:>17.2f}" for m in methods), flush=True)
+    if set(methods) != set(ROWS):        # some rows only: their mean top-1 per group, nothing to compare
+        means = {group: {"tasks": sum(g == group for g, _, _ in rows),
+                         "mean_top1": {m: round(float(np.mean([r[m] for g, _, r in rows if g == group])), 2)
+                                       for m in methods}}
+                 for group in dict.fromkeys(g for g, _, _ in rows)}
+        if args.json:
+            print(json.dumps({"summary": means, "seconds": round(time.perf_counter() - t0, 1)}))
+            return 0
+        print(f"\nmean top-1 per group ({time.perf_counter() - t0:.0f} s)")
+        print(f"{'group':<14}{'tasks':>6}" + "".join(f"{m:>17}" for m in methods))
+        for group, s in means.items():
+            print(f"{group:<14}{s['tasks']:>6}" + "".join(f"{s['mean_top1'][m]:>17.2f}" for m in methods))
+        return 0
     summary = {group: _method_summary([r for g, _, r in rows if g == group])
                for group in dict.fromkeys(g for g, _, _ in rows)}
     by_task = ({(group, family(name)): _method_summary([r for g, n, r in rows if g == group
@@ -461,19 +492,51 @@ def _method_summary(sel: list) -> dict:
     }
 
 
-def compare(suite, kwargs: dict, args) -> int:
-    """The default cascade against the ``--set`` one on every task: paired differences per group."""
+def read_before(path: str, parser) -> dict:
+    """{(group, task): the cascade's top-1} of an earlier ``--json`` output (``--against``)."""
+    before = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if "summary" in rec:
+                    continue
+                if "cascade" not in rec.get("top1", {}):
+                    parser.error(f"--against {path}, line {n}: no cascade top-1 (a --json output of a run that "
+                                 "scored the cascade row is needed)")
+                before[(rec["group"], rec["task"])] = float(rec["top1"]["cascade"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"--against {path}: {exc}")
+    if not before:
+        parser.error(f"--against {path}: no task records")
+    return before
+
+
+def compare(suite, kwargs: dict, args, before: dict | None = None) -> int:
+    """The default cascade against the ``--set`` one on every task: paired differences per group. ``before``
+    (``--against``): the first of each pair read from an earlier run, {(group, task): top-1}, instead of scored."""
     default = cascade_kwargs([])
     change = " ".join(args.set)
+    first = "the default cascade"          # what the change is paired with
+    if before is not None:
+        missing = [f"{g}/{n}" for g, n, _ in suite if (g, n) not in before]
+        if missing:
+            raise SystemExit(f"--against {args.against}: no record of {len(missing)} task(s) of this suite, e.g. "
+                             f"{missing[0]} (run it with the same suite options)")
+        change, first = f"this run{' with ' + change if change else ''}", f"the cascade of {args.against}"
     t0 = time.perf_counter()
     if not args.json:
         print(f"{len(suite)} tasks; top-1 % on the queries ({os.cpu_count()} CPUs)"
-              + ("; no validation rows" if args.no_val else "") + f"; default cascade against {change}")
-        print(f"{'group':<14}{'task':<24}{'default':>10}{'changed':>10}{'diff':>8}")
+              + ("; no validation rows" if args.no_val else "") + f"; {first} against {change}")
+        heads = ("default", "changed") if before is None else ("before", "now")
+        print(f"{'group':<14}{'task':<24}{heads[0]:>10}{heads[1]:>10}{'diff':>8}")
     rows = []
     for group, name, task in suite:
         labels = task.pop("query_y")
-        a = top1_top5(evaluate_task(task, ("cascade",), default)["cascade"], labels)["top1"]
+        a = (before[(group, name)] if before is not None
+             else top1_top5(evaluate_task(task, ("cascade",), default)["cascade"], labels)["top1"])
         b = top1_top5(evaluate_task(task, ("cascade",), kwargs)["cascade"], labels)["top1"]
         rows.append((group, name, a, b))
         if args.json:
@@ -492,7 +555,7 @@ def compare(suite, kwargs: dict, args) -> int:
             out["by_task"] = [dict(group=g, task=f, **s) for (g, f), s in by_task.items()]
         print(json.dumps(out))
         return 0
-    print(f"\n{change} against the default cascade, per group ({time.perf_counter() - t0:.0f} s): mean top-1, "
+    print(f"\n{change} against {first}, per group ({time.perf_counter() - t0:.0f} s): mean top-1, "
           "paired difference (mean +- standard error), tasks won / lost")
     for group, s in summary.items():
         print(f"  {group:<14}{s['tasks']:>4} tasks  {s['default']:6.2f} -> {s['changed']:6.2f}  "

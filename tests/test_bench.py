@@ -295,6 +295,32 @@ def test_generalisation_compare_pairs_the_default_with_the_change():
     assert bad.returncode == 2 and "--compare needs a change" in bad.stderr
 
 
+def test_generalisation_against_pairs_an_earlier_run(tmp_path):
+    """--methods cascade --json keeps one row; --against pairs this run's cascade (with any --set) with that file's,
+    task by task, as --compare does, and names a task the file lacks."""
+    base = [sys.executable, "benchmarks/generalisation.py", str(TASKS / "food101.npz"), "--redraws", "1", "--noise", "",
+            "--families", "0", "--no-merge"]
+    out = subprocess.run(base + ["--json", "--methods", "cascade"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [set(r["top1"]) for r in records[:-1]] == [{"cascade"}, {"cascade"}]
+    assert records[-1]["summary"]["given"]["mean_top1"]["cascade"] == pytest.approx(records[0]["top1"]["cascade"],
+                                                                                   abs=0.01)
+    before = tmp_path / "before.jsonl"
+    before.write_text(out)
+    out = subprocess.run(base + ["--against", str(before), "--set", 'stages.cascade.refine=""', "--json"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    paired = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [(p["task"], p["default"]) for p in paired[:-1]] == [(r["task"], r["top1"]["cascade"])
+                                                                 for r in records[:-1]]
+    assert paired[-1]["change"] == 'this run with stages.cascade.refine=""'
+    more = subprocess.run(base[:3] + ["--redraws", "2"] + base[5:] + ["--against", str(before)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert more.returncode != 0 and "no record of 1 task(s)" in more.stderr and "redrawn/food101@1" in more.stderr
+    bad = subprocess.run(base + ["--methods", "cascade,nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--methods" in bad.stderr
+
+
 def test_few_queries_benchmark_scores_each_subset_on_its_own():
     """benchmarks/few_queries.py: per task and size, the mean over the draws of each method scored on that query
     subset alone (the same subsets for every method); a single image at a time is classified about as well as

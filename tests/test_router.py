@@ -261,6 +261,33 @@ def test_bad_inputs():
     np.testing.assert_array_equal(empty.predict(query).scores, m.predict(query).scores)
 
 
+def test_pool_exponents_where_every_validation_row_is_ranked_right(monkeypatch):
+    """An easy task: every validation row is ranked right by the experts, whose temperatures (fitted on rows they
+    also rank all right) sit at their upper bound. The labels then give the pool's exponents no maximum; Platt's
+    targets give them one, which tempers the experts' certainty on those rows (without it the search stops where it
+    started, at 1, and the pool keeps the experts' near one-hot posteriors)."""
+    support, ys, query, yq, text, S = task(spread=0.1, seed=3)
+    seen = yq < S
+    val = ({k: v[seen] for k, v in query.items()}, yq[seen])
+
+    def label_proba(m):
+        lp0, lp_seen = m._val_experts()
+        z = sum(w * lp for w, lp in zip(m.inductive_pool_, [lp0[:, :S], *lp_seen]))
+        p = np.exp(z - z.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True))[np.arange(len(val[1])), val[1]]
+
+    m = small().fit(support, ys, text, S, val=val)
+    w = np.array(m.inductive_pool_)
+    assert np.all(np.isfinite(w)) and np.all(w > 0) and np.all(w < 1e-3)
+    n = len(val[1])
+    assert 1 - 1 / (n + 2) - 0.05 < label_proba(m).mean() < 1 - 1e-4
+    res = m.predict(query)
+    assert np.all(np.array(res.details["pool_weights"]) < 1e-3) and np.mean(res.top5[:, 0] == yq) > 0.9
+    monkeypatch.setattr("cascade.stages.calibration.labels_on_top", lambda scores, y: False)
+    plain = small().fit(support, ys, text, S, val=val)
+    assert plain.inductive_pool_ == [1.0, 1.0] and label_proba(plain).min() > 1 - 1e-9
+
+
 def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_path):
     support, ys, query, yq, text, S = task(seed=8)
     seen = yq < S

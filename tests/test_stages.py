@@ -6,6 +6,7 @@ from cascade.stages import (GDA, InMaP, LinearProbePP, NotFittedError, Stage, Ze
                             fit_pool_weights, fit_temperature, get_stage, image_opt, marginal_test, sinkhorn,
                             stage_names)
 from cascade.stages.base import log_softmax
+from cascade.stages.calibration import labels_on_top, platt_targets
 from cascade.stages.inmap import sharpen_confident
 
 
@@ -168,7 +169,8 @@ def test_fit_temperature_recovers_scale():
     assert abs(s - 3.0) < 1e-4
     nll = [-(p * log_softmax(t * z)).sum(1).mean() for t in (s * 0.99, s, s * 1.01)]
     assert nll[1] <= min(nll[0], nll[2])
-    # perfectly separated labels push the scale to the upper bound, anti-correlated ones to the lower
+    # perfectly separated labels push the scale to the upper bound (the temperatures keep it, unlike the pool's
+    # weights), anti-correlated ones to the lower
     z2 = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert fit_temperature(z2, np.array([0, 1])) == 1e4 and fit_temperature(z2, np.array([1, 0])) == 1e-2
     # a class whose logit is -inf in every row (e.g. an unseen class in a seen-only stage) has no probability at
@@ -191,6 +193,29 @@ def test_fit_pool_weights_trusts_the_right_expert():
         return log_softmax(v[0] * good + v[1] * noise + v[2] * wrong)[np.arange(400), y].mean()
     for d in np.eye(3) * 0.05:
         assert ll(w) >= ll(np.maximum(w + d, 0)) - 1e-9 and ll(w) >= ll(np.maximum(w - d, 0)) - 1e-9
+    # held-out rows that the pool ranks all right (a few easy rows) give the labels no optimum: the weights fit
+    # Platt's targets, here one expert whose log-odds are 1, weighted to the targets' 3/4 (sigmoid(w) = 3/4)
+    one = log_softmax(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert fit_pool_weights([one], np.array([0, 1])) == pytest.approx([np.log(3.0)], rel=1e-4)
+    # with two such experts the fitted pool is as sure as the targets, not more
+    sep = fit_pool_weights([one, log_softmax(np.array([[2.0, 0.0], [0.0, 2.0]]))], np.array([0, 1]))
+    assert np.all(np.isfinite(sep)) and sep[0] + 2 * sep[1] == pytest.approx(np.log(3.0), rel=1e-4)
+    # one row ranked wrong at every weight is enough for the labels to have an optimum: they are fitted as they are
+    three = log_softmax(np.array([[2.0, 0.0], [0.0, 2.0], [0.3, 0.0]]))
+    w3 = fit_pool_weights([three], np.array([0, 1, 1]))
+    def ll3(v):
+        return log_softmax(v * three)[np.arange(3), [0, 1, 1]].mean()
+    assert ll3(w3[0]) >= max(ll3(w3[0] * 0.99), ll3(w3[0] * 1.01)) - 1e-12
+
+
+def test_platt_targets_and_labels_on_top():
+    """Platt's targets: 1 - 1/(N + 2) on the label, the rest shared by the other classes with a finite score;
+    labels_on_top: every row's label has its row's largest score (ties count)."""
+    z = np.array([[0.0, 1.0, -np.inf], [2.0, 0.0, 1.0]])
+    T = platt_targets(np.array([1, 0]), z)
+    np.testing.assert_allclose(T, [[0.25, 0.75, 0.0], [0.75, 0.125, 0.125]])
+    assert labels_on_top(z, np.array([1, 0])) and not labels_on_top(z, np.array([0, 0]))
+    assert labels_on_top(np.zeros((2, 3)), np.array([2, 1]))                     # ties
 
 
 def test_marginal_test_keeps_uniform_unless_the_data_say_otherwise():

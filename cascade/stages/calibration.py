@@ -4,6 +4,8 @@
   of soft targets);
 * :func:`fit_pool_weights`: non-negative weights of a log-linear pool of several experts' log-probabilities,
   by maximum likelihood on held-out labelled rows (a product of experts with fitted exponents);
+* the pool's weights fit Platt's targets (:func:`platt_targets`) instead of the labels where the labels alone
+  have no optimum (:func:`labels_on_top`: every held-out row already ranked right, as a few easy rows can be);
 * :func:`estimate_prior`: the class marginal of an unlabelled set by EM on a classifier's posteriors (Saerens,
   Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
 * :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
@@ -97,6 +99,33 @@ def _posteriors(L: np.ndarray, floor: float | None = None) -> np.ndarray:
     return P
 
 
+def labels_on_top(scores: np.ndarray, y: np.ndarray) -> bool:
+    """Whether every row's label ``y`` has its row's largest score (ties count): then a likelihood fitted to the
+    labels alone rises with the scale of the scores without limit, and has no maximum."""
+    z = _float(scores)
+    y = np.asarray(y, dtype=np.int64)
+    return all(bool(np.all(np.asarray(z[b][np.arange(b.stop - b.start), y[b]]) >= z[b].max(axis=1)))
+               for b in row_blocks(len(y)))
+
+
+def platt_targets(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Soft targets [N, C] for N labelled rows as Platt (1999) set his sigmoid's: the label ``1 - 1/(N + 2)``, the
+    other classes (those with a finite score in ``scores``) an equal share of ``1/(N + 2)`` (Laplace's rule of
+    succession: as if one more row had been seen of each outcome). Used where the labels alone give a fit no
+    maximum (:func:`labels_on_top`): the targets give it one, which a larger held-out set moves towards the
+    labels."""
+    y = np.asarray(y, dtype=np.int64)
+    n = len(y)
+    rows = np.arange(n)
+    T = np.isfinite(np.asarray(scores)).astype(np.float64)
+    T[rows, y] = 0.0
+    others = T.sum(axis=1)
+    eps = np.where(others > 0, 1.0 / (n + 2), 0.0)            # a row whose only class is its label keeps 1
+    T *= (eps / np.maximum(others, 1.0))[:, None]
+    T[rows, y] = 1.0 - eps
+    return T
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6) -> float:
     """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``.
 
@@ -104,6 +133,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
     is minimised). The negative log-likelihood is convex in ``s`` (its second derivative is the mean variance
     of the logits under ``p``), so Newton's method, kept inside a shrinking bracket (bisection when a step
     leaves it), finds the optimum in a handful of softmax evaluations; ``s`` is clipped to ``bounds``.
+    Where every row's label has the largest logit (:func:`labels_on_top`) the likelihood has no maximum and ``s``
+    is the upper bound: unlike the pool's weights, the temperatures keep that bound (Platt's targets here cost
+    the tasks without validation rows, docs/accuracy.md "Held-out rows all ranked right").
     """
     z = _float(logits)                  # float32 logits stay float32; every block is widened to float64
     n, c = z.shape
@@ -164,6 +196,9 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
 
     The negative log-likelihood is convex in ``w`` (a softmax of a linear function of it), so L-BFGS-B from
     ``w = 1`` finds the optimum. The weights act as both the experts' relative trust and the pool's temperature.
+    Where the fitted pool ranks every row's label first (:func:`labels_on_top`), the labels alone have no optimum
+    (scaling ``w`` up raises the likelihood without limit, and the weights end wherever the search stops): they
+    are fitted again to Platt's targets (:func:`platt_targets`).
     """
     L = [np.asarray(lp, dtype=np.float64) for lp in log_probs]
     y = np.asarray(y, dtype=np.int64)
@@ -176,7 +211,25 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
         grad = [-(pj - (p * lp).sum(axis=1)).mean() for pj, lp in zip(picked, L)]
         return -ls[rows, y].mean(), np.array(grad)
 
-    res = minimize(nll, np.ones(len(L)), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(L))
+    w = _minimise_pool(nll, len(L))
+    pooled = sum(wj * lp for wj, lp in zip(w, L))
+    if len(y) == 0 or not labels_on_top(pooled, y):
+        return w
+    T = platt_targets(y, pooled)
+    kept = [(T * np.where(T > 0, lp, 0.0)).sum(axis=1) for lp in L]      # sum_k T_ik lp_ik, masked classes aside
+
+    def nll_platt(w):
+        ls = log_softmax(sum(wj * lp for wj, lp in zip(w, L)))
+        p = np.exp(ls)
+        grad = [-(tj - (p * np.where(p > 0, lp, 0.0)).sum(axis=1)).mean() for tj, lp in zip(kept, L)]
+        return -(T * np.where(T > 0, ls, 0.0)).sum(axis=1).mean(), np.array(grad)
+
+    return _minimise_pool(nll_platt, len(L))
+
+
+def _minimise_pool(nll, n_experts: int) -> np.ndarray:
+    """Non-negative pool weights minimising ``nll`` (value and gradient), L-BFGS-B from ``w = 1``."""
+    res = minimize(nll, np.ones(n_experts), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * n_experts)
     return np.asarray(res.x, dtype=np.float64)
 
 

@@ -6,7 +6,7 @@ from cascade.stages import (GDA, InMaP, LinearProbePP, NotFittedError, Stage, Ze
                             fit_pool_weights, fit_temperature, get_stage, image_opt, marginal_test, sinkhorn,
                             stage_names)
 from cascade.stages.base import log_softmax
-from cascade.stages.calibration import labels_on_top, platt_targets
+from cascade.stages.calibration import labels_on_top
 from cascade.stages.inmap import sharpen_confident
 
 
@@ -208,14 +208,11 @@ def test_fit_pool_weights_trusts_the_right_expert():
     assert ll3(w3[0]) >= max(ll3(w3[0] * 0.99), ll3(w3[0] * 1.01)) - 1e-12
 
 
-def test_platt_targets_and_labels_on_top():
-    """Platt's targets: 1 - 1/(N + 2) on the label, the rest shared by the other classes with a finite score;
-    labels_on_top: every row's label has its row's largest score (ties count)."""
+def test_labels_on_top():
+    """Every row's label has its row's largest score (ties count)."""
     z = np.array([[0.0, 1.0, -np.inf], [2.0, 0.0, 1.0]])
-    T = platt_targets(np.array([1, 0]), z)
-    np.testing.assert_allclose(T, [[0.25, 0.75, 0.0], [0.75, 0.125, 0.125]])
     assert labels_on_top(z, np.array([1, 0])) and not labels_on_top(z, np.array([0, 0]))
-    assert labels_on_top(np.zeros((2, 3)), np.array([2, 1]))                     # ties
+    assert labels_on_top(np.zeros((2, 3)), np.array([2, 1]))
 
 
 def test_marginal_test_keeps_uniform_unless_the_data_say_otherwise():

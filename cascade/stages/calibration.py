@@ -4,8 +4,8 @@
   of soft targets);
 * :func:`fit_pool_weights`: non-negative weights of a log-linear pool of several experts' log-probabilities,
   by maximum likelihood on held-out labelled rows (a product of experts with fitted exponents);
-* the pool's weights fit Platt's targets (:func:`platt_targets`) instead of the labels where the labels alone
-  have no optimum (:func:`labels_on_top`: every held-out row already ranked right, as a few easy rows can be);
+* where every held-out row is already ranked right (:func:`labels_on_top`, as a few easy rows can be) the labels
+  have no optimum: the pool's weights then fit Platt's smoothed targets instead;
 * :func:`estimate_prior`: the class marginal of an unlabelled set by EM on a classifier's posteriors (Saerens,
   Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
 * :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
@@ -108,24 +108,6 @@ def labels_on_top(scores: np.ndarray, y: np.ndarray) -> bool:
                for b in row_blocks(len(y)))
 
 
-def platt_targets(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Soft targets [N, C] for N labelled rows as Platt (1999) set his sigmoid's: the label ``1 - 1/(N + 2)``, the
-    other classes (those with a finite score in ``scores``) an equal share of ``1/(N + 2)`` (Laplace's rule of
-    succession: as if one more row had been seen of each outcome). Used where the labels alone give a fit no
-    maximum (:func:`labels_on_top`): the targets give it one, which a larger held-out set moves towards the
-    labels."""
-    y = np.asarray(y, dtype=np.int64)
-    n = len(y)
-    rows = np.arange(n)
-    T = np.isfinite(np.asarray(scores)).astype(np.float64)
-    T[rows, y] = 0.0
-    others = T.sum(axis=1)
-    eps = np.where(others > 0, 1.0 / (n + 2), 0.0)            # a row whose only class is its label keeps 1
-    T *= (eps / np.maximum(others, 1.0))[:, None]
-    T[rows, y] = 1.0 - eps
-    return T
-
-
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6) -> float:
     """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``.
 
@@ -198,7 +180,9 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     ``w = 1`` finds the optimum. The weights act as both the experts' relative trust and the pool's temperature.
     Where the fitted pool ranks every row's label first (:func:`labels_on_top`), the labels alone have no optimum
     (scaling ``w`` up raises the likelihood without limit, and the weights end wherever the search stops): they
-    are fitted again to Platt's targets (:func:`platt_targets`).
+    are fitted again to Platt's targets, ``1 - 1/(N + 2)`` on the label and the rest shared by the other classes
+    (Platt 1999: as if one more row had been seen of each outcome), whose optimum a larger set of rows moves
+    towards the labels. The experts' log-probabilities must be finite.
     """
     L = [np.asarray(lp, dtype=np.float64) for lp in log_probs]
     y = np.asarray(y, dtype=np.int64)
@@ -215,16 +199,30 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     pooled = sum(wj * lp for wj, lp in zip(w, L))
     if len(y) == 0 or not labels_on_top(pooled, y):
         return w
-    T = platt_targets(y, pooled)
-    kept = [(T * np.where(T > 0, lp, 0.0)).sum(axis=1) for lp in L]      # sum_k T_ik lp_ik, masked classes aside
+    # Platt's targets (Platt 1999, Laplace's rule of succession): 1 - 1/(N + 2) on the label, the rest shared by the
+    # C - 1 other classes. With z = sum_j w_j lp_j, a row's target log-likelihood is sum_k T_k z_k - lse(z), and
+    # sum_k T_k z_k = sum_j w_j sum_k T_k lp_jk, fixed sums: each evaluation needs z, its log-sum-exp and the
+    # experts' means under the pooled posterior (no [N, C] targets, no log-softmax array)
+    n, c = L[0].shape
+    eps = 1.0 / (n + 2) if c > 1 else 0.0
+    kept = np.array([(1.0 - eps) * lp[rows, y] + eps / max(c - 1, 1) * (lp.sum(axis=1) - lp[rows, y])
+                     for lp in L]).mean(axis=1)                  # [K]: mean_i sum_k T_ik lp_jik
+    # the experts' log-probabilities can differ in scale by orders of magnitude (a temperature at its bound): the
+    # search runs on weights relative to each expert's spread, which takes it far fewer steps
+    spread = np.array([max(float(np.sqrt(np.mean((lp - lp.mean(axis=1, keepdims=True)) ** 2))), 1e-12) for lp in L])
 
-    def nll_platt(w):
-        ls = log_softmax(sum(wj * lp for wj, lp in zip(w, L)))
-        p = np.exp(ls)
-        grad = [-(tj - (p * np.where(p > 0, lp, 0.0)).sum(axis=1)).mean() for tj, lp in zip(kept, L)]
-        return -(T * np.where(T > 0, ls, 0.0)).sum(axis=1).mean(), np.array(grad)
+    def nll_scaled(u):
+        w = u / spread
+        z = sum(wj * lp for wj, lp in zip(w, L))
+        top = z.max(axis=1, keepdims=True)
+        p = np.exp(z - top)
+        total = p.sum(axis=1)
+        p /= total[:, None]
+        lse = top[:, 0] + np.log(total)
+        grad = np.array([(p * lp).sum(axis=1).mean() for lp in L]) - kept
+        return float(lse.mean() - w @ kept), grad / spread
 
-    return _minimise_pool(nll_platt, len(L))
+    return _minimise_pool(nll_scaled, len(L)) / spread
 
 
 def _minimise_pool(nll, n_experts: int) -> np.ndarray:

@@ -262,10 +262,12 @@ def test_bad_inputs():
 
 
 def test_pool_exponents_where_every_validation_row_is_ranked_right(monkeypatch):
-    """An easy task: every validation row is ranked right by the experts, whose temperatures (fitted on rows they
-    also rank all right) sit at their upper bound. The labels then give the pool's exponents no maximum; Platt's
-    targets give them one, which tempers the experts' certainty on those rows (without it the search stops where it
-    started, at 1, and the pool keeps the experts' near one-hot posteriors)."""
+    """An easy task: every validation row (and every support row) is ranked right by each expert. The labels then
+    give the seen expert's temperature (fitted on the validation rows) and the pool's exponents no maximum; Platt's
+    targets give them one, so that the pool tempers the experts' certainty on those rows. Without them the
+    temperatures sit at their upper bound and the exponents' search stops where it started, at 1: the pool keeps
+    the experts' near one-hot posteriors. Zero-shot's temperature, fitted on the support rows, keeps the bound, as
+    do all temperatures without validation rows (docs/accuracy.md, "Held-out rows all ranked right")."""
     support, ys, query, yq, text, S = task(spread=0.1, seed=3)
     seen = yq < S
     val = ({k: v[seen] for k, v in query.items()}, yq[seen])
@@ -277,14 +279,19 @@ def test_pool_exponents_where_every_validation_row_is_ranked_right(monkeypatch):
         return (p / p.sum(1, keepdims=True))[np.arange(len(val[1])), val[1]]
 
     m = small().fit(support, ys, text, S, val=val)
+    assert m.zero_shot_temperature_ == 1e4 and all(0 < t < 1e3 for t in m.seen_temperatures_)
     w = np.array(m.inductive_pool_)
-    assert np.all(np.isfinite(w)) and np.all(w > 0) and np.all(w < 1e-3)
+    assert np.all(np.isfinite(w)) and np.all(w > 0) and np.all(w < 10)
     n = len(val[1])
     assert 1 - 1 / (n + 2) - 0.05 < label_proba(m).mean() < 1 - 1e-4
     res = m.predict(query)
-    assert np.all(np.array(res.details["pool_weights"]) < 1e-3) and np.mean(res.top5[:, 0] == yq) > 0.9
+    assert res.details["refine_temperature"] < 1e3 and np.mean(res.top5[:, 0] == yq) > 0.9
+    # without validation rows the held-out support rows (scored out of fold) keep the maximum likelihood's bound
+    no_val = small().fit(support, ys, text, S)
+    assert no_val.seen_temperatures_ == [1e4] and no_val.predict(query).details["refine_temperature"] == 1e4
     monkeypatch.setattr("cascade.stages.calibration.labels_on_top", lambda scores, y: False)
     plain = small().fit(support, ys, text, S, val=val)
+    assert [plain.zero_shot_temperature_, *plain.seen_temperatures_] == [1e4, 1e4]
     assert plain.inductive_pool_ == [1.0, 1.0] and label_proba(plain).min() > 1 - 1e-9
 
 

@@ -169,10 +169,15 @@ def test_fit_temperature_recovers_scale():
     assert abs(s - 3.0) < 1e-4
     nll = [-(p * log_softmax(t * z)).sum(1).mean() for t in (s * 0.99, s, s * 1.01)]
     assert nll[1] <= min(nll[0], nll[2])
-    # perfectly separated labels push the scale to the upper bound (the temperatures keep it, unlike the pool's
-    # weights), anti-correlated ones to the lower
+    # perfectly separated labels push the maximum likelihood's scale to the upper bound, anti-correlated ones to
+    # the lower; Platt's targets (2 rows: 3/4 on the label) give the separated rows the scale log 3
     z2 = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert fit_temperature(z2, np.array([0, 1])) == 1e4 and fit_temperature(z2, np.array([1, 0])) == 1e-2
+    assert fit_temperature(z2, np.array([0, 1]), platt=True) == pytest.approx(np.log(3.0), rel=1e-6)
+    assert fit_temperature(z2, np.array([1, 0]), platt=True) == 1e-2      # not separated: the plain fit
+    # a masked class has no share of the targets: the scale is the 2-class one
+    z3 = np.array([[1.0, 0.0, -np.inf], [0.0, 1.0, -np.inf]])
+    assert fit_temperature(z3, np.array([0, 1]), platt=True) == pytest.approx(np.log(3.0), rel=1e-6)
     # a class whose logit is -inf in every row (e.g. an unseen class in a seen-only stage) has no probability at
     # any scale: the fit equals the one without that column
     zi = np.c_[z, np.full(len(z), -np.inf)]

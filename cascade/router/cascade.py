@@ -353,7 +353,9 @@ class Cascade(HasParams):
                 self.val_seen_logits_ = [z[keep] for z in self._oof_seen_logits(folds)]
         use_val = self.calibrate and val is not None
         # the seen stages' temperatures on the held-out rows, zero-shot's on the support rows (it never saw them)
-        self.seen_temperatures_ = [fit_temperature(self._held_out_seen_logits(i, val[0]), val[1]) if use_val
+        # (Platt's targets where validation rows are all ranked right; calibration.fit_temperature)
+        self.seen_temperatures_ = [fit_temperature(self._held_out_seen_logits(i, val[0]), val[1],
+                                                   platt=self.val_folds_ is None) if use_val
                                    else 1.0 for i in range(len(self.seen_fitted_))]
         self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(sups), y) if self.calibrate
                                        else ZERO_SHOT_SCALE)
@@ -563,7 +565,7 @@ class Cascade(HasParams):
         inductive = fill_rows(n, C, lambda rows: pool(zero_shot(rows), seen(rows), self.n_seen_, self.combine,
                                                       weights=self.inductive_pool_))
         if refinement is not None:
-            inductive = refinement.fit_predict(xq, inductive)[0]
+            inductive = refinement.fit_predict(xq, inductive, platt=False)[0]   # the BIC test's: at the bound
         q, gain, kept = marginal_test(inductive)
         source = "refined" if kept else "uniform"
         if compatible_marginal(q_zs, inductive):

@@ -68,14 +68,17 @@ class Refinement:
             return g.fit_parts(parts)
         return g.fit(np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts]))
 
-    def fit_predict(self, xq: np.ndarray, soft: np.ndarray, labelled=(), temperature: float | None = None):
+    def fit_predict(self, xq: np.ndarray, soft: np.ndarray, labelled=(), temperature: float | None = None,
+                    platt: bool = True):
         """Fit on the queries ``xq`` (soft labels ``soft`` [Nq, C]) and the support rows: (posterior of the
         queries, posterior of the held-out rows or None, temperature).
 
         The temperature is fitted on the held-out rows (each fold of held-out support rows scored by the stage
         refitted without it), else on the queries' soft labels; 1 when ``calibrate`` is off. ``labelled``: more
         rows to fit on, ``[(X, one-hot labels), ...]`` (the validation rows, for the balanced refit), with the
-        ``temperature`` given (fitting it on rows fitted on would make it too sharp); no held-out posterior then."""
+        ``temperature`` given (fitting it on rows fitted on would make it too sharp); no held-out posterior then.
+        ``platt``: where validation rows are all ranked right, the temperature fits Platt's targets
+        (:func:`~cascade.stages.calibration.fit_temperature`); held-out support rows keep the upper bound."""
         sj, onehot = self._support_rows()
         n, C = len(xq), self.n_classes
         if labelled:
@@ -97,7 +100,7 @@ class Refinement:
             t = fit_temperature(zv, self.held_y)
         elif self.held_x is not None:
             zv = g.decision_function(self.held_x)
-            t = fit_temperature(zv, self.held_y)
+            t = fit_temperature(zv, self.held_y, platt=platt)
         else:                       # the temperature from the queries' own scores: kept, in store_dtype
             z = fill_rows(n, C, lambda b: g.decision_function(xq[b]))
             t = fit_temperature(z, soft / soft.sum(axis=1, keepdims=True))
@@ -131,7 +134,7 @@ class Refinement:
 
             z = out_of_fold(folds, score_fold, parallel=False)   # each refit holds all queries
         rows = np.arange(len(y))
-        d = (log_softmax(fit_temperature(z, y) * z)[rows, y]
+        d = (log_softmax(fit_temperature(z, y, platt=folds is None) * z)[rows, y]
              - np.log(np.maximum(held_soft[rows, y], np.finfo(np.float64).tiny)))
         return paired_difference(d)
 
@@ -167,7 +170,7 @@ class Refinement:
         bv = np.asarray(lp[n:], dtype=np.float64)
         g = self._fit([(xq, lp[:n]), (xv, bv), (sj, onehot)])
         zv = g.decision_function(xv)
-        t = fit_temperature(zv, y)
+        t = fit_temperature(zv, y, platt=True)
         rows = np.arange(len(y))
         before = np.log(np.maximum(bv[rows, y], tiny))
 

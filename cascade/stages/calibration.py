@@ -5,7 +5,8 @@
 * :func:`fit_pool_weights`: non-negative weights of a log-linear pool of several experts' log-probabilities,
   by maximum likelihood on held-out labelled rows (a product of experts with fitted exponents);
 * where every held-out row is already ranked right (:func:`labels_on_top`, as a few easy rows can be) the labels
-  have no optimum: the pool's weights then fit Platt's smoothed targets instead;
+  have no optimum: the pool's weights then fit Platt's smoothed targets instead, and so does a temperature when
+  asked (``platt``: the router asks where the rows are validation rows);
 * :func:`estimate_prior`: the class marginal of an unlabelled set by EM on a classifier's posteriors (Saerens,
   Latinne & Decaestecker 2002), kept only when it beats the uniform marginal by the BIC margin;
 * :func:`marginal_test`: the class marginal of a set from its (already transductive) posteriors, with the same
@@ -108,16 +109,19 @@ def labels_on_top(scores: np.ndarray, y: np.ndarray) -> bool:
                for b in row_blocks(len(y)))
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: float = 1e-6,
+                    platt: bool = False) -> float:
     """Scale ``s`` maximising the mean log-likelihood of labels ``y`` under ``softmax(s * logits)``.
 
     ``y``: integer labels [N], or soft targets [N, C] (then the mean cross-entropy ``-sum_k y_ik log p_ik``
     is minimised). The negative log-likelihood is convex in ``s`` (its second derivative is the mean variance
     of the logits under ``p``), so Newton's method, kept inside a shrinking bracket (bisection when a step
     leaves it), finds the optimum in a handful of softmax evaluations; ``s`` is clipped to ``bounds``.
-    Where every row's label has the largest logit (:func:`labels_on_top`) the likelihood has no maximum and ``s``
-    is the upper bound: unlike the pool's weights, the temperatures keep that bound (Platt's targets here cost
-    the tasks without validation rows, docs/accuracy.md "Held-out rows all ranked right").
+    Where every row's integer label has the largest logit (:func:`labels_on_top`) the likelihood has no maximum:
+    with ``platt`` the scale then fits Platt's targets, as :func:`fit_pool_weights` does (``1 - 1/(N + 2)`` on the
+    label, the rest shared by the row's other finite logits), otherwise it is the upper bound, the maximum
+    likelihood's limit. The router asks for Platt's targets on validation rows only: on support rows scored out
+    of fold, and in the posterior its marginal test reads, the bound measured better (docs/accuracy.md).
     """
     z = _float(logits)                  # float32 logits stay float32; every block is widened to float64
     n, c = z.shape
@@ -132,7 +136,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
             den += Tb.sum()
         target = num / den
     else:
-        target = np.asarray(z[np.arange(n), y.astype(np.int64)], dtype=np.float64).mean()
+        y = y.astype(np.int64)
+        target = np.asarray(z[np.arange(n), y], dtype=np.float64).mean()
+        if platt and n and c > 1 and labels_on_top(z, y):
+            target = _platt_target(z, y)
     all_finite = all(bool(np.isfinite(z[b]).all()) for b in row_blocks(n))   # the usual case: no masking
     lo, hi = float(bounds[0]), float(bounds[1])
     m, var = np.empty(n), np.empty(n)
@@ -170,6 +177,22 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e4), tol: 
             return float(s_new)
         s = s_new
     return float(s)
+
+
+def _platt_target(z, y: np.ndarray) -> float:
+    """The mean over rows of ``sum_k T_k z_k`` for Platt's targets ``T`` (:func:`fit_temperature`): ``1 - 1/(N + 2)``
+    on the label, ``1/(N + 2)`` shared by the row's other finite logits (masked classes have no mass)."""
+    n = len(y)
+    eps = 1.0 / (n + 2)
+    total = 0.0
+    for b in row_blocks(n):
+        zb = np.asarray(z[b], dtype=np.float64)
+        finite = np.isfinite(zb)
+        label = zb[np.arange(len(zb)), y[b]]
+        others = np.where(finite, zb, 0.0).sum(axis=1) - label
+        n_others = finite.sum(axis=1) - 1
+        total += np.sum((1.0 - eps) * label + np.where(n_others > 0, eps * others / np.maximum(n_others, 1), eps * label))
+    return total / n
 
 
 def fit_pool_weights(log_probs, y) -> np.ndarray:

@@ -191,7 +191,8 @@ def _platt_target(z, y: np.ndarray) -> float:
         label = zb[np.arange(len(zb)), y[b]]
         others = np.where(finite, zb, 0.0).sum(axis=1) - label
         n_others = finite.sum(axis=1) - 1
-        total += np.sum((1.0 - eps) * label + np.where(n_others > 0, eps * others / np.maximum(n_others, 1), eps * label))
+        shared = np.where(n_others > 0, others / np.maximum(n_others, 1), label)   # one class: all on the label
+        total += np.sum((1.0 - eps) * label + eps * shared)
     return total / n
 
 
@@ -226,10 +227,7 @@ def fit_pool_weights(log_probs, y) -> np.ndarray:
     # C - 1 other classes. With z = sum_j w_j lp_j, a row's target log-likelihood is sum_k T_k z_k - lse(z), and
     # sum_k T_k z_k = sum_j w_j sum_k T_k lp_jk, fixed sums: each evaluation needs z, its log-sum-exp and the
     # experts' means under the pooled posterior (no [N, C] targets, no log-softmax array)
-    n, c = L[0].shape
-    eps = 1.0 / (n + 2) if c > 1 else 0.0
-    kept = np.array([(1.0 - eps) * lp[rows, y] + eps / max(c - 1, 1) * (lp.sum(axis=1) - lp[rows, y])
-                     for lp in L]).mean(axis=1)                  # [K]: mean_i sum_k T_ik lp_jik
+    kept = np.array([_platt_target(lp, y) for lp in L])     # [K]: mean_i sum_k T_ik lp_jik
     # the experts' log-probabilities can differ in scale by orders of magnitude (a temperature at its bound): the
     # search runs on weights relative to each expert's spread, which takes it far fewer steps
     spread = np.array([max(float(np.sqrt(np.mean((lp - lp.mean(axis=1, keepdims=True)) ** 2))), 1e-12) for lp in L])

@@ -83,8 +83,8 @@ def test_each_seen_expert_is_pooled_with_its_own_exponent_and_survives_save_load
     assert np.all(np.asarray(weights) >= 0) and len(res.details["seen_temperatures"]) == 2
     lp_seen = m._seen_log_proba(query)
     assert len(lp_seen) == 2 and not np.allclose(lp_seen[0], lp_seen[1])
-    path = m.save(tmp_path / "m")
-    back = Cascade.load(path.parent)
+    path = m.save(tmp_path / "m.npz")
+    back = Cascade.load(path)
     assert [type(s) for s in back.seen_stages] == [LinearProbePP, NearestClassMean]
     np.testing.assert_array_equal(back.seen_fitted_[1]["bb"].means_, m.seen_fitted_[1]["bb"].means_)
     np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)

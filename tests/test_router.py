@@ -182,10 +182,10 @@ def test_support_oof_proba():
 def test_save_load_roundtrip(tmp_path):
     support, ys, query, yq, text, S = task(seed=6)
     m = small().fit(support, ys, text, S, val=(query, np.minimum(yq, S - 1)))
-    path = m.save(tmp_path / "model")
+    path = m.save(tmp_path / "cascade.npz")
     with np.load(path, allow_pickle=False) as data:
         assert "__meta__" in data.files
-    back = Cascade.load(tmp_path / "model")
+    back = Cascade.load(tmp_path / "cascade.npz")
     np.testing.assert_allclose(back.predict(query).scores, m.predict(query).scores, atol=1e-6)
     assert back.refine.get_params() == m.stages().refine.get_params()
     # a model written before the GDA's mean prior existed loads with the plain means it was fitted with
@@ -193,44 +193,44 @@ def test_save_load_roundtrip(tmp_path):
     arrays, meta = load_npz_json(path)
     del meta["refine"]["params"]["mean_prior"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").refine.mean_prior == 0.0
+    assert Cascade.load(tmp_path / "cascade.npz").refine.mean_prior == 0.0
     # ... and one written before the refinement check existed keeps its refinement always, as it did
     assert back.refine_check == 1.0
     del meta["refine_check"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").refine_check is None
+    assert Cascade.load(tmp_path / "cascade.npz").refine_check is None
     # ... and one written before the rebalanced zero-shot expert existed pools without it, as it did
     assert back.rebalance is True
     del meta["rebalance"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").rebalance is False
+    assert Cascade.load(tmp_path / "cascade.npz").rebalance is False
     # ... and one written before the balanced refit existed balances the refinement's output, as it did
     assert back.balance_refit is True
     del meta["balance_refit"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").balance_refit is False
+    assert Cascade.load(tmp_path / "cascade.npz").balance_refit is False
     # ... and one written before the validation rows joined the balanced refit fits it without them, as it did
     assert back.refit_with_val is True
     del meta["refit_with_val"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").refit_with_val is False
+    assert Cascade.load(tmp_path / "cascade.npz").refit_with_val is False
     # ... and one written before the count rule existed ran the check on the support rows without validation rows
     assert back.balance_without_val == "counts"
     del meta["balance_without_val"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").balance_without_val == "check"
+    assert Cascade.load(tmp_path / "cascade.npz").balance_without_val == "check"
     # ... and one written before the few-queries fallback existed left a declined check's scores unbalanced
     assert back.balance_few_per_class == 5.0
     del meta["balance_few_per_class"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").balance_few_per_class == 0.0
+    assert Cascade.load(tmp_path / "cascade.npz").balance_few_per_class == 0.0
     # ... and one written before the refit's check existed keeps its balanced refit always, as it did
     assert back.refit_check == 2.0
     del meta["refit_check"]
     save_npz_json(path, arrays, meta)
-    assert Cascade.load(tmp_path / "model").refit_check is None
+    assert Cascade.load(tmp_path / "cascade.npz").refit_check is None
     with pytest.raises(FileNotFoundError):
-        Cascade.load(tmp_path / "nothing")
+        Cascade.load(tmp_path / "nothing.npz")
 
 
 def test_bad_inputs():
@@ -307,7 +307,7 @@ def test_val_rows_set_the_pool_weights_and_refine_temperature_and_are_saved(tmp_
     bare = Cascade(InMaP(prior="auto", n_iter=60), [LinearProbePP(epochs=40, select="last")], cv_folds=0)
     no_val = bare.fit(support, ys, text, S).predict(query)
     assert no_val.details["pool_weights"] is None and bare.inductive_pool_ is None
-    back = Cascade.load(m.save(tmp_path / "m").parent)
+    back = Cascade.load(m.save(tmp_path / "m.npz"))
     assert back.predict(query).details["pool_weights"] == w
     np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
 
@@ -515,7 +515,7 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
     expected = np.exp(log_softmax(t * GDA().fit(X, Y).decision_function(xq)))
     np.testing.assert_allclose(res.scores, expected, atol=1e-6)
     # saved and loaded: the same predictions
-    back = Cascade.load(m.save(tmp_path / "m").parent)
+    back = Cascade.load(m.save(tmp_path / "m.npz"))
     np.testing.assert_array_equal(back.val_folds_, m.val_folds_)
     np.testing.assert_allclose(back.predict(query).scores, res.scores, atol=1e-6)
     with pytest.raises(ValueError, match="cv_folds"):
@@ -810,8 +810,8 @@ def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
     m = small().fit(support, ys, text, S, domains=DOMAINS)
     assert m.domain_cascades_[1].val_folds_ is not None and len(m.domain_cascades_[1].val_y_) == 12
     # saved and loaded with the rest of the model; a model written before the step existed has none
-    path = m.save(tmp_path / "model")
-    back = Cascade.load(tmp_path / "model")
+    path = m.save(tmp_path / "cascade.npz")
+    back = Cascade.load(tmp_path / "cascade.npz")
     assert back.per_domain is True and back.domain_names_ == ["a", "b", "c"] and back.domain_cascades_[2] is None
     assert (back.domain_classifier, back.domain_mass_weight, back.domain_global) == (True, 0.5, "inductive")
     xq = m._joint(query)
@@ -822,12 +822,12 @@ def test_per_domain_needs_two_domains_and_one_name_per_class(tmp_path):
     # a model written before the domain classifier existed: the global pool's mass decides the domain
     del meta["domain_classifier"], meta["domain_mass_weight"], meta["domain_global"]
     save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain_clf/")}, meta)
-    older = Cascade.load(tmp_path / "model")
+    older = Cascade.load(tmp_path / "cascade.npz")
     assert (older.domain_classifier, older.domain_global, older.domain_classifier_) == (False, "pool", None)
     assert older.predict(query).details["domains"]
     del meta["per_domain"], meta["domains"]
     save_npz_json(path, {k: v for k, v in arrays.items() if not k.startswith("domain")}, meta)
-    old = Cascade.load(tmp_path / "model")
+    old = Cascade.load(tmp_path / "cascade.npz")
     assert old.per_domain is False and old.domain_cascades_ == []
 
 

@@ -906,14 +906,15 @@ class Cascade(HasParams):
                                             cls.from_state(a, m, source=f"{source} (domain {dom['names'][i]!r})"))
         return obj
 
-    def save(self, directory) -> Path:
-        """Write the fitted cascade alone to ``directory``/cascade.npz (arrays + JSON meta, no pickle); a whole
-        trained model is written by :class:`cascade.bundle.Bundle`."""
-        return save_npz_json(Path(directory) / "cascade.npz", *self.state_dict())
+    def save(self, path) -> Path:
+        """Write the fitted cascade alone to the file ``path`` (.npz: arrays + JSON meta, no pickle; atomically), as a
+        stage is saved. A trained model (cascade, classes, encoders, specialists) is written by
+        :class:`cascade.bundle.Bundle` alone, which owns the model folder."""
+        return save_npz_json(Path(path), *self.state_dict())
 
     @classmethod
-    def load(cls, directory, specialists=()) -> "Cascade":
+    def load(cls, path, specialists=()) -> "Cascade":
         """Read a cascade written by :meth:`save` (specialists are not saved; pass them again)."""
-        path = Path(directory) / "cascade.npz"
+        path = Path(path)
         arrays, meta = load_npz_json(path)
         return cls.from_state(arrays, meta, specialists, source=str(path))

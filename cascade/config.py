@@ -35,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Config", "ConfigError", "load_config", "default_config_text", "parse_override", "add_config_arguments",
-           "config_from_args", "to_dict", "build_stage", "build_cascade", "default_cascade"]
+           "config_from_args", "build_stage", "build_cascade", "default_cascade"]
 
 
 class ConfigError(ValueError):
@@ -200,10 +200,6 @@ def _build(cls, data: dict, where: str):
         else:
             kwargs[name] = _check_type(value, tp, key)
     return cls(**kwargs)
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def _merge(base: dict, over: dict) -> dict:

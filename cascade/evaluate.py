@@ -17,7 +17,7 @@ from .data import parse_indexed, read_class_file, split_class_name
 from .io import atomic_write_json, raise_many, read_lines
 from .output import format_table, read_result
 
-__all__ = ["topk_table", "worst_classes", "read_labels", "evaluate_files", "add_parser", "LabelError"]
+__all__ = ["topk_table", "worst_classes", "evaluate_files", "add_parser", "LabelError"]
 
 
 class LabelError(ValueError):
@@ -66,11 +66,6 @@ def worst_classes(top1: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     return rows[:n]
 
 
-def read_labels(path) -> dict[str, int]:
-    """``<file name or path> <index>`` lines -> {name: index}; errors name the file and line."""
-    return {name: idx for name, (idx, _) in _read_labels(path).items()}
-
-
 def _read_labels(path) -> dict[str, tuple[int, int]]:
     """{name: (index, line number)} of a labels file; errors name the file and line."""
     out: dict[str, tuple[int, int]] = {}
@@ -91,7 +86,7 @@ def _read_labels(path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _match(result: dict[str, list[int]], labels: dict[str, int], result_path, labels_path):
+def _match(result: dict[str, list[int]], labels: dict[str, int]):
     """Pair result lines with labels, by exact name or else by file name."""
     if set(labels) <= set(result):
         keys = {k: k for k in labels}
@@ -130,15 +125,16 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
         # without a class list, each file bounds the other: an index beyond every index of the other file
         # cannot be a class of this task (negative indices are refused by both readers)
         top_label = max(labels.values())
-        read_result(result_path, n_classes=top_label + 1,  # again, bounded: the message names the line
-                    bound=f"larger than every label in {labels_path} (at most {top_label}); give the class list "
-                          "with --classes if the labels do not cover every class")
         top_result = max(i for idx in result.values() for i in idx)
+        if top_result > top_label:      # parsed again, bounded, for a message that names the line
+            read_result(result_path, n_classes=top_label + 1,
+                        bound=f"larger than every label in {labels_path} (at most {top_label}); give the class "
+                              "list with --classes if the labels do not cover every class")
         bad = [f"line {line}: label {idx} of {name} is larger than every class index in {result_path} (at most "
                f"{top_result})" for name, (idx, line) in labelled.items() if idx > top_result]
         raise_many(bad, f"{labels_path}: label(s) out of range (give the class list with --classes if the result "
                         "file does not show every class):", LabelError)
-    keys, missing = _match(result, labels, result_path, labels_path)
+    keys, missing = _match(result, labels)
     if missing and not allow_missing:
         raise LabelError(f"{result_path}: {len(missing)} labelled image(s) have no result line, e.g. "
                          f"{', '.join(missing[:5])} (use --allow-missing to count them as wrong)")

@@ -45,14 +45,3 @@ def top1_top5(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     k5 = min(5, np.asarray(scores).shape[1])
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, k5)}
 
-
-def per_group_accuracy(top: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 1) -> dict:
-    """Top-k accuracy (%) per group id (e.g. the domain of each label): ``{group: (accuracy, count)}``."""
-    labels = np.asarray(labels)
-    groups = np.asarray(groups)
-    out = {}
-    for g in np.unique(groups):
-        m = groups == g
-        out[g.item() if hasattr(g, "item") else g] = (topk_accuracy(np.asarray(top)[m], labels[m], k),
-                                                      int(m.sum()))
-    return out

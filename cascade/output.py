@@ -14,7 +14,7 @@ import numpy as np
 
 from .io import atomic_open, atomic_write_text, raise_many, read_lines
 
-__all__ = ["ResultError", "format_result", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
+__all__ = ["ResultError", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
 
 
 # -------------------------------------------------------------------------------------------- result file
@@ -50,11 +50,6 @@ def _result_lines(names: Sequence[str], top5: np.ndarray):
             yield names[i] + " " + " ".join(str(int(c)) for c in top5[i]) + "\n"
 
     return lines()
-
-
-def format_result(names: Sequence[str], top5: np.ndarray) -> str:
-    """The result file's text (small sets; :func:`write_result` streams it instead)."""
-    return "".join(_result_lines(names, top5))
 
 
 def write_result(path, names: Sequence[str], top5: np.ndarray) -> None:

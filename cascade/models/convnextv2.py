@@ -243,10 +243,6 @@ class ConvNeXtV2(nn.Module):
         with jt.no_grad():
             return self.forward_features(x)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.num_features
-
 
 # ----------------------------------------------------------------------------------------------------- configs
 def convnextv2(name: str = DEFAULT_CONFIG, **kwargs) -> ConvNeXtV2:

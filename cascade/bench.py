@@ -31,12 +31,13 @@ from .config import default_cascade
 from .io import read_npz
 from .metrics import top1_top5
 from .router import Cascade
-from .stages import CLIPAdapter, InMaP, LinearProbePP, TipAdapter, TipAdapterF, ZeroShot
+from .stages import InMaP, LinearProbePP, ZeroShot, get_stage
 
 ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade")
 ADAPTER_ROWS = ("tip-adapter", "tip-adapter-f", "clip-adapter")   # printed by the bench; not in ROWS, which the
                                                                    # benchmarks/ suites run on every task
 ALL_ROWS = ROWS[:4] + ADAPTER_ROWS + ROWS[4:]
+SEEN_ROWS = ("lpp",) + ADAPTER_ROWS       # rows that are a registered seen stage alone, with its own defaults
 BACKBONE = "ViT-B/32"
 
 
@@ -74,9 +75,6 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
     ``cascade`` row's :class:`~cascade.router.Cascade`, set over the default cascade (the one of
     cascade/configs/default.toml, :func:`~cascade.config.default_cascade`)."""
 
-    seen_only = {"lpp": LinearProbePP, "tip-adapter": TipAdapter, "tip-adapter-f": TipAdapterF,
-                 "clip-adapter": CLIPAdapter}        # fitted on the seen classes only (text[:n_seen])
-
     X, T = task["query_x"], task["text_x"]
     C, S = T.shape[0], task["n_seen"]
     sx, sy = task["support_x"], task["support_y"]
@@ -89,8 +87,8 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
             out[name] = InMaP().fit(X, text=T).decision_function(X)
         elif name == "inmap-nosinkhorn":
             out[name] = InMaP(sinkhorn=False).fit(X, text=T).decision_function(X)
-        elif name in seen_only:
-            m = seen_only[name]().fit(sx, sy, text=T[:S], val=val)
+        elif name in SEEN_ROWS:                     # the registered stage, fitted on the seen classes only
+            m = get_stage(name)().fit(sx, sy, text=T[:S], val=val)
             z = np.full((X.shape[0], C), -np.inf, dtype=np.float64)
             z[:, :S] = m.decision_function(X)
             out[name] = z

@@ -250,6 +250,25 @@ def check_labels(y, n_rows: int, n_classes: int, name: str = "y", require_all: b
     return y
 
 
+def check_support(X, y, text, val=None, require_all: bool = False):
+    """``(X, y, text, val)`` of an inductive stage's ``fit``, checked: ``text`` [C, D] and the labels are required,
+    ``X`` must match the text's width, ``y`` index its classes (each class needs a row with ``require_all``); ``val``
+    ``(val_x, val_y)`` is checked the same way, and None where absent or empty."""
+    if text is None:
+        raise ValueError("text: the class text embeddings [C, D] are required")
+    text = check_features(text, "text")
+    X = check_features(X, "X", dim=text.shape[1])
+    if y is None:
+        raise ValueError("y: the support labels are required")
+    y = check_labels(y, X.shape[0], text.shape[0], "y", require_all=require_all)
+    if val is not None:
+        vx, vy = val
+        vx = check_features(vx, "val_x", dim=text.shape[1], min_rows=0)
+        vy = check_labels(vy, vx.shape[0], text.shape[0], "val_y", require_all=False)
+        val = (vx, vy) if vx.shape[0] else None
+    return X, y, text, val
+
+
 class HasParams:
     """Hyperparameters as scikit-learn keeps them: the keyword arguments of ``__init__``, stored unchanged under
     the same names (shared by :class:`Stage` and the cascade)."""

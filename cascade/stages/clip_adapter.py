@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from numbers import Integral, Real
 
-from .base import Interval, Stage, check_features, check_labels, register_stage, softmax
+from .base import Interval, Stage, check_features, check_support, register_stage, softmax
 
 
 @register_stage("clip-adapter")
@@ -94,13 +94,7 @@ class CLIPAdapter(Stage):
 
         ``val`` and ``query`` are accepted and ignored (the last epoch is kept; an inductive stage)."""
         self._validate_params()
-        if text is None:
-            raise ValueError("text: the class text embeddings [C, D] are required")
-        text = check_features(text, "text")
-        X = check_features(X, "X", dim=text.shape[1])
-        if y is None:
-            raise ValueError("y: the support labels are required")
-        y = check_labels(y, X.shape[0], text.shape[0], "y", require_all=False)
+        X, y, text, _ = check_support(X, y, text)
         N, D = X.shape
         H = max(1, D // int(self.reduction))
         rng = np.random.default_rng(self.random_state)

@@ -30,7 +30,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .base import Interval, Options, Stage, check_features, check_labels, register_stage, softmax
+from .base import Interval, Options, Stage, check_features, check_support, register_stage, softmax
 from .calibration import paired_difference
 
 AUTO_SELECT_Z = 2.0     # select="auto": standard errors by which the best epoch must beat the last on validation
@@ -77,12 +77,8 @@ class LinearProbePP(Stage):
         ``query`` is ignored (an inductive stage).
         """
         self._validate_params()
-        if y is None or text is None:
-            raise ValueError("LinearProbePP.fit needs labels y and the class text embeddings (text=[K, D])")
-        text = check_features(text, "text")
-        X = check_features(X, "support_x", dim=text.shape[1])
+        X, y, text, val = check_support(X, y, text, val, require_all=True)
         K, D = text.shape
-        y = check_labels(y, X.shape[0], K, "support_y", require_all=True)
         N = X.shape[0]
         F = X.astype(np.float32)
         T = text.astype(np.float32)
@@ -100,12 +96,9 @@ class LinearProbePP(Stage):
         lr_w = np.float32(4.0 * N / lam_max)
         lr_alpha = np.float32(N / (4.0 * float((S.astype(np.float64) ** 2).sum(axis=0).max())))
 
-        use_val = self.select in ("val", "auto") and val is not None
+        use_val = self.select in ("val", "auto") and val is not None     # None too where val has no rows
         if use_val:
             vx, vy = val
-            vx = check_features(vx, "val_x", dim=D, min_rows=0)
-            vy = check_labels(vy, vx.shape[0], K, "val_y", require_all=False)
-            use_val = vx.shape[0] > 0            # zero validation rows: as if none were given
         best = (-1.0, -1, W.copy(), b.copy(), alpha.copy(), None)
         hit = None
         # The logits fold alpha into the weights, z = x . (w_k + alpha_k t_k) + b_k (a [K, D] sum instead of two

@@ -30,7 +30,7 @@ import numpy as np
 
 from numbers import Integral, Real
 
-from .base import Interval, Stage, check_features, check_labels, register_stage, softmax
+from .base import Interval, Stage, check_features, check_support, register_stage, softmax
 
 #: The authors' per-dataset settings (configs/<dataset>.yaml of gaopengcuhk/Tip-Adapter): search grid and the
 #: initial beta/alpha. Every config trains Tip-Adapter-F with lr 0.001 for 20 epochs (EuroSAT: 100).
@@ -132,21 +132,6 @@ class TipAdapter(Stage):
     def _check_params(self) -> None:
         self._validate_params()
 
-    def _check_inputs(self, X, y, text, val):
-        if text is None:
-            raise ValueError("text: the class text embeddings [C, D] are required")
-        text = check_features(text, "text")
-        X = check_features(X, "X", dim=text.shape[1])
-        if y is None:
-            raise ValueError("y: the support labels are required")
-        y = check_labels(y, X.shape[0], text.shape[0], "y", require_all=False)
-        if val is not None:
-            vx, vy = val
-            vx = check_features(vx, "val_x", dim=text.shape[1], min_rows=0)
-            vy = check_labels(vy, vx.shape[0], text.shape[0], "val_y", require_all=False)
-            val = (vx, vy) if vx.shape[0] else None
-        return X, y, text, val
-
     def _search(self, keys: np.ndarray, cache: _Cache, val) -> tuple[float, float, float | None]:
         """(beta, alpha, validation accuracy %) from the authors' grid; the init values without val rows."""
         if val is None:
@@ -180,7 +165,7 @@ class TipAdapter(Stage):
 
         ``query`` is ignored (an inductive stage)."""
         self._check_params()
-        X, y, text, val = self._check_inputs(X, y, text, val)
+        X, y, text, val = check_support(X, y, text, val)
         self.cache_keys_ = X
         self._finish(X, y, text, val)
         return self
@@ -235,7 +220,7 @@ class TipAdapterF(TipAdapter):
 
         ``query`` is ignored (an inductive stage)."""
         self._check_params()
-        X, y, text, val = self._check_inputs(X, y, text, val)
+        X, y, text, val = check_support(X, y, text, val)
         self.cache_keys_ = self._train_keys(X, y, text)
         self._finish(self.cache_keys_, y, text, val)
         return self

@@ -11,6 +11,8 @@ import errno
 import importlib
 import sys
 
+from .io import os_problem
+
 # command modules, in the order they appear in --help
 COMMAND_MODULES = (
     "cascade.pipeline",   # train, test
@@ -37,10 +39,9 @@ _OS_HINTS = {
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError: ``<path>: <problem> (errno N NAME); <what to do>``. Errors raised with a
     message of their own (no errno) keep it."""
+    text = os_problem(exc)
     if exc.errno is None or not exc.strerror:
-        return str(exc)
-    name = errno.errorcode.get(exc.errno, "")
-    text = f"{exc.strerror} (errno {exc.errno}{' ' + name if name else ''})"
+        return text
     if exc.filename is not None:
         where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
         text = f"{where}: {text}"

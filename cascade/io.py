@@ -10,6 +10,7 @@ intact until the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_LISTED", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
+__all__ = ["MAX_LISTED", "os_problem", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
            "read_lines", "read_npz", "save_npz_json", "load_npz_json"]
 
 MAX_LISTED = 20  # problems listed in one error message before "... and N more"
@@ -165,3 +166,12 @@ def load_npz_json(path, what: str = "stage file") -> tuple[dict[str, np.ndarray]
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt {META_KEY!r} JSON ({exc})") from exc
     return arrays, meta
+
+
+def os_problem(exc: OSError) -> str:
+    """An OSError's problem without its path, ``'Read-only file system (errno 30 EROFS)'``; an error raised with a
+    message of its own (no errno) keeps it."""
+    if exc.errno is None or not exc.strerror:
+        return str(exc)
+    name = errno.errorcode.get(exc.errno, "")
+    return f"{exc.strerror} (errno {exc.errno}{' ' + name if name else ''})"

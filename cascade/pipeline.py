@@ -17,7 +17,6 @@ where it stopped. No output file is written until its content is complete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import sys
@@ -32,7 +31,7 @@ from .config import add_config_arguments, build_cascade, config_from_args
 from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
 from .evaluate import topk_table, worst_classes
 from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
-from .io import atomic_write_json, atomic_write_text, replace_dir
+from .io import atomic_write_json, atomic_write_text, os_problem, replace_dir
 from .metrics import topk_indices
 from .output import format_table, write_result, write_routes_csv, write_table_csv
 from .runtime import is_main, jittor, mpi_world, run_ranked, status
@@ -146,12 +145,6 @@ def _log(msg: str) -> None:
 LOW_SPACE = 64 << 20  # below this many free bytes in an output folder, a warning says the run may fail
 
 
-def _os_problem(exc: OSError) -> str:
-    """``'Read-only file system (errno 30 EROFS)'``: an OSError's problem, without its path."""
-    name = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" (errno {exc.errno} {name})" if name else "")
-
-
 def _check_outputs(folders) -> None:
     """Fail at once, before any long work, when an output folder cannot be used: a file where a folder should
     be (e.g. ``--out`` naming a file), or a folder that cannot be written (read-only file system, no
@@ -177,7 +170,7 @@ def _check_outputs(folders) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise PipelineError(f"{p}: cannot write to this folder: {_os_problem(exc)}; {setting} must name a "
+            raise PipelineError(f"{p}: cannot write to this folder: {os_problem(exc)}; {setting} must name a "
                                 "writable folder (nothing was changed)") from None
         try:
             free = shutil.disk_usage(p).free

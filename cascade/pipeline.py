@@ -586,9 +586,11 @@ def test(cfg, progress: bool = True) -> dict:
     if (~ok).any():  # unreadable: ranked by the cascade's mean probability over the readable test images
         scores[~ok] = fallback
     k = min(5, n_classes)
-    top5 = topk_indices(scores, k)
+    top5 = np.empty((len(names), k), dtype=np.int64)
     if top5_ok is not None:
         top5[ok] = top5_ok[:, :k]  # the cascade's own ranking for readable images (ties broken its way)
+    if (~ok).any():
+        top5[~ok] = topk_indices(fallback[None], k)[0]
     top_scores = np.take_along_axis(scores, top5, axis=1)
     status = ["ok" if ok[i] else f"unreadable: {failures[i][1]}" for i in range(len(names))]
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from cascade.io import os_problem
 from cascade.models.weights import CheckpointError, detect_format, read_checkpoint, save_weights, sha256_file
 
 ARCHES = ("clip", "convnextv2")
@@ -39,9 +40,9 @@ OpenAI's URLs is the file's SHA-256, which convert prints and records so you can
                  https://dl.fbaipublicfiles.com/convnext/convnextv2/im1k/convnextv2_base_1k_224_ema.pt
 
 Examples:
-  python -m cascade.convert ViT-B-32.pt weights/ViT-B-32.npz
-  python -m cascade.convert RN101.pt weights/RN101.npz
-  python -m cascade.convert convnextv2_base_1k_224_ema.pt weights/convnextv2_base.npz
+  python -m cascade.convert ViT-B-32.pt out/weights/ViT-B-32.npz
+  python -m cascade.convert RN101.pt out/weights/RN101.npz
+  python -m cascade.convert convnextv2_base_1k_224_ema.pt out/weights/convnextv2_base.npz
 
 Exit status: 0 on success; 2 with a one-line reason on stderr otherwise (DST is then left untouched)."""
 
@@ -67,6 +68,12 @@ def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = 
 
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise CheckpointError("refusing to overwrite the source with its conversion (DST is SRC)", dst)
+    if dst.is_dir():
+        raise CheckpointError("destination is a directory", dst)
+    try:        # checked before the (long) read of the source; a missing folder such as out/weights/ is made
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot make the destination folder {dst.parent}: {os_problem(exc)}", dst) from None
     t0 = time.perf_counter()
     fmt = detect_format(src)
     say(f"reading {src} ({fmt}, {src.stat().st_size / 2**20:.1f} MiB)")
@@ -112,8 +119,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         parser = argparse.ArgumentParser(prog="python -m cascade.convert", description=DESCRIPTION,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", metavar="SRC", help="checkpoint to read (see the accepted formats above)")
-    parser.add_argument("dst", metavar="DST", help="where to write the converted weights (e.g. weights/RN101.npz); "
-                                                   "written atomically, replaced if it exists")
+    parser.add_argument("dst", metavar="DST",
+                        help="where to write the converted weights (e.g. out/weights/RN101.npz, where the default "
+                             "configuration reads them; a missing folder is made); written atomically, replaced if "
+                             "it exists")
     parser.add_argument("--arch", choices=("auto",) + ARCHES, default="auto",
                         help="architecture of SRC (default: recognised from the parameter names)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")

@@ -182,8 +182,8 @@ def test_convnextv2_is_detected_and_dispatched(tmp_path, capsys):
     pytest.importorskip("cascade.models.convnextv2")
     state = _convnext_official_state()
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp_path / "cnx.pt")
-    assert _convert(tmp_path / "cnx.pt", tmp_path / "cnx.npz") == 0
-    loaded, meta = load_weights(tmp_path / "cnx.npz")
+    assert _convert(tmp_path / "cnx.pt", tmp_path / "out/weights/cnx.npz") == 0    # a missing folder is made
+    loaded, meta = load_weights(tmp_path / "out/weights/cnx.npz")
     assert meta["arch"] == "convnextv2" and meta["source_sha256"]
     assert set(loaded) == set(state)
     # a broken ConvNeXt checkpoint: its missing key is named, nothing is written
@@ -199,6 +199,12 @@ def test_missing_file(tmp_path, capsys):
 
 def test_directory_and_empty_and_text(tmp_path, capsys):
     (tmp_path / "d").mkdir()
+    # a folder as the destination is refused before the source is read (here it does not even exist)
+    assert _convert(tmp_path / "none.pt", tmp_path / "d") == 2
+    assert "destination is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")          # a file where the destination folder should be
+    assert _convert(tmp_path / "none.pt", tmp_path / "file/w.npz") == 2
+    assert "cannot make the destination folder" in capsys.readouterr().err
     _assert_fails(tmp_path / "d", tmp_path / "o1.npz", capsys, "is a directory")
     (tmp_path / "empty.pt").write_bytes(b"")
     _assert_fails(tmp_path / "empty.pt", tmp_path / "o2.npz", capsys, "empty file")

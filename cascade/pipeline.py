@@ -201,10 +201,18 @@ def _clip_encoders(cfg) -> dict:
     weights = cfg.clip_weights()
     missing = [f"{name}: {p}" for name, p in weights.items() if not p.is_file()]
     if missing:
+        first = next(p for p in weights.values() if not p.is_file())
         raise PipelineError("converted CLIP weights not found: " + "; ".join(missing) + ". Convert OpenAI's "
-                            "checkpoints first, e.g. `python -m cascade.convert ViT-B-32.pt out/weights/ViT-B-32.npz`"
-                            ", or point models.clip.<name> at them (--set)")
-    return {name: clip_encoder(name, p) for name, p in weights.items()}
+                            f"checkpoints first, e.g. `python -m cascade.convert {first.stem}.pt {first}`, or point "
+                            "models.clip.<name> at them (--set; an empty value switches a backbone off)")
+    encoders = {name: clip_encoder(name, p) for name, p in weights.items()}
+    seen = {}
+    for name, enc in encoders.items():      # e.g. a misspelt name beside the right one: the same model twice
+        if enc.identity in seen:
+            raise PipelineError(f"models.clip.{seen[enc.identity]} and models.clip.{name} hold the same weights "
+                                f"({weights[name]}); each backbone once (is one of the names misspelt?)")
+        seen[enc.identity] = name
+    return encoders
 
 
 def _specialist_setup(cfg, classes):
@@ -525,14 +533,17 @@ def test(cfg, progress: bool = True) -> dict:
              "extension, hidden, a folder, or a line break in the name): " + ", ".join(map(repr, skipped)))
     _log(f"{len(names)} test images in {test_dir}")
 
+    clip_paths = cfg.clip_weights()
+    if set(clip_paths) != set(bundle.encoders):     # before any weights file is read
+        raise PipelineError(f"configured backbones {sorted(clip_paths)} (models.clip) differ from the trained "
+                            f"model's {sorted(bundle.encoders)} in {model_dir}: give test the models.clip settings "
+                            "train had (an empty value switches a backbone off), or retrain")
     encoders = _clip_encoders(cfg)
-    if set(encoders) != set(bundle.encoders):
-        raise PipelineError(f"configured backbones {sorted(encoders)} differ from the trained model's "
-                            f"{sorted(bundle.encoders)}")
     changed = [k for k, enc in encoders.items() if enc.identity != bundle.encoders.get(k)]
     if changed:
-        raise PipelineError(f"the weights of {', '.join(changed)} differ from those the model was trained with; "
-                            "retrain")
+        raise PipelineError("; ".join(f"models.clip.{k} = {clip_paths[k]}" for k in changed) + ": not the weights "
+                            f"the model in {model_dir} was trained with; point it at those (converted with "
+                            "python -m cascade.convert), or retrain")
     sp = bundle.specialist
     sp_encoder = None
     if sp.get("domains"):

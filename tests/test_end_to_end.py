@@ -197,6 +197,22 @@ def test_failure_leaves_previous_outputs_untouched(workspace, tested):
     assert (root / "out/model/cascade.npz").read_bytes() == model
 
 
+def test_backbone_settings_that_do_not_match_are_named(workspace, tested):
+    root = workspace["root"]
+    before = (root / "out/result.txt").read_bytes()
+    # test with a backbone switched off: the model's backbones are named before any weights file is looked for
+    r = _run([sys.executable, "-m", "cascade", "test", "--quiet", "--set", "models.clip.RN101="], root)
+    assert r.returncode == 2 and "differ from the trained model's ['RN101', 'ViT-B/32']" in r.stderr, r.stderr
+    assert "models.clip" in r.stderr and "not found" not in r.stderr
+    # a misspelt backbone name beside the right one would encode the same model twice: refused, both named
+    model = (root / "out/model/cascade.npz").read_bytes()
+    r = _run([sys.executable, "-m", "cascade", "train", "--quiet", "--set",
+              "models.clip.ViT-B32=out/weights/ViT-B-32.npz"], root)
+    assert r.returncode == 2 and "models.clip.ViT-B/32 and models.clip.ViT-B32 hold the same weights" in r.stderr
+    assert (root / "out/model/cascade.npz").read_bytes() == model
+    assert (root / "out/result.txt").read_bytes() == before
+
+
 def test_wrappers_explain_themselves():
     r = _run(["bash", str(REPO / "train.sh"), "--help"], REPO)
     assert r.returncode == 0 and "--set KEY=VALUE" in r.stdout and "sampling" in r.stdout

@@ -15,9 +15,10 @@ Also handled here:
 * Jittor's compile logs are kept out of the user's way (``log_silent``) unless ``CASCADE_VERBOSE=1``. (Its
   one-line "Compiling Operators(i/n)" progress, printed on stderr by Jittor's C++ core when a first compile
   takes over 2 s, cannot be switched off; it appears only on a machine's first runs.)
-* Ctrl-C: Jittor's import installs a C-level SIGINT handler that exits at once ("Caught SIGINT, quick exit"),
-  skipping every clean-up (cache flushes, temporary files); Python's handler is put back, so Ctrl-C raises
-  KeyboardInterrupt and the callers clean up.
+* Ctrl-C: Jittor's import installs C-level SIGINT and SIGCHLD handlers that exit at once ("Caught SIGINT, quick
+  exit"; "Caught SIGCHLD. Maybe out of memory" where a child process dies of a signal), skipping every clean-up
+  (cache flushes, temporary files). Its SIGINT handler is not installed (as under Jupyter) and SIGCHLD's default
+  is put back, so Ctrl-C raises KeyboardInterrupt, even while Jittor loads, and the callers clean up.
 * No download is ever attempted: if the wiring is impossible, oneDNN is switched off with one warning.
 * Under ``mpirun`` (Open MPI; Jittor's own MPI runtime: ``jittor.in_mpi``, ``jittor.rank``,
   ``jittor.world_size`` and its ``mpi_all_reduce`` op): each rank gets its share of the node's cores
@@ -30,6 +31,7 @@ Use :func:`jittor` to get the configured module.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import glob
 import importlib.util
@@ -198,12 +200,35 @@ def _cuda13_compat() -> None:
                       stacklevel=3)
 
 
-def _python_sigint() -> None:
-    if threading.current_thread() is threading.main_thread():
-        try:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        except (ValueError, OSError):
-            pass
+@contextlib.contextmanager
+def _python_signals():
+    """The process's handling of Ctrl-C and of child processes, kept across Jittor's import.
+
+    Jittor's library installs C handlers when it loads: SIGINT exits at once, skipping every clean-up, and so
+    does SIGCHLD where a child process dies of a signal (a decoding worker or compiler hit by the same Ctrl-C),
+    printing "Maybe out of memory". Jittor leaves SIGINT alone where ``JPY_PARENT_PID`` is set (for Jupyter), so
+    it is set while Jittor loads, and both handlers are put back after. A Ctrl-C during the import is kept and
+    raised after it (Jittor's import code would swallow it). Ctrl-C then raises KeyboardInterrupt at any time
+    (unless it was ignored from the start, as in a background job), and the callers clean up."""
+    main = threading.current_thread() is threading.main_thread()
+    caught = []
+    if main:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGCHLD)
+        if before[0] is signal.default_int_handler:
+            signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    jupyter = os.environ.get("JPY_PARENT_PID")
+    if jupyter is None:
+        os.environ["JPY_PARENT_PID"] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if jupyter is None:
+            os.environ.pop("JPY_PARENT_PID", None)
+        if main:
+            for signum, handler in zip((signal.SIGINT, signal.SIGCHLD), before):
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------------------------------ MPI
@@ -327,9 +352,8 @@ def jittor():
         _cuda13_compat()
     if not verbose:
         os.environ.setdefault("log_silent", "1")
-    import jittor as jt  # noqa: E402  (configured above)
-
-    _python_sigint()
+    with _python_signals():
+        import jittor as jt  # noqa: E402  (configured above)
 
     jt.flags.use_cuda = 1 if (use_gpu and jt.has_cuda) else 0
     status["device"] = "cuda" if jt.flags.use_cuda else "cpu"

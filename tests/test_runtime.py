@@ -124,3 +124,40 @@ def test_gpu_check_measures_each_model_against_float64(capsys, monkeypatch):
     for line in lines:
         ours = float(line.split("max |x - float64|: cascade ")[1].split()[0])
         assert ours < 1e-4                     # float32 against float64: exact to float32 precision
+
+
+def _python(code: str, **kwargs):
+    import subprocess
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_jittor_leaves_ctrl_c_and_child_processes_to_python():
+    """After Jittor's import, a child process that dies of a signal does not end this one (Jittor's handler would
+    exit at once, "Maybe out of memory"), and Ctrl-C raises KeyboardInterrupt (its handler would exit at once)."""
+    r = _python("import os, signal, subprocess\n"
+                "from cascade import runtime\n"
+                "runtime.jittor()\n"
+                "subprocess.run(['sh', '-c', 'kill -9 $$'])\n"
+                "print('alive after a killed child', flush=True)\n"
+                "try:\n"
+                "    os.kill(os.getpid(), signal.SIGINT)\n"
+                "    import time; time.sleep(5)\n"
+                "except KeyboardInterrupt:\n"
+                "    print('KeyboardInterrupt')\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["alive", "after", "a", "killed", "child", "KeyboardInterrupt"]
+    assert "quick exit" not in r.stderr
+
+
+def test_ctrl_c_while_jittor_loads_is_raised_after_and_an_ignored_one_stays_ignored():
+    import signal
+    with pytest.raises(KeyboardInterrupt):
+        with runtime._python_signals():
+            assert os.environ["JPY_PARENT_PID"]         # Jittor installs no SIGINT handler of its own
+            os.kill(os.getpid(), signal.SIGINT)      # held: Jittor's import code would swallow it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a process started with Ctrl-C ignored (a background job) keeps ignoring it after Jittor's import
+    r = _python("import signal\nfrom cascade import runtime\nruntime.jittor()\n"
+                "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)",
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr

@@ -12,9 +12,23 @@ log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 lock="${TMPDIR:-/tmp}/cascade-setup-$(printf '%s' "$root" | sha256sum | cut -c1-16).lock"
 setup=(env -u OMPI_COMM_WORLD_SIZE bash "$root/scripts/setup.sh")
 command -v flock >/dev/null && setup=(flock "$lock" "${setup[@]}")
-if ! "${setup[@]}" >"$log" 2>&1; then
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# --help needs no set-up where the environment exists
+for a in "$@"; do
+  if { [ "$a" = -h ] || [ "$a" = --help ]; } && [ -x "$root/.venv/bin/python" ]; then
+    exec "$root/.venv/bin/python" -m cascade "$cmd" "$@"
+  fi
+done
+"${setup[@]}" >"$log" 2>&1 &
+setup_pid=$!
+# a set-up that does real work (a new machine, a changed pyproject.toml, Jittor recompiling) says so once
+( sleep 3; kill -0 "$setup_pid" 2>/dev/null \
+    && echo "$cmd: setting up first (scripts/setup.sh; minutes on a new machine, once)..." >&2 ) &
+note_pid=$!
+if ! wait "$setup_pid"; then
+  kill "$note_pid" 2>/dev/null || true
   cat "$log" >&2; echo "$cmd: set-up failed (scripts/setup.sh)" >&2; exit 1
 fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+kill "$note_pid" 2>/dev/null || true
 rm -f "$log"
 exec "$root/.venv/bin/python" -m cascade "$cmd" "$@"

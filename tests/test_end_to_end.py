@@ -218,6 +218,10 @@ def test_wrappers_explain_themselves():
     assert r.returncode == 0 and "--set KEY=VALUE" in r.stdout and "sampling" in r.stdout
     r = _run(["bash", str(REPO / "test.sh"), "--help"], REPO)
     assert r.returncode == 0 and "--test-dir" in r.stdout
+    # a misspelt option is reported with the command's own usage
+    r = _run(["bash", str(REPO / "test.sh"), "--test_dir", "X"], REPO)
+    assert r.returncode == 2 and "python -m cascade test: error: unrecognized arguments: --test_dir X" in r.stderr
+    assert "usage: python -m cascade test" in r.stderr
 
 
 def test_interrupted_train_resumes_from_the_cache(workspace, trained):

@@ -241,6 +241,7 @@ class Split:
     val_per_class: int
     val_max: int
     fixed_support: bool = False              # a given list: support images are not replaced
+    allow_fewer: bool = False                # a class may train on fewer readable images than its shots
     excluded: dict[str, str] = field(default_factory=dict)   # path -> why it was left out (unreadable)
     meta: dict = field(default_factory=dict)
 
@@ -270,14 +271,18 @@ class Split:
         return sorted(out, key=lambda e: (e.label, e.path))
 
     def check(self, classes: ClassList) -> None:
-        """Every seen class must keep at least one readable support image."""
+        """Every seen class must keep its shots in readable support images (with ``allow_fewer``, at least one)."""
         counts = defaultdict(int)
         for e in self.support:
             counts[e.label] += 1
-        short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {self.shots[c]} needed"
-                 for c in sorted(self.order) if counts[c] < self.shots[c]]
+        need = {c: 1 if self.allow_fewer else self.shots[c] for c in self.order}
+        short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {need[c]} needed"
+                 for c in sorted(self.order) if counts[c] < need[c]]
+        hint = ("" if self.allow_fewer or self.fixed_support or all(counts[c] == 0 for c in self.order
+                                                                     if counts[c] < need[c])
+                else " (`--set sampling.allow_fewer=true` trains a class on the readable images it has)")
         if short:
-            raise_many(short, "not enough readable training images:", DataError)
+            raise_many(short, f"not enough readable training images{hint}:", DataError)
 
 
 def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:
@@ -316,7 +321,7 @@ def sample_split(pool: Sequence[Example], classes: ClassList, shots: int = 4, se
         perm = np.random.default_rng([seed, c]).permutation(len(items))
         order[c] = [items[i] for i in perm]
     meta = {"method": "sampled", "seed": seed, "shots": shots, "source": source}
-    return Split(order, per_class, val_per_class, val_max, meta=meta)
+    return Split(order, per_class, val_per_class, val_max, allow_fewer=allow_fewer, meta=meta)
 
 
 def split_from_list(selection: Sequence[Example], pool: Sequence[Example], classes: ClassList, seed: int = 0,

@@ -170,6 +170,24 @@ def test_unreadable_support_image_is_replaced_by_the_next_candidate():
     s.check(classes)
 
 
+def test_a_class_short_of_readable_images_is_named_with_the_setting_that_allows_it():
+    classes = ClassList([f"D_C{c}" for c in range(2)], 2)
+    pool = _pool(2, per=4)
+    s = sample_split(pool, classes, shots=4, seed=0, val_per_class=0)
+    s.exclude(pool[0].path, "corrupt")                 # class 0: 3 readable of 4, nothing to replace it
+    with pytest.raises(DataError, match=r"sampling.allow_fewer=true[^\n]*\n.*D_C0 \(0\): 3 readable of 4 needed"):
+        s.check(classes)
+    fewer = sample_split(pool, classes, shots=4, seed=0, val_per_class=0, allow_fewer=True)
+    fewer.exclude(pool[0].path, "corrupt")
+    fewer.check(classes)                               # trains class 0 on its 3
+    assert [e.label for e in fewer.support].count(0) == 3
+    for e in pool[1:4]:
+        fewer.exclude(e.path, "corrupt")
+    with pytest.raises(DataError, match=r"D_C0 \(0\): 0 readable of 1 needed") as err:
+        fewer.check(classes)                           # no readable image at all: no setting helps
+    assert "allow_fewer" not in str(err.value)
+
+
 def test_given_list_is_the_support_and_the_rest_validates(tmp_path):
     classes = ClassList([f"D_C{c}" for c in range(5)], 5)
     pool = _pool()

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cascade.evaluate",   # eval
     "cascade.bench",      # bench (real-feature tasks)
     "cascade.convert",    # convert (same as python -m cascade.convert)
+    "cascade.demo",       # demo (a synthetic workspace to try the others)
 )
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `bash scripts/demo.sh [DIR]`: the whole journey on a small synthetic workspace, with nothing to download.
+# Writes DIR (default demo/; removed first if it holds an earlier demo) with `python -m cascade demo`: a dataset
+# in the challenge's layout and a tiny CLIP with random weights. Then trains, tests and scores the result, as
+# a user does with the real data (docs/usage.md). About a minute once set up.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dir="${1:-demo}"
+if [ -e "$dir" ]; then
+  [ -f "$dir/demo.toml" ] || { echo "demo: $dir exists and is not a demo folder; give another DIR" >&2; exit 2; }
+  rm -rf "$dir"
+fi
+bash "$root/scripts/run.sh" demo "$dir"
+cd "$dir"
+bash "$root/train.sh" --config demo.toml --quiet
+bash "$root/test.sh" --config demo.toml --quiet
+echo
+"$root/.venv/bin/python" -m cascade eval out/result.txt data/test_labels.txt --classes data/classes.txt
+echo
+echo "demo: the submission is $dir/out/result.txt; the model $dir/out/model/; the validation report $dir/out/reports/"

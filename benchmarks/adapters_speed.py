@@ -5,7 +5,7 @@
 
 One backbone; the synthetic features of benchmarks/stages_speed.py (seeded). Each stage is fitted on the support
 rows (beta/alpha searched on the validation rows) and scores every query; prints wall and CPU seconds per stage
-(the best of ``--repeat`` runs) after the BLAS line and the CPU's AVX-512 flag.
+(the best of ``--repeat`` runs) after the BLAS line and the CPU's model and vector flags.
 """
 from __future__ import annotations
 
@@ -16,17 +16,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.stages_speed import blas_info, make_task  # noqa: E402
+from benchmarks.stages_speed import blas_info, cpu_info, make_task  # noqa: E402
 from cascade.stages import CLIPAdapter, TipAdapter, TipAdapterF  # noqa: E402
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = fh.read()
-    except OSError:
-        return "unknown"
-    return f"avx512f={'yes' if 'avx512f' in info else 'no'}, cores={os.cpu_count()}"
 
 
 def main(argv=None) -> int:
@@ -42,7 +33,7 @@ def main(argv=None) -> int:
                                                       val_per_class=args.val_per_class)
     X, Q, T, V = support["bb0"], query["bb0"], text["bb0"], val["bb0"]
     print(f"BLAS: {blas_info()}")
-    print(f"CPU: {cpu_flags()}; load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
+    print(f"CPU: {cpu_info()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
     print(f"task: {args.queries} queries x {args.classes} classes x {args.dim} dims, {X.shape[0]} support rows, "
           f"{V.shape[0]} val rows")
     for name, make in (("tip-adapter", TipAdapter), ("tip-adapter-f", TipAdapterF), ("clip-adapter", CLIPAdapter)):

@@ -278,10 +278,11 @@ class Split:
         need = {c: 1 if self.allow_fewer else self.shots[c] for c in self.order}
         short = [f"{classes.names[c]} ({c}): {counts[c]} readable of {need[c]} needed"
                  for c in sorted(self.order) if counts[c] < need[c]]
-        hint = ("" if self.allow_fewer or self.fixed_support or all(counts[c] == 0 for c in self.order
-                                                                     if counts[c] < need[c])
-                else " (`--set sampling.allow_fewer=true` trains a class on the readable images it has)")
         if short:
+            # a sampled class with some readable images could train on them
+            fixable = not (self.allow_fewer or self.fixed_support) and any(0 < counts[c] < need[c] for c in need)
+            hint = (" (`--set sampling.allow_fewer=true` trains a class on the readable images it has)"
+                    if fixable else "")
             raise_many(short, f"not enough readable training images{hint}:", DataError)
 
 

@@ -646,7 +646,12 @@ def _decode_worker(tasks, results, buf_path, slots, shape, preprocess):  # runs 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     buf = np.memmap(buf_path, dtype=np.uint8, mode="r+", shape=(slots,) + tuple(shape))
     results.put("ready")
+    parent = mp.parent_process()
     while True:
+        if not tasks._reader.poll(1.0):
+            if parent is not None and not parent.is_alive():
+                break       # the main process died without stopping us (killed, out of memory): do not linger
+            continue
         task = tasks.get()
         if task is None:
             break

@@ -296,6 +296,41 @@ class CountingEncoder:
         return x.reshape(len(x), 3, -1)[:, :, ::97].reshape(len(x), -1)[:, :16] + 1.0
 
 
+def test_decoding_workers_do_not_outlive_a_killed_main_process(tmp_path):
+    """A main process killed outright (kill -9, the out-of-memory killer) cannot stop its decoding workers; they
+    notice it is gone and exit instead of waiting for work forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from cascade.features import Preprocess, _decode_in_processes\n"
+              "if __name__ == '__main__':\n"
+              "    gen = _decode_in_processes(Preprocess.clip(32), [], [], 2, 4)\n"
+              "    import multiprocessing as mp\n"
+              "    print(' '.join(str(p.pid) for p in mp.active_children()), flush=True)\n"
+              "    time.sleep(600)\n")
+    (tmp_path / "main.py").write_text(script)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "main.py")], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+    def running(pid):
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.time() + 20
+    while time.time() < deadline and any(running(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(running(pid) for pid in pids)
+
+
 def test_interrupted_extraction_resumes_from_the_cache(tmp_path):
     paths = []
     for i in range(40):

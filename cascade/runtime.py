@@ -208,8 +208,9 @@ def _python_signals():
     does SIGCHLD where a child process dies of a signal (a decoding worker or compiler hit by the same Ctrl-C),
     printing "Maybe out of memory". Jittor leaves SIGINT alone where ``JPY_PARENT_PID`` is set (for Jupyter), so
     it is set while Jittor loads, and both handlers are put back after. A Ctrl-C during the import is kept and
-    raised after it (Jittor's import code would swallow it). Ctrl-C then raises KeyboardInterrupt at any time
-    (unless it was ignored from the start, as in a background job), and the callers clean up."""
+    raised once the import is complete, never from inside Jittor's own import code (which may catch it or be
+    left half imported). Ctrl-C then raises KeyboardInterrupt at any time (unless it was ignored from the start,
+    as in a background job), and the callers clean up."""
     main = threading.current_thread() is threading.main_thread()
     caught = []
     if main:

@@ -154,7 +154,7 @@ def test_ctrl_c_while_jittor_loads_is_raised_after_and_an_ignored_one_stays_igno
     with pytest.raises(KeyboardInterrupt):
         with runtime._python_signals():
             assert os.environ["JPY_PARENT_PID"]         # Jittor installs no SIGINT handler of its own
-            os.kill(os.getpid(), signal.SIGINT)      # held: Jittor's import code would swallow it
+            os.kill(os.getpid(), signal.SIGINT)      # held until the import is complete
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # a process started with Ctrl-C ignored (a background job) keeps ignoring it after Jittor's import
     r = _python("import signal\nfrom cascade import runtime\nruntime.jittor()\n"

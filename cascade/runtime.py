@@ -174,11 +174,12 @@ def patch_jittor_for_cuda13(jittor_dir: Path) -> list[str]:
             continue  # another Jittor version: nothing of this edit to do
         if old not in text:
             continue
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             tmp.write_text(text.replace(old, new))
             os.replace(tmp, path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise RuntimeError(
                 f"{path}: Jittor needs an edit to build with CUDA 13 ({old} -> {new}) and this file cannot be "
                 f"written ({exc}); install Jittor in a writable environment (`bash scripts/setup.sh`), use CUDA 12, "

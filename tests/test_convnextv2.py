@@ -199,4 +199,5 @@ def test_base_parity_after_official_checkpoint_conversion(tmp_path):
     assert np.abs(ref_l).max() > 0.1 and np.abs(ref_f).max() > 0.5  # non-trivial outputs
     assert np.abs(f - ref_f).max() <= 1e-4, np.abs(f - ref_f).max()
     assert np.abs(lo - ref_l).max() <= 1e-4, np.abs(lo - ref_l).max()
-    np.testing.assert_allclose(ours.encode_image(x).numpy(), f, atol=1e-6)
+    # the same graph run twice: equal on the CPU; on a GPU float32 kernels may sum in another order (test_clip)
+    np.testing.assert_allclose(ours.encode_image(x).numpy(), f, atol=1e-5)

@@ -3,7 +3,7 @@
 # package (and, with --test, the test references), and a first Jittor import that compiles its kernels once.
 # Safe to run again: each step is skipped when already done.
 #   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --test   # + pytest, torch/torchvision/timm and OpenAI's CLIP code (test references)
+#   bash scripts/setup.sh --test   # + the test extras of pyproject.toml (pytest and the reference models)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -55,10 +55,6 @@ if [ ! -f "$stamp" ] && ! { [ "$want_test" = 0 ] && [ -f "$(stamp_for 1)" ]; }; 
   say "installing cascade$extras into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   .venv/bin/python -c "import cascade" || { say "ERROR: installing cascade failed"; exit 1; }
-  if [ "$want_test" = 1 ]; then
-    # OpenAI's reference CLIP code (test reference only); --no-deps: its model files need only torch.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps clip-anytorch==2.6.0 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  fi
   touch "$stamp"
 fi
 

@@ -452,7 +452,7 @@ class Cascade(HasParams):
             experts.release()
             self._predict_domains(feats, xq, scores, details)
             return self._finish(scores, query, experts, details)
-        held_x = self._joint(self.val_) if self.val_ is not None else None
+        held_x = self._val_joint()
         refinement = self._refinement(held_x) if self.stages().refine is not None else None
         # 2. the class marginal of the query set, the transductive stage's prior
         stage = clone(self.stages().transductive)
@@ -686,11 +686,20 @@ class Cascade(HasParams):
 
     def _support_joint(self) -> np.ndarray:
         """The support rows' joint features (built once per fitted or loaded support set)."""
-        cache = getattr(self, "_support_joint_cache", None)
-        if cache is None or cache[0] is not self.support_:
-            cache = (self.support_, self._joint(self.support_))
-            self._support_joint_cache = cache
-        return cache[1]
+        return self._stored_joint("support_")
+
+    def _val_joint(self) -> np.ndarray | None:
+        """The validation rows' joint features, or None without them (built once, as the support rows')."""
+        return self._stored_joint("val_") if self.val_ is not None else None
+
+    def _stored_joint(self, attr: str) -> np.ndarray:
+        """Joint features of the stored rows ``self.<attr>``, kept until those rows are replaced (a new fit or
+        load), so that each ``predict`` does not concatenate them again."""
+        cache = self.__dict__.setdefault("_joint_cache", {})
+        rows = getattr(self, attr)
+        if attr not in cache or cache[attr][0] is not rows:
+            cache[attr] = (rows, self._joint(rows))
+        return cache[attr][1]
 
     def _refinement(self, held_x) -> Refinement:
         """The refine stage with the labelled rows it is fitted and judged with (``held_x``: the held-out rows'

@@ -937,3 +937,24 @@ def test_domain_posterior_and_rescaling():
     back = classifier_from_state(classifier_state(clf))
     np.testing.assert_array_equal(back.predict_proba(xr), clf.predict_proba(xr))
     assert classifier_from_state(classifier_state(None)) is None
+
+
+def test_stored_rows_joint_features_are_built_once_per_fit_or_load(tmp_path, monkeypatch):
+    """predict reuses the support and validation rows' joint features; a refit or a load builds them anew."""
+    import cascade.router.cascade as router_cascade
+
+    support, ys, query, yq, text, S = task(seed=8)
+    seen = yq < S
+    val = ({k: v[seen] for k, v in query.items()}, yq[seen])
+    m = small().fit(support, ys, text, S, val=val)
+    built = []
+    real = router_cascade.joint_features
+    monkeypatch.setattr(router_cascade, "joint_features", lambda feats, w: built.append(len(next(iter(
+        feats.values())))) or real(feats, w))
+    first = m.predict(query).scores
+    n_first = built.count(len(ys)) + built.count(int(seen.sum()))
+    np.testing.assert_array_equal(m.predict(query).scores, first)
+    assert built.count(len(ys)) + built.count(int(seen.sum())) == n_first == 2   # each stored set once
+    back = Cascade.load(m.save(tmp_path / "m.npz"))
+    np.testing.assert_allclose(back.predict(query).scores, first, atol=1e-6)
+    assert built.count(len(ys)) + built.count(int(seen.sum())) == 4              # the loaded model's own

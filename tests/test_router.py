@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import cascade.router.cascade as router_cascade
 from cascade.config import default_cascade
 from cascade.router import Cascade
 from cascade.router.domains import (classifier_from_state, classifier_state, domain_mass, domain_posterior,
@@ -941,20 +942,24 @@ def test_domain_posterior_and_rescaling():
 
 def test_stored_rows_joint_features_are_built_once_per_fit_or_load(tmp_path, monkeypatch):
     """predict reuses the support and validation rows' joint features; a refit or a load builds them anew."""
-    import cascade.router.cascade as router_cascade
-
     support, ys, query, yq, text, S = task(seed=8)
     seen = yq < S
     val = ({k: v[seen] for k, v in query.items()}, yq[seen])
     m = small().fit(support, ys, text, S, val=val)
-    built = []
+    rows_joined = []
     real = router_cascade.joint_features
-    monkeypatch.setattr(router_cascade, "joint_features", lambda feats, w: built.append(len(next(iter(
-        feats.values())))) or real(feats, w))
+
+    def counting(feats, weights):
+        rows_joined.append(next(iter(feats.values())).shape[0])
+        return real(feats, weights)
+
+    def stored_sets_joined():   # the support rows (24) and the validation rows (60); the queries are 80
+        return rows_joined.count(len(ys)) + rows_joined.count(int(seen.sum()))
+
+    monkeypatch.setattr(router_cascade, "joint_features", counting)
     first = m.predict(query).scores
-    n_first = built.count(len(ys)) + built.count(int(seen.sum()))
     np.testing.assert_array_equal(m.predict(query).scores, first)
-    assert built.count(len(ys)) + built.count(int(seen.sum())) == n_first == 2   # each stored set once
+    assert stored_sets_joined() == 2                # each once, for both predicts
     back = Cascade.load(m.save(tmp_path / "m.npz"))
     np.testing.assert_allclose(back.predict(query).scores, first, atol=1e-6)
-    assert built.count(len(ys)) + built.count(int(seen.sum())) == 4              # the loaded model's own
+    assert stored_sets_joined() == 4                # the loaded model's own, once each

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +85,28 @@ def test_nvcc_major_reads_the_release(tmp_path):
     fake.chmod(0o755)
     assert runtime.nvcc_major(str(fake)) == 13
     assert runtime.nvcc_major(str(tmp_path / "missing")) == 0
+
+
+def test_gpu_tests_stop_without_a_gpu_and_keep_every_checks_log(tmp_path):
+    """benchmarks/gpu_tests.sh: exit 2 on a CPU machine; with a stand-in Python (a GPU found, each check quick
+    but the end-to-end one, which outlasts its limit) every check runs in order and keeps its whole log."""
+    script = ROOT / "benchmarks" / "gpu_tests.sh"
+    r = subprocess.run(["bash", str(script), str(tmp_path / "cpu")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "CASCADE_CPU": "1"}, timeout=300)
+    assert r.returncode == 2 and "no usable GPU" in r.stdout, r.stdout + r.stderr
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "ran: $*"\ncase "$*" in *test_end_to_end*) exec sleep 30;; esac\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(script), str(tmp_path / "logs")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(fake), "GPU_LIMIT_E2E": "1"}, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("==")] == \
+        ["== jittor", "== end_to_end", "== models", "== towers"]
+    assert "== end_to_end: exit 124" in r.stdout
+    e2e = (tmp_path / "logs" / "end_to_end.log").read_text()
+    assert "tests/test_end_to_end.py" in e2e and "stopped at the 1 s limit" in e2e
+    assert "tests/test_specialist.py" in (tmp_path / "logs" / "models.log").read_text()
+    assert "benchmarks/gpu_check.py" in (tmp_path / "logs" / "towers.log").read_text()
 
 
 def test_no_cuda_downloads_keeps_the_users_setting(monkeypatch):

@@ -380,11 +380,17 @@ def train(cfg, progress: bool = True) -> dict:
 
     # Decode/encode with the first backbone; unreadable support images are replaced by the class's next
     # candidate (a given list cannot be changed: its unreadable images are an error).
+    # Its class text embeddings are made while its model is loaded, and its features are kept for the fit.
     first_key, first = next(iter(encoders.items()))
+    text = {}
+
+    def encode_text(key, enc):
+        text[key] = _class_text(enc, classes, cfg, progress)
+
     while True:
         support, val = split.support, split.val
         paths = [cfg.data_dir / e.path for e in support + val]
-        _, failures = _extract({first_key: first}, paths, cfg, progress, "train")
+        first_feats, failures = _extract({first_key: first}, paths, cfg, progress, "train", then=encode_text)
         if not failures:
             break
         rel = support + val
@@ -399,28 +405,37 @@ def train(cfg, progress: bool = True) -> dict:
     # the split is written beside out/split/ and swapped in with the model: a run that fails leaves no new split
     split_tmp = cfg.out_dir / f".split.tmp-{os.getpid()}"
     try:
-        summary = _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0)
+        summary = _fit_and_save(cfg, classes, split, split_tmp, encoders, (first_feats, text), sp_encoder, sp_domains,
+                                paths, progress, t0)
     finally:
         shutil.rmtree(split_tmp, ignore_errors=True)
     return summary
 
 
-def _fit_and_save(cfg, classes, split, split_tmp, encoders, sp_encoder, sp_domains, paths, progress, t0) -> dict:
+def _class_text(encoder, classes, cfg, progress: bool):
+    """The class text embeddings of one backbone (cached)."""
+    return text_features(encoder, classes.prompts(cfg.templates_for), cfg.cache_dir, progress=progress)
+
+
+def _fit_and_save(cfg, classes, split, split_tmp, encoders, first, sp_encoder, sp_domains, paths, progress,
+                  t0) -> dict:
     """train, once the split is final: features, text embeddings, the cascade and the specialists, the validation
-    report; then the model bundle and the split replace the previous ones (only when everything succeeded)."""
+    report; then the model bundle and the split replace the previous ones (only when everything succeeded).
+    ``first``: (features, text embeddings) of the backbones already encoded while the split was checked."""
     support, val = split.support, split.val
     with _writing(cfg.split_dir):
         split_info = write_split(split, split_tmp) if is_main() else None
     n_sup = len(support)
     _log(f"split: {n_sup} support images, {len(val)} validation images")
 
-    prompts = classes.prompts(cfg.templates_for)
-    text = {}
+    done, text = first
 
     def encode_text(key, enc):
-        text[key] = text_features(enc, prompts, cfg.cache_dir, progress=progress)
+        text[key] = _class_text(enc, classes, cfg, progress)
 
-    feats, failures = _extract(encoders, paths, cfg, progress, "train", then=encode_text)
+    more, failures = _extract({k: enc for k, enc in encoders.items() if k not in done}, paths, cfg, progress, "train",
+                              then=encode_text)
+    feats = {k: done[k] if k in done else more[k] for k in encoders}   # in the backbones' order
     if failures:  # decoding is the same for every backbone, so this only happens if files change under us
         _report_failures(failures, "training")
         raise DataError("training images became unreadable during the run; rerun train")

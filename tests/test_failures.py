@@ -220,6 +220,25 @@ def test_cache_folder_that_cannot_be_repaired_names_the_folder_to_delete(world, 
     assert snapshot(out) == before
 
 
+def test_train_reads_each_backbones_features_once(world, out, monkeypatch):
+    """The first backbone's features, made while the split is checked for unreadable images, are kept for the
+    fit (not read back from the cache), and the model is the same."""
+    import cascade.pipeline as pipeline
+
+    model = snapshot(out / "model")
+    calls = []
+
+    def counted(encoder, paths, *args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return extract(encoder, paths, *args, **kwargs)
+
+    extract = pipeline.extract_features
+    monkeypatch.setattr(pipeline, "extract_features", counted)
+    assert main(["train", *_args(world, out), *TRAIN]) == 0
+    assert calls == ["ViT-B/32 train", "RN101 train"]
+    assert snapshot(out / "model") == model
+
+
 # ------------------------------------------------------------------------------------ 4: filesystem faults
 def _can_mount() -> bool:
     if not sys.platform.startswith("linux") or os.geteuid() != 0:

@@ -52,7 +52,7 @@ def task_accuracy(task: dict, Cs, weights, use_val: bool = True) -> dict:
     m = default_cascade().set_params(per_domain=False)
     m.fit({BACKBONE: task["support_x"]}, task["support_y"], {BACKBONE: task["text_x"]}, task["n_seen"], val=val)
     feats = {BACKBONE: task["query_x"]}
-    inductive = pool(m._zero_shot_log_proba(feats), m._seen_log_proba(feats), m.n_seen_, m.combine,
+    inductive = pool(m._zero_shot_log_proba(m._joint(feats)), m._seen_log_proba(feats), m.n_seen_, m.combine,
                      weights=m.inductive_pool_)
     mass = domain_mass(inductive, cd, len(names))
     truth = cd[task["query_y"]]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import cascade.router.cascade as router_cascade
+import cascade.router.joint as router_joint
 from cascade.config import default_cascade
 from cascade.router import Cascade
 from cascade.router.domains import (classifier_from_state, classifier_state, domain_mass, domain_posterior,
@@ -336,7 +337,7 @@ def test_prior_estimate_uniform_zero_shot_or_refined():
     noisy = {k: unit(v + 1.2 * rng.standard_normal(v.shape)) for k, v in text.items()}
     m = small().fit(support, ys, noisy, S)
     res = m.predict(imb)
-    lp0 = m._zero_shot_log_proba(imb)
+    lp0 = m._zero_shot_log_proba(m._joint(imb))
     q_zs, _ = estimate_prior(lp0)
     assert res.details["prior_source"] == "refined" and q_zs.min() < 0.01 < res.details["prior"].min()
     assert not compatible_marginal(q_zs, np.full((50, 6), 1 / 6)) and compatible_marginal(np.full(6, 1 / 6),
@@ -435,9 +436,9 @@ def test_unseen_split_is_the_pool_of_stage1_and_zero_shot_fitted_over_all_classe
     st = NoiseStage().fit(xq, text=m._joint(m.text_))
     a1 = fit_temperature(st.decision_function(sj), ys)
     lp1 = log_softmax(a1 * st.decision_function(xq))
-    lp0 = m._zero_shot_log_proba(query)
+    lp0 = m._zero_shot_log_proba(m._joint(query))
     lp1v = log_softmax(a1 * st.decision_function(m._joint(val[0])))
-    v = fit_pool_weights([lp1v, m._zero_shot_log_proba(val[0])], val[1])
+    v = fit_pool_weights([lp1v, m._zero_shot_log_proba(m._joint(val[0]))], val[1])
     np.testing.assert_allclose(res.details["split_weights"], v)
     split = np.exp(log_softmax(v[0] * lp1 + v[1] * lp0))
     np.testing.assert_allclose(res.scores[:, S:], split[:, S:], atol=1e-6)
@@ -495,7 +496,7 @@ def test_without_val_rows_the_support_rows_out_of_fold_calibrate(tmp_path):
         oof[folds[keep] == f] = z
     np.testing.assert_allclose(m.val_seen_logits_[0], oof, rtol=1e-5, atol=1e-5)
     assert m.seen_temperatures_[0] == pytest.approx(fit_temperature(oof, ys[keep]), rel=1e-4)
-    lp0 = m._zero_shot_log_proba({k: v[keep] for k, v in support.items()})
+    lp0 = m._zero_shot_log_proba(m._joint({k: v[keep] for k, v in support.items()}))
     lp_seen = log_softmax(m.seen_temperatures_[0] * oof)
     np.testing.assert_allclose(m.inductive_pool_, fit_pool_weights([lp0[:, :S], lp_seen], ys[keep]), rtol=1e-4)
     res = m.predict(query)
@@ -604,7 +605,7 @@ def test_rebalanced_zero_shot_joins_the_pool_with_biases_fitted_on_the_queries()
     m.fit(support, ys, text, S, val=val)
     res = m.predict(q40)
     b, w = res.details["rebalance_bias"], res.details["pool_weights"]
-    lp0 = m._zero_shot_log_proba(q40)
+    lp0 = m._zero_shot_log_proba(m._joint(q40))
     np.testing.assert_allclose(np.exp(log_softmax(lp0 + b)).mean(axis=0), res.details["prior"], atol=1e-5)
     # the exponents are the maximum-likelihood pool of the four experts on the validation rows
     stage = InMaP(prior=res.details["prior"], n_iter=60).fit(m._joint(q40), text=m._joint(m.text_))
@@ -847,7 +848,7 @@ def test_where_every_domain_has_its_cascade_the_global_transductive_steps_are_sk
     d = res.details
     assert not {"prior", "n_iter", "refine_dropped", "balanced", "pool_weights"} & set(d)
     assert [e["rescored"] for e in d["domains"]] == [True, True] and np.allclose(res.scores.sum(1), 1.0)
-    inductive = pool(on._zero_shot_log_proba(query), on._seen_log_proba(query), S, weights=on.inductive_pool_)
+    inductive = pool(on._zero_shot_log_proba(on._joint(query)), on._seen_log_proba(query), S, weights=on.inductive_pool_)
     np.testing.assert_allclose(res.scores @ member,
                                domain_posterior(inductive @ member, on.domain_classifier_, xq), atol=1e-9)
     assert np.mean(res.top5[:, 0] == yq) > 0.8
@@ -941,11 +942,11 @@ def test_domain_posterior_and_rescaling():
 
 
 def test_stored_rows_joint_features_are_built_once_per_fit_or_load(tmp_path, monkeypatch):
-    """predict reuses the support and validation rows' joint features; a refit or a load builds them anew."""
+    """fit and predict share the support and validation rows' joint features (a refit or a load builds them anew),
+    and each predict builds the queries' once."""
     support, ys, query, yq, text, S = task(seed=8)
     seen = yq < S
     val = ({k: v[seen] for k, v in query.items()}, yq[seen])
-    m = small().fit(support, ys, text, S, val=val)
     rows_joined = []
     real = router_cascade.joint_features
 
@@ -957,9 +958,12 @@ def test_stored_rows_joint_features_are_built_once_per_fit_or_load(tmp_path, mon
         return rows_joined.count(len(ys)) + rows_joined.count(int(seen.sum()))
 
     monkeypatch.setattr(router_cascade, "joint_features", counting)
+    monkeypatch.setattr(router_joint, "joint_features", counting)
+    m = small().fit(support, ys, text, S, val=val)
     first = m.predict(query).scores
     np.testing.assert_array_equal(m.predict(query).scores, first)
-    assert stored_sets_joined() == 2                # each once, for both predicts
+    assert stored_sets_joined() == 2                # each once, for the fit and both predicts
     back = Cascade.load(m.save(tmp_path / "m.npz"))
     np.testing.assert_allclose(back.predict(query).scores, first, atol=1e-6)
     assert stored_sets_joined() == 4                # the loaded model's own, once each
+    assert rows_joined.count(len(yq)) == 3          # the queries: once per predict, zero-shot included

@@ -86,7 +86,7 @@ def test_kept_experts_are_read_only_and_released():
     everything = slice(0, 50)
     lp0 = experts.zero_shot(everything)
     assert experts.zero_shot(slice(None)) is lp0                  # the same rows: the kept array
-    assert np.array_equal(lp0, cascade._zero_shot_log_proba(feats))
+    assert np.array_equal(lp0, cascade._zero_shot_log_proba(xq))
     with pytest.raises(ValueError, match="read-only"):
         lp0[0, 0] = 0.0
     seen = experts.seen(everything)

@@ -100,7 +100,7 @@ class QueryExperts:
         self._kept.clear()
 
     def zero_shot(self, rows) -> np.ndarray:
-        return self._once("zero_shot", rows, lambda r: self.model._zero_shot_log_proba(self._rows(r)))
+        return self._once("zero_shot", rows, lambda r: self.model._zero_shot_log_proba(self.xq[r]))
 
     def seen(self, rows) -> list:
         return self._once("seen", rows, lambda r: self.model._seen_log_proba(self._rows(r)))
@@ -357,7 +357,7 @@ class Cascade(HasParams):
         self.seen_temperatures_ = [fit_temperature(self._held_out_seen_logits(i, val[0]), val[1],
                                                    platt=self.val_folds_ is None) if use_val
                                    else 1.0 for i in range(len(self.seen_fitted_))]
-        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(sups), y) if self.calibrate
+        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(self._support_joint()), y) if self.calibrate
                                        else ZERO_SHOT_SCALE)
         # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
         self.val_, self.val_y_ = val if use_val else (None, None)
@@ -577,7 +577,7 @@ class Cascade(HasParams):
         """Fit ``stage`` on the queries ``xq``, the support rows and the joint text; its temperature, fitted on
         the support rows (whose labels it never saw)."""
         sj = self._support_joint()
-        stage.fit(sj, self.support_y_, text=self._joint(self.text_), query=xq)
+        stage.fit(sj, self.support_y_, text=self._text_joint(), query=xq)
         return (fit_temperature(stage.decision_function(sj).astype(np.float64), self.support_y_)
                 if self.calibrate else 1.0)
 
@@ -688,6 +688,10 @@ class Cascade(HasParams):
         """The support rows' joint features (built once per fitted or loaded support set)."""
         return self._stored_joint("support_")
 
+    def _text_joint(self) -> np.ndarray:
+        """The class text's joint features (built once, as the support rows')."""
+        return self._stored_joint("text_")
+
     def _val_joint(self) -> np.ndarray | None:
         """The validation rows' joint features, or None without them (built once, as the support rows')."""
         return self._stored_joint("val_") if self.val_ is not None else None
@@ -710,11 +714,12 @@ class Cascade(HasParams):
                           support_folds=None if folds is None else class_folds(self.support_y_, self.cv_folds),
                           calibrate=self.calibrate)
 
-    def _zero_shot_logits(self, feats: dict) -> np.ndarray:
-        return joint_logits(feats, self.text_, self.weights_)
+    def _zero_shot_logits(self, x: np.ndarray) -> np.ndarray:
+        """Zero-shot CLIP's logits of the joint features ``x``."""
+        return joint_logits(x, self._text_joint())
 
-    def _zero_shot_log_proba(self, feats: dict) -> np.ndarray:
-        return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(feats))
+    def _zero_shot_log_proba(self, x: np.ndarray) -> np.ndarray:
+        return log_softmax(self.zero_shot_temperature_ * self._zero_shot_logits(x))
 
     def _seen_log_proba(self, feats: dict, logits=None) -> list:
         """Each seen stage's calibrated log-probabilities [N, S] over the seen classes (one expert per stage)."""
@@ -728,7 +733,7 @@ class Cascade(HasParams):
                 lp_seen = self._seen_log_proba(self.val_)
             else:
                 lp_seen = self._seen_log_proba(None, logits=self.val_seen_logits_)
-            cache = (self.val_, self._zero_shot_log_proba(self.val_), lp_seen)
+            cache = (self.val_, self._zero_shot_log_proba(self._val_joint()), lp_seen)
             self._val_cache = cache
         return cache[1], cache[2]
 
@@ -763,7 +768,7 @@ class Cascade(HasParams):
         """
         self._check_fitted()
         logits = self._oof_seen_logits(class_folds(self.support_y_, n_folds, random_state))
-        lp0 = self._zero_shot_log_proba(self.support_)
+        lp0 = self._zero_shot_log_proba(self._support_joint())
         p = pool(lp0, self._seen_log_proba(None, logits=logits), self.n_seen_, self.combine,
                  weights=self.inductive_pool_)
         return p / p.sum(axis=1, keepdims=True)

@@ -103,12 +103,12 @@ def combined_logits(per_backbone: dict, feats: dict, weights: dict) -> np.ndarra
     return z
 
 
-def joint_logits(feats: dict, text: dict, weights: dict) -> np.ndarray:
-    """Cosine logits [N, C] of the joint features of ``feats`` against the joint text (zero-shot CLIP over all
-    backbones), computed a block of rows at a time so that no float64 copy of all rows' joint features is made."""
-    tj = joint_features(text, weights).T.astype(np.float64)
-    n = feats[next(iter(weights))].shape[0]
-    out = np.empty((n, tj.shape[1]))
-    for b in row_blocks(n):
-        out[b] = joint_features({k: feats[k][b] for k in weights}, weights).astype(np.float64) @ tj
+def joint_logits(x: np.ndarray, text_joint: np.ndarray) -> np.ndarray:
+    """Cosine logits [N, C] (float64) of joint features ``x`` [N, D] against the joint text [C, D] (zero-shot CLIP
+    over all backbones, both from :func:`joint_features`), a block of rows at a time so that no float64 copy of all
+    rows is made."""
+    tj = text_joint.T.astype(np.float64)
+    out = np.empty((x.shape[0], tj.shape[1]))
+    for b in row_blocks(x.shape[0]):
+        out[b] = x[b].astype(np.float64) @ tj
     return out

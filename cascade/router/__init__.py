@@ -21,8 +21,10 @@ stage (default LP++) over the seen classes. ``Cascade.predict`` then scores a qu
    of the way, without the refit (``balance_few_per_class``);
 7. where the classes fall into several domains (``per_domain``), each query is scored again by its domain's own
    cascade (the same steps 1-6 over that domain's classes, fitted on its rows alone), whose distribution
-   replaces the global one inside the domain that holds most of the query's probability (where every domain
-   has its own cascade, steps 5 and 6 are left to them and the pool decides the domain);
+   replaces the global one inside the query's most probable domain (the global mass per domain, to the power
+   ``domain_mass_weight``, times a classifier of the image sources, :mod:`.domains`). Where every domain has its
+   own cascade, steps 2-6 are left to them (``domain_global="inductive"``: zero-shot and the seen stages pooled
+   give the global mass; ``"pool"``: steps 2-4 are made, neither refined nor balanced);
 8. queries are routed to ``unseen`` or ``seen``, and specialists re-rank the seen ones inside their domains
    (:mod:`.routing`).
 

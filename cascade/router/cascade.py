@@ -168,7 +168,7 @@ class Cascade(HasParams):
         With held-out rows: keep the refinement only unless its mean log-likelihood of their labels (refitted with
         them as soft-labelled rows, :mod:`cascade.router.refine`) falls more than this many standard errors (of
         the paired per-row difference) below the pooled distribution's. None or False: always keep it.
-    balance : "check" | "always" | "none"
+    balance : "check" | "always" | "counts" | "none"
         Balance the final distribution of the queries to the class marginal (per-class biases that make its mean
         over the queries that marginal: Sinkhorn's balanced assignment, as InMaP balances its pseudo-labels).
         "check": only when the held-out rows, joining the queries in the balanced set so that they are scored

@@ -111,7 +111,7 @@ def run(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_ROWS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_ROWS)}")
+        raise ValueError(f"--methods: unknown method(s) {bad}; choose from {', '.join(ALL_ROWS)}")
     for path in args.tasks:
         t0 = time.perf_counter()
         task = load_task(path)

@@ -283,7 +283,8 @@ class Split:
             fixable = not (self.allow_fewer or self.fixed_support) and any(0 < counts[c] < need[c] for c in need)
             hint = (" (`--set sampling.allow_fewer=true` trains a class on the readable images it has)"
                     if fixable else "")
-            raise_many(short, f"not enough readable training images{hint}:", DataError)
+            source = self.meta.get("list") or self.meta.get("source") or "the training list"
+            raise_many(short, f"{source}: not enough readable training images{hint}:", DataError)
 
 
 def _group(pool: Iterable[Example]) -> dict[int, list[Example]]:

@@ -245,6 +245,23 @@ def _new_specialist(cfg, domain=None):
         raise PipelineError(f"specialist.params: {exc}") from None
 
 
+def _check_specialist(encoder, trained: dict, cfg, model_dir) -> None:
+    """Refuse a test run whose specialist settings (``encoder``: from the configuration, None when it is off) are
+    not those the model's specialist (``trained``: the bundle's record) was fitted with, naming the setting."""
+    domains = ", ".join(trained["domains"])
+    if encoder is None:
+        raise PipelineError(f"the model in {model_dir} has a specialist for {domains}, but specialist.enabled or "
+                            "specialist.domains switch it off here; give test the [specialist] settings train had, "
+                            "or retrain without it")
+    if encoder.identity != trained.get("identity"):
+        raise PipelineError(f"specialist.weights = {cfg.expand(cfg.specialist.weights)}: not the weights the model "
+                            f"in {model_dir} was trained with; point it at those, or retrain")
+    if encoder.preprocess.cache_key != trained.get("preprocess"):
+        raise PipelineError(f"specialist.params.preset: preprocessing {encoder.preprocess.cache_key} differs from "
+                            f"{trained.get('preprocess')}, the one the model in {model_dir} was trained with; give "
+                            "test the specialist.params train had, or retrain")
+
+
 def _specialist_preprocess(stage):
     """The specialist's preprocessing (its ``preset``: test view for the feature pipeline, train views)."""
     return stage.preprocess
@@ -563,10 +580,7 @@ def test(cfg, progress: bool = True) -> dict:
     sp_encoder = None
     if sp.get("domains"):
         sp_encoder, _ = _specialist_setup(cfg, classes)
-        if sp_encoder is None or sp_encoder.identity != sp.get("identity") or \
-                sp_encoder.preprocess.cache_key != sp.get("preprocess"):
-            raise PipelineError("the specialist's configuration or weights differ from those the model was trained "
-                                "with; retrain")
+        _check_specialist(sp_encoder, sp, cfg, model_dir)
     cascade = bundle.cascade
     specialists = cascade.specialists
 

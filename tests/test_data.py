@@ -175,7 +175,8 @@ def test_a_class_short_of_readable_images_is_named_with_the_setting_that_allows_
     pool = _pool(2, per=4)
     s = sample_split(pool, classes, shots=4, seed=0, val_per_class=0)
     s.exclude(pool[0].path, "corrupt")                 # class 0: 3 readable of 4, nothing to replace it
-    with pytest.raises(DataError, match=r"sampling.allow_fewer=true[^\n]*\n.*D_C0 \(0\): 3 readable of 4 needed"):
+    with pytest.raises(DataError, match=r"^train.txt: not enough readable training images \(`--set "
+                                        r"sampling.allow_fewer=true[^\n]*\n.*D_C0 \(0\): 3 readable of 4 needed"):
         s.check(classes)
     fewer = sample_split(pool, classes, shots=4, seed=0, val_per_class=0, allow_fewer=True)
     fewer.exclude(pool[0].path, "corrupt")

@@ -340,6 +340,27 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
     assert (out / "result.txt").read_bytes() == before
 
 
+def test_specialist_settings_unlike_trains_are_named(workspace, tested):
+    """test refuses a specialist switched off, other weights or another preprocessing than train's, naming the
+    setting, before any image is encoded, and leaves the result as it was."""
+    import torch
+    import timm
+
+    root = workspace["root"]
+    before = (root / "out/result.txt").read_bytes()
+    torch.manual_seed(1)
+    torch.save({"model": timm.create_model("convnextv2_atto", pretrained=False).state_dict()}, root / "other.pth")
+    _convert(root / "other.pth", root / "other.npz")
+    for setting, named in (("specialist.enabled=false", "specialist.enabled or specialist.domains switch it off"),
+                           (f'specialist.weights="{root / "other.npz"}"', f"specialist.weights = {root / 'other.npz'}"),
+                           ('specialist.params.preset="convnextv2_22k_384"', "specialist.params.preset: preprocessing")):
+        r = _run([sys.executable, "-m", "cascade", "test", "--quiet", "--set", setting] + FAST, root)
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert named in last and "retrain" in last and "Traceback" not in r.stderr, r.stderr
+    assert (root / "out/result.txt").read_bytes() == before
+
+
 def test_specialist_views_are_cached_so_a_second_train_encodes_nothing(workspace, tested):
     """With augmented views (n_views=2), the first train encodes them into the feature cache; retraining the
     same split finds every view there and writes no new cache shard."""

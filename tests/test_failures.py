@@ -505,7 +505,7 @@ def test_size_tables_agree_with_the_models(world):
     from cascade.models import clip, convnextv2
     from cascade.models.weights import CONVNEXT_CONFIGS, clip_model_name, convnext_size, read_header
 
-    assert CONVNEXT_CONFIGS == convnextv2.CONFIGS
+    assert CONVNEXT_CONFIGS is convnextv2.CONFIGS
     for name, (depths, dims) in convnextv2.CONFIGS.items():
         shapes = convnextv2.expected_shapes({"depths": depths, "dims": dims, "num_classes": 1000, "in_chans": 3})
         assert convnext_size(shapes) == (name, list(depths), list(dims))

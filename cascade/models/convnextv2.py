@@ -36,7 +36,7 @@ jt = _jittor()
 from jittor import nn  # noqa: E402  (after the runtime wiring)
 
 from .layers import LayerNorm  # noqa: E402
-from .weights import load_weights  # noqa: E402
+from .weights import CONVNEXT_CONFIGS, load_weights  # noqa: E402
 
 __all__ = [
     "CONFIGS", "DEFAULT_CONFIG", "ConvNeXtV2", "LayerNorm", "GRN", "Block", "DepthwiseConv7", "PatchConv",
@@ -47,17 +47,9 @@ __all__ = [
 LN_EPS = 1e-6   # every LayerNorm in ConvNeXt-V2 (official models/convnextv2.py and utils.LayerNorm)
 GRN_EPS = 1e-6  # GRN: N(x) = G(x) / (mean_c G(x) + 1e-6)  (official models/utils.GRN)
 
-# name -> (depths, dims) of the released models (official models/convnextv2.py; also timm's convnextv2_*)
-CONFIGS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
-    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
-    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
-    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
-    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
-    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
-    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
-}
+# name -> (depths, dims) of the released models (official models/convnextv2.py; also timm's convnextv2_*), kept
+# with the weights checks, which read a file's size without Jittor
+CONFIGS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = CONVNEXT_CONFIGS
 DEFAULT_CONFIG = "base"
 MLP_RATIO = 4  # pwconv1: d -> 4d
 

@@ -598,7 +598,8 @@ def verify_weights(path: str | os.PathLike, chunk: int = 1 << 22) -> WeightsInfo
 
 
 # Names of the models' sizes, read from array shapes alone (cascade.models.clip and .convnextv2 import Jittor,
-# which a fully cached run never needs). tests/test_failures.py checks these against the models' own tables.
+# which a fully cached run never needs). CONVNEXT_CONFIGS is the ConvNeXt-V2 sizes' one table (convnextv2.CONFIGS);
+# tests/test_failures.py checks the names against the models' shapes.
 _CLIP_RESNETS = {(3, 4, 6, 3): "RN50", (3, 4, 23, 3): "RN101", (4, 6, 10, 6): "RN50x4", (6, 8, 18, 8): "RN50x16",
                  (3, 15, 36, 10): "RN50x64"}
 _CLIP_VIT_WIDTHS = {768: "B", 1024: "L"}

@@ -73,9 +73,7 @@ def _l2(X) -> np.ndarray:
 def _combine(p_clip: np.ndarray, p_spec: np.ndarray, w: float, mode: str) -> np.ndarray:
     if mode == "linear":
         return (1.0 - w) * p_clip + w * p_spec
-    if mode == "log":
-        return (1.0 - w) * np.log(p_clip + 1e-12) + w * np.log(p_spec + 1e-12)
-    raise ValueError(f"combine must be 'linear' or 'log', not {mode!r}")
+    return (1.0 - w) * np.log(p_clip + 1e-12) + w * np.log(p_spec + 1e-12)    # "log" (the constraints allow no other)
 
 
 def _cv_score(score: np.ndarray, y_local: np.ndarray) -> tuple[float, float]:
@@ -187,14 +185,6 @@ class SpecialistStage(Stage):
     def validate(self) -> "SpecialistStage":
         """Check the hyperparameters (ValueError naming the bad one); called by fit, usable before long work."""
         self._validate_params()
-        if self.combine not in ("linear", "log"):
-            raise ValueError(f"combine must be 'linear' or 'log', not {self.combine!r}")
-        if self.finetune not in ("none", "last_stage", "all"):
-            raise ValueError(f"finetune must be 'none', 'last_stage' or 'all', not {self.finetune!r}")
-        if self.weight != "auto" and not 0.0 <= float(self.weight) <= 1.0:
-            raise ValueError(f"weight must be 'auto' or in [0, 1], got {self.weight!r}")
-        if self.n_folds < 2:
-            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
         preprocess_for(self.preset)  # an unknown preset name fails here
         return self
 

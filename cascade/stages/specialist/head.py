@@ -185,7 +185,10 @@ class SpecialistStage(Stage):
     def validate(self) -> "SpecialistStage":
         """Check the hyperparameters (ValueError naming the bad one); called by fit, usable before long work."""
         self._validate_params()
-        preprocess_for(self.preset)  # an unknown preset name fails here
+        try:
+            preprocess_for(self.preset)  # an unknown preset name fails here
+        except ValueError as exc:
+            raise ValueError(f"preset: {exc}") from None
         return self
 
     @property

@@ -178,18 +178,38 @@ def pooled(experts: Experts, weights: PoolWeights, n_seen: int, combine: str) ->
 
 
 # --------------------------------------------------------------------------------------------------- balancing
+def floored_log(probs: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+    """The logs of ``probs`` [N, C] floored at ``BALANCE_FLOOR``, followed by those of ``held`` rows when given: one
+    array in the dtype of ``probs``, made a block of rows at a time (no concatenated copy)."""
+    n = len(probs)
+    lp = np.empty((n + (0 if held is None else len(held)), probs.shape[1]), dtype=probs.dtype)
+    for b in row_blocks(n):
+        lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
+    if held is not None:
+        lp[n:] = np.log(np.maximum(held, BALANCE_FLOOR))
+    return lp
+
+
+def final_bias(lp: np.ndarray, target) -> np.ndarray:
+    """Per-class biases that balance the log-probabilities ``lp`` to ``target`` (a marginal or class counts), by
+    at most ``BALANCE_ROUNDS`` rounds: the final balancing's and its checks' recipe."""
+    return balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
+
+
+def apply_bias(lp: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``lp`` replaced in place, a block of rows at a time, by the posterior ``softmax(lp + bias)``."""
+    for b in row_blocks(len(lp)):
+        lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+    return lp
+
+
 def balanced(probs: np.ndarray, marginal) -> np.ndarray:
     """``probs`` [N, C] rescaled per class so that their mean over the rows is ``marginal``; rows sum to 1.
 
     Sinkhorn's balancing kept as per-class biases (:func:`~cascade.stages.calibration.balancing_bias`), on the
     probabilities floored at ``BALANCE_FLOOR``. Made a block of rows at a time, in the dtype of ``probs``."""
-    lp = np.empty_like(probs)
-    for b in row_blocks(len(probs)):
-        lp[b] = np.log(np.maximum(probs[b], BALANCE_FLOOR))
-    bias = balancing_bias(lp, marginal, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
-    for b in row_blocks(len(lp)):                  # the balanced posterior replaces the log-probabilities
-        lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
-    return lp
+    lp = floored_log(probs)
+    return apply_bias(lp, final_bias(lp, marginal))
 
 
 def held_subset(n_queries: int, y: np.ndarray, *arrays):
@@ -224,11 +244,8 @@ def balance_gain(scores: np.ndarray, held_scores: np.ndarray, held_y: np.ndarray
     target = joint_target(n, len(y), marginal, n_seen)
     if target is None:
         return 0.0, float("inf")
-    lp = np.empty((n + len(held_scores), scores.shape[1]), dtype=scores.dtype)    # no concatenated copy
-    for b in row_blocks(n):
-        lp[b] = np.log(np.maximum(scores[b], BALANCE_FLOOR))
-    lp[n:] = np.log(np.maximum(held_scores, BALANCE_FLOOR))
-    bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
+    lp = floored_log(scores, held_scores)
+    bias = final_bias(lp, target)
     lv = lp[n:]
     rows = np.arange(len(y))
     d = log_softmax(lv + bias)[rows, y] - log_softmax(lv)[rows, y]

@@ -28,9 +28,9 @@ import numpy as np
 
 from ..stages import calibration
 from ..stages.base import Stage, log_softmax
-from ..stages.calibration import balancing_bias, fill_rows, fit_temperature, paired_difference, row_blocks
+from ..stages.calibration import fill_rows, fit_temperature, paired_difference, row_blocks
 from .folds import out_of_fold
-from .pool import BALANCE_FLOOR, BALANCE_ROUNDS, clone, held_subset, joint_target
+from .pool import BALANCE_FLOOR, apply_bias, clone, final_bias, floored_log, held_subset, joint_target
 
 
 def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -153,19 +153,14 @@ class Refinement:
         verdicts dropped refits that gained on the measured tasks (docs/accuracy.md)."""
         if self.held_x is None or self.held_folds is not None:
             raise ValueError("balanced_gain needs validation rows (held_x without held_folds)")
-        n, C = len(xq), self.n_classes
+        n = len(xq)
         y, xv, held_pool = held_subset(n, self.held_y, self.held_x, held_pool)
         target = joint_target(n, len(y), marginal, n_seen)
         if target is None or len(y) < 2:
             return 0.0, float("inf")
         tiny = np.finfo(np.float64).tiny
-        lp = np.empty((n + len(y), C), dtype=pool.dtype)
-        for b in row_blocks(n):
-            lp[b] = np.log(np.maximum(pool[b], BALANCE_FLOOR))
-        lp[n:] = np.log(np.maximum(held_pool, BALANCE_FLOOR))
-        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
-        for b in row_blocks(len(lp)):             # the balanced pool of both, in place
-            lp[b] = np.exp(log_softmax(np.asarray(lp[b], dtype=np.float64) + bias))
+        lp = floored_log(pool, held_pool)
+        apply_bias(lp, final_bias(lp, target))    # the balanced pool of both, in place
         sj, onehot = self._support_rows()
         bv = np.asarray(lp[n:], dtype=np.float64)
         g = self._fit([(xq, lp[:n]), (xv, bv), (sj, onehot)])
@@ -182,6 +177,6 @@ class Refinement:
         for b in row_blocks(n):                   # in place, a block of query rows at a time
             lp[b] = anchored(g.decision_function(xq[b]), lp[b])
         lp[n:] = anchored(zv, bv)
-        bias = balancing_bias(lp, target, n_iter=BALANCE_ROUNDS, tol=1e-4, method="rounds")
+        bias = final_bias(lp, target)
         after = log_softmax(np.asarray(lp[n:], dtype=np.float64) + bias)[rows, y]
         return paired_difference(after - before)

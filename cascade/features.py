@@ -394,14 +394,14 @@ def _decode(preprocess: Preprocess, path: str):
 
 def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None = None,
                      batch_size: int = 32, workers: int = 0, chunk: int = 1024, progress: bool = True,
-                     desc: str | None = None, pad_batches: bool = True, distributed: bool = False) -> FeatureResult:
+                     desc: str | None = None, distributed: bool = False) -> FeatureResult:
     """Features of ``paths`` (L2-normalised float32 [N, D]) and the files that could not be read.
 
     Cached features are reused. The others are decoded by ``workers`` processes (0: one per core, at most 8;
     threads for small jobs) while ``encoder`` encodes batches of ``batch_size`` in this process, and written
     to the cache every ``chunk`` images and on interruption. Decoding runs in separate processes because
-    Jittor holds the GIL while it computes, which would stall decoding threads. With ``pad_batches`` the last
-    batch is padded to ``batch_size`` so the model always sees one input shape.
+    Jittor holds the GIL while it computes, which would stall decoding threads. The last batch is padded to
+    ``batch_size`` so the model always sees one input shape.
 
     ``distributed=True`` under ``mpirun`` (every rank makes the same call): the images not yet cached are split
     among the ranks in contiguous blocks balanced by count, each rank encodes its block into its own cache
@@ -409,8 +409,7 @@ def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess
     the other ranks get zero-width rows, and every rank gets the same failures. Outside MPI it changes
     nothing."""
     rank, size = runtime.mpi_world() if distributed else (0, 1)
-    args = dict(preprocess=preprocess, batch_size=batch_size, workers=workers, chunk=chunk,
-                pad_batches=pad_batches)
+    args = dict(preprocess=preprocess, batch_size=batch_size, workers=workers, chunk=chunk)
     if size <= 1:
         return _extract(encoder, paths, cache_dir, progress=progress, desc=desc, **args)
     paths = [str(p) for p in paths]
@@ -442,7 +441,7 @@ def extract_features(encoder, paths: Sequence, cache_dir, preprocess: Preprocess
 
 def _extract(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None = None, batch_size: int = 32,
              workers: int = 0, chunk: int = 1024, progress: bool = True, desc: str | None = None,
-             pad_batches: bool = True, gather: bool = True) -> FeatureResult:
+             gather: bool = True) -> FeatureResult:
     """:func:`extract_features` in this process alone. ``gather=False``: the cached rows are not read (the
     features returned have zero width), only missing rows are encoded and cached."""
     preprocess = preprocess or getattr(encoder, "preprocess", None) or Preprocess.clip()
@@ -478,7 +477,7 @@ def _extract(encoder, paths: Sequence, cache_dir, preprocess: Preprocess | None 
     def run_batch():
         x = preprocess.normalize(np.stack(batch_x))
         m = len(x)
-        if pad_batches and m < batch_size:
+        if m < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], np.float32)])
         y = _to_numpy(encoder.encode_image(x))
         if y.ndim != 2 or len(y) < m:
@@ -756,15 +755,15 @@ class ModelEncoder:
         return out
 
 
-def clip_encoder(name: str, weights_path, resolution: int | None = None, where: str | None = None) -> ModelEncoder:
+def clip_encoder(name: str, weights_path) -> ModelEncoder:
     """A lazily loaded CLIP image tower (``cascade.models.load_clip``) with CLIP's preprocessing at the model's
     input resolution (read from the converted weights' metadata or shapes without building the model).
     Converted weights are checked first: undamaged, and holding the CLIP model ``name`` says (a released
-    model by that name, else the same family); ``where`` names the setting for the message."""
+    model by that name, else the same family); an error names the setting ``models.clip.<name>``."""
     path = Path(weights_path)
     identity = weights_identity(path)
-    _check_converted(path, "clip", name, where or f"models.clip.{name}")
-    res = resolution or _peek_resolution(path) or 224
+    _check_converted(path, "clip", name, f"models.clip.{name}")
+    res = _peek_resolution(path) or 224
 
     def loader():
         model = load_clip(path)

@@ -232,7 +232,7 @@ def _specialist_setup(cfg, classes):
                             f"`python -m cascade.convert SRC {path}`, or switch the specialist off with "
                             "--set specialist.enabled=false)")
     stage = _new_specialist(cfg)
-    return convnext_encoder(cfg.specialist.feature_key, path, _specialist_preprocess(stage),
+    return convnext_encoder(cfg.specialist.feature_key, path, stage.preprocess,
                             where="specialist.weights"), present
 
 
@@ -260,11 +260,6 @@ def _check_specialist(encoder, trained: dict, cfg, model_dir) -> None:
         raise PipelineError(f"specialist.params.preset: preprocessing {encoder.preprocess.cache_key} differs from "
                             f"{trained.get('preprocess')}, the one the model in {model_dir} was trained with; give "
                             "test the specialist.params train had, or retrain")
-
-
-def _specialist_preprocess(stage):
-    """The specialist's preprocessing (its ``preset``: test view for the feature pipeline, train views)."""
-    return stage.preprocess
 
 
 def _extract(encoders: dict, paths, cfg, progress: bool, what: str, then=None):

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write_text
+
 DNNL_DIRNAME = "dnnl_lnx_2.2.0_cpu_gomp"  # the folder name Jittor's compile_extern.install_mkl checks for
 _SYSTEM_DNNL_INCLUDE = Path("/usr/include")
 _SYSTEM_DNNL_LIB_GLOBS = (
@@ -174,12 +176,9 @@ def patch_jittor_for_cuda13(jittor_dir: Path) -> list[str]:
             continue  # another Jittor version: nothing of this edit to do
         if old not in text:
             continue
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            tmp.write_text(text.replace(old, new))
-            os.replace(tmp, path)
+            atomic_write_text(path, text.replace(old, new))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise RuntimeError(
                 f"{path}: Jittor needs an edit to build with CUDA 13 ({old} -> {new}) and this file cannot be "
                 f"written ({exc}); install Jittor in a writable environment (`bash scripts/setup.sh`), use CUDA 12, "

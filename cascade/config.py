@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,62 +44,62 @@ class ConfigError(ValueError):
 
 @dataclass
 class PathsConfig:
-    data: str = "data"
-    out: str = "out"
-    classes: str = "classes.txt"
-    all_classes: str = ""
-    train_list: str = "train.txt"
-    test_dir: str = "TestSetA"
-    result: str = "result.txt"
+    data: str
+    out: str
+    classes: str
+    all_classes: str
+    train_list: str
+    test_dir: str
+    result: str
 
 
 @dataclass
 class ModelsConfig:
-    clip: dict[str, str] = field(default_factory=dict)
+    clip: dict[str, str]
 
 
 @dataclass
 class SamplingConfig:
-    shots: int = 4
-    seed: int = 0
-    list: str = ""
-    allow_fewer: bool = False
-    val_per_class: int = 10
-    val_max: int = 0
+    shots: int
+    seed: int
+    list: str
+    allow_fewer: bool
+    val_per_class: int
+    val_max: int
 
 
 @dataclass
 class FeaturesConfig:
-    batch_size: int = 32
-    workers: int = 0
-    chunk: int = 1024
-    cache: str = "cache"
+    batch_size: int
+    workers: int
+    chunk: int
+    cache: str
 
 
 @dataclass
 class PromptsConfig:
-    default: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    domains: dict[str, list[str]] = field(default_factory=dict)
+    default: list[str]
+    domains: dict[str, list[str]]
 
 
 @dataclass
 class SpecialistConfig:
-    enabled: bool = True
-    domains: list[str] = field(default_factory=lambda: ["Thu-dog"])
-    weights: str = "{out}/weights/convnextv2_base.npz"
-    feature_key: str = "convnextv2_base"
-    params: dict[str, Any] = field(default_factory=dict)
+    enabled: bool
+    domains: list[str]
+    weights: str
+    feature_key: str
+    params: dict[str, Any]
 
 
 @dataclass
 class Config:
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)      # table name -> keyword arguments
-    specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
+    paths: PathsConfig
+    models: ModelsConfig
+    sampling: SamplingConfig
+    features: FeaturesConfig
+    prompts: PromptsConfig
+    stages: dict[str, dict[str, Any]]       # table name -> keyword arguments
+    specialist: SpecialistConfig
 
     # ---- resolved paths (Path objects; relative ones stay relative to the current directory)
     @property
@@ -191,6 +191,9 @@ def _build(cls, data: dict, where: str):
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(names))})")
+    missing = sorted(names - set(data))      # every value comes from default.toml: the dataclasses hold none
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing key(s) {', '.join(missing)}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name

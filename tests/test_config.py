@@ -95,3 +95,13 @@ def test_command_line_flags_and_set_order():
     assert cfg.paths.data == "mydata"
     assert cfg.paths.out == "other"          # --set comes after the explicit flags
     assert cfg.sampling.shots == 2 and cfg.sampling.seed == 5
+
+
+def test_every_value_comes_from_the_shipped_toml():
+    """The dataclasses hold no defaults: a key the merged tables lack is named, not silently defaulted."""
+    from cascade.config import PathsConfig, _build
+
+    paths = dict(load_config().paths.__dict__)
+    del paths["result"]
+    with pytest.raises(ConfigError, match=r"^paths: missing key\(s\) result$"):
+        _build(PathsConfig, paths, "paths")

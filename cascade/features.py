@@ -42,7 +42,7 @@ from . import runtime
 from .data import ImageError
 from .io import atomic_open, atomic_write_json, atomic_write_text
 from .models import load_clip, load_convnextv2, tokenize
-from .models.weights import CheckpointError, check_weights, detect_format, read_header
+from .models.weights import CheckpointError, check_weights, detect_format, read_header, sha256_file
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .runtime import jittor, mpi_local
 
@@ -679,31 +679,27 @@ def weights_identity(path) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: weights file not found (convert the checkpoint first: "
                                 f"python -m cascade.convert SRC {p})")
-    try:
-        fmt = detect_format(p)
-    except CheckpointError as exc:
-        # a broken zip: read_header says it is damaged; other files are refused when the model is loaded
-        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
-    if fmt in ("cascade", "npz"):
+    if _is_converted(p):
         meta = read_header(p).meta
         if meta.get("sha256"):
             return f"sha256:{meta['sha256']}"
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return f"file-sha256:{h.hexdigest()}"
+    return f"file-sha256:{sha256_file(p)}"
+
+
+def _is_converted(path: Path) -> bool:
+    """Whether ``path`` is in our converted format (an .npz), broken zips included: :func:`read_header` then says
+    it is damaged. Other files are read as they are when the model is loaded (and refused then, by name)."""
+    try:
+        return detect_format(path) in ("cascade", "npz")
+    except CheckpointError as exc:
+        return "truncated" in exc.problem or "corrupt" in exc.problem
 
 
 def _check_converted(path: Path, arch: str, expected: str, where: str | None) -> None:
     """Converted weights are verified (every array read once) and must hold the expected model
     (:func:`cascade.models.weights.check_weights`); other files are read as they are when the model is loaded
     (a file that is no checkpoint at all is refused then, by name)."""
-    try:
-        fmt = detect_format(path)
-    except CheckpointError as exc:
-        fmt = "cascade" if "truncated" in exc.problem or "corrupt" in exc.problem else "unknown"
-    if fmt in ("cascade", "npz"):
+    if _is_converted(path):
         check_weights(path, arch, expected, where or "")
 
 

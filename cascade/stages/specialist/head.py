@@ -102,9 +102,8 @@ class SpecialistStage(Stage):
     combine : "linear" (mix probabilities) or "log" (mix log-probabilities).
     n_folds : CV folds over support images.
     max_iter : L-BFGS iterations of the logistic head (:func:`.logistic.fit_logistic`). A fixed small budget
-        keeps the 13 fits of the default CV sweep (3 C values x 4 folds + the final head) to seconds on 2
-        cores; stopping early acts as extra regularisation (each fold's head starts from its solution at the
-        previous, smaller C).
+        keeps the 13 fits of the default CV sweep (3 C values x 4 folds + the final head) cheap; stopping early
+        acts as extra regularisation (each fold's head starts from its solution at the previous, smaller C).
     finetune : "none" (frozen backbone, default), "last_stage" or "all" (see :meth:`fit_images`).
     finetune_epochs, finetune_lr, finetune_weight_decay, finetune_batch_size, label_smoothing : fine-tuning.
     random_state : seed of folds, views and fine-tuning.

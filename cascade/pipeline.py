@@ -8,8 +8,9 @@ train: read and validate the class list and train.txt, pick K images per class (
        out/report/val_metrics.json and .csv).
 test:  list the flat test folder, extract (cached) features, run the saved cascade, and write out/result.txt
        (`<file name> <top1> ... <top5>`, every image once, sorted by name, atomically) and out/result_routes.csv
-       (route and top-5 scores per image; named after the result file). Unreadable test images are still listed, with a fallback ranking (the mean
-       of the cascade's probabilities over the readable test images), and reported.
+       (route and top-5 scores per image; named after the result file). Unreadable test images are still listed,
+       with a fallback ranking (the mean of the cascade's probabilities over the readable test images), and
+       reported.
 
 Both are resumable: features are cached as they are computed, so a rerun after an interruption continues
 where it stopped. No output file is written until its content is complete.

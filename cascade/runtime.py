@@ -371,4 +371,5 @@ def _check_cudnn(jt) -> None:
     status["cudnn"] = getattr(compile_extern, "cudnn", None) is not None
     if not status["cudnn"]:
         warnings.warn("Jittor runs without cuDNN on this GPU (its bindings need cuDNN 7 or 8 and do not build against "
-                      "cuDNN 9): convolutions use Jittor's own kernels, many times slower (measured in docs/gpu.md)", RuntimeWarning, stacklevel=3)
+                      "cuDNN 9): convolutions use Jittor's own kernels, many times slower (measured in docs/gpu.md)",
+                      RuntimeWarning, stacklevel=3)

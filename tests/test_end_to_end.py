@@ -353,7 +353,8 @@ def test_specialist_settings_unlike_trains_are_named(workspace, tested):
     _convert(root / "other.pth", root / "other.npz")
     for setting, named in (("specialist.enabled=false", "specialist.enabled or specialist.domains switch it off"),
                            (f'specialist.weights="{root / "other.npz"}"', f"specialist.weights = {root / 'other.npz'}"),
-                           ('specialist.params.preset="convnextv2_22k_384"', "specialist.params.preset: preprocessing")):
+                           ('specialist.params.preset="convnextv2_22k_384"',
+                            "specialist.params.preset: preprocessing")):
         r = _run([sys.executable, "-m", "cascade", "test", "--quiet", "--set", setting] + FAST, root)
         assert r.returncode == 2, r.stderr
         last = r.stderr.strip().splitlines()[-1]

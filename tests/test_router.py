@@ -848,7 +848,8 @@ def test_where_every_domain_has_its_cascade_the_global_transductive_steps_are_sk
     d = res.details
     assert not {"prior", "n_iter", "refine_dropped", "balanced", "pool_weights"} & set(d)
     assert [e["rescored"] for e in d["domains"]] == [True, True] and np.allclose(res.scores.sum(1), 1.0)
-    inductive = pool(on._zero_shot_log_proba(on._joint(query)), on._seen_log_proba(query), S, weights=on.inductive_pool_)
+    inductive = pool(on._zero_shot_log_proba(on._joint(query)), on._seen_log_proba(query), S,
+                     weights=on.inductive_pool_)
     np.testing.assert_allclose(res.scores @ member,
                                domain_posterior(inductive @ member, on.domain_classifier_, xq), atol=1e-9)
     assert np.mean(res.top5[:, 0] == yq) > 0.8

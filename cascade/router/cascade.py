@@ -357,8 +357,8 @@ class Cascade(HasParams):
         self.seen_temperatures_ = [fit_temperature(self._held_out_seen_logits(i, val[0]), val[1],
                                                    platt=self.val_folds_ is None) if use_val
                                    else 1.0 for i in range(len(self.seen_fitted_))]
-        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(self._support_joint()), y) if self.calibrate
-                                       else ZERO_SHOT_SCALE)
+        self.zero_shot_temperature_ = (fit_temperature(self._zero_shot_logits(self._support_joint()), y)
+                                       if self.calibrate else ZERO_SHOT_SCALE)
         # labelled held-out rows, kept to weigh the experts at predict time (calibrate=True only)
         self.val_, self.val_y_ = val if use_val else (None, None)
         # the pool of zero-shot and the seen stages (the inductive posterior behind the prior estimate)

@@ -17,4 +17,4 @@ bash "$root/test.sh" --config demo.toml --quiet
 echo
 "$root/.venv/bin/python" -m cascade eval out/result.txt data/test_labels.txt --classes data/classes.txt
 echo
-echo "demo: the submission is $dir/out/result.txt; the model $dir/out/model/; the validation report $dir/out/reports/"
+echo "demo: the submission is $dir/out/result.txt; the model $dir/out/model/; the validation report $dir/out/report/"

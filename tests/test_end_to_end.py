@@ -227,6 +227,8 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     top1 = float(next(line.split()[2] for line in r.stdout.splitlines() if line.startswith("all ")))
     assert top1 > 50.0          # random weights, yet most test images right (12 classes: chance is 8.3 %)
     assert clip_encoder("ViT-B/32", demo / "out/weights/demo-vit.npz").preprocess.size == 64
+    named = [w.rstrip(";") for w in r.stdout.strip().splitlines()[-1].split() if w.startswith(str(demo))]
+    assert len(named) == 3 and all(Path(w).exists() for w in named), named   # where the last line sends the user
     r = _run([sys.executable, "-m", "cascade", "demo", str(demo)], REPO)
     assert r.returncode == 2 and "already holds a dataset" in r.stderr
     (tmp_path / "mine").mkdir()

@@ -512,7 +512,10 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, first, sp_encoder, s
     replace_dir(split_tmp, cfg.split_dir)
     _log(f"model saved to {cfg.model_dir} (split in {cfg.split_dir})")
 
-    if report is not None:
+    if report is None:      # no validation rows: an earlier run's validation report would pass for this one's
+        for name in ("val_metrics.csv", "val_metrics.json"):
+            (cfg.report_dir / name).unlink(missing_ok=True)
+    else:
         rows, metrics = report
         cfg.report_dir.mkdir(parents=True, exist_ok=True)
         write_table_csv(cfg.report_dir / "val_metrics.csv", rows, ["domain", "n", "top1", "top5"])

@@ -21,8 +21,9 @@ for a in "$@"; do
 done
 "${setup[@]}" >"$log" 2>&1 &
 setup_pid=$!
-# a set-up that does real work (a new machine, a changed pyproject.toml, Jittor recompiling) says so once
-( sleep 3; kill -0 "$setup_pid" 2>/dev/null \
+# a set-up that does real work (a new machine, a changed pyproject.toml, Jittor recompiling) says so once; its
+# check alone takes a few seconds on a loaded machine, so the note waits longer than that
+( sleep 10; kill -0 "$setup_pid" 2>/dev/null \
     && echo "$cmd: setting up first (scripts/setup.sh; minutes on a new machine, once)..." >&2 ) &
 note_pid=$!
 if ! wait "$setup_pid"; then

@@ -51,6 +51,18 @@ def test_bundle_holds_the_whole_model(trained):
     assert bundle.cascade.n_classes_ == 6 and bundle.cascade.specialists == []
 
 
+def test_a_train_without_validation_rows_leaves_no_earlier_validation_report(tmp_path):
+    root = make_workspace(tmp_path)
+    train(load_config(overrides=overrides(root, "stages.lpp.epochs=5")), progress=False)
+    report = root / "out/report"
+    assert (report / "val_metrics.json").is_file() and (report / "val_metrics.csv").is_file()
+    summary = train(load_config(overrides=overrides(root, "stages.lpp.epochs=5", "sampling.val_per_class=0")),
+                    progress=False)
+    assert summary["n_val"] == 0 and "val" not in summary
+    assert not (report / "val_metrics.json").exists() and not (report / "val_metrics.csv").exists()
+    assert json.loads((report / "train.json").read_text())["n_val"] == 0
+
+
 @pytest.mark.parametrize("setting, message", [
     ("stages.gda.shrinkage=5", "stages.gda.shrinkage: expected a number in [0, 1], got 5"),
     ("stages.lpp.epochs=abc", "stages.lpp.epochs: expected an integer >= 1, got 'abc'"),

@@ -31,9 +31,9 @@ class CascadeError(Exception):
 _OS_HINTS = {
     errno.ENOSPC: "free some space and rerun (outputs written before are unchanged)",
     errno.EDQUOT: "free some space and rerun (outputs written before are unchanged)",
-    errno.EROFS: "choose a writable folder (--out)",
-    errno.EACCES: "check the permissions, or choose another folder (--out)",
-    errno.EPERM: "check the permissions, or choose another folder (--out)",
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "check the permissions, or choose another folder",
+    errno.EPERM: "check the permissions, or choose another folder",
 }
 
 

@@ -41,7 +41,10 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
     feature-cache shards, fitted stages and converted weights all go through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _about(exc, path) from None
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
@@ -50,10 +53,18 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            raise _about(exc, path) from None
         raise
+
+
+def _about(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming the file being written, ``path``, not the temporary file beside it."""
+    exc.filename, exc.filename2 = str(path), None
+    return exc
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.io import load_npz_json, raise_many, read_lines, read_npz, save_npz_json
+from cascade.io import atomic_write_text, load_npz_json, raise_many, read_lines, read_npz, save_npz_json
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cascade"
 
@@ -152,3 +152,11 @@ def test_read_lines_and_raise_many_name_the_file_and_every_problem(tmp_path):
     text = str(err.value)
     assert text.startswith("f.txt: bad:\n  line 0\n") and "line 19" in text and "line 20" not in text
     assert text.endswith("... and 5 more")
+
+
+def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path):
+    (tmp_path / "taken").mkdir()                       # a folder where the file should go: the rename fails
+    with pytest.raises(OSError) as err:
+        atomic_write_text(tmp_path / "taken", "x")
+    assert err.value.filename == str(tmp_path / "taken") and err.value.filename2 is None
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]     # no temporary file left beside it

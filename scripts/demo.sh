@@ -2,7 +2,8 @@
 # `bash scripts/demo.sh [DIR]`: the whole journey on a small synthetic workspace, with nothing to download.
 # Writes DIR (default demo/; removed first if it holds an earlier demo) with `python -m cascade demo`: a dataset
 # in the challenge's layout and a tiny CLIP with random weights. Then trains, tests and scores the result, as
-# a user does with the real data (docs/usage.md). About a minute once set up.
+# a user does with the real data (docs/usage.md). Half a minute once set up; the first run several minutes more,
+# while Jittor compiles its operators.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${1:-demo}"

@@ -153,12 +153,23 @@ def save_npz_json(path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     return path
 
 
+ZIP_HEADS = (b"PK\x03\x04", b"PK\x05\x06")   # a zip archive's first bytes (with entries, empty)
+
+
 def read_npz(path, what: str = "file") -> dict[str, np.ndarray]:
     """All arrays of an .npz file, read without pickle; errors name the file and say it is not a readable
     ``what``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable {what} ({os_problem(exc)})") from None
+    if head not in ZIP_HEADS:   # np.load would take it for a pickle or a bare .npy and say so
+        raise ValueError(f"{path}: not a readable {what} (" + ("an empty file" if not head else
+                         "not an .npz archive: no zip header") + ")")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

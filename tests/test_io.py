@@ -122,8 +122,14 @@ def test_npz_json_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"plain\.npz: missing the '__meta__' entry"):
         load_npz_json(tmp_path / "plain.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match=r"junk\.npz: not a readable task"):
+    with pytest.raises(ValueError, match=r"junk\.npz: not a readable task \(not an \.npz archive: no zip header\)"):
         read_npz(tmp_path / "junk.npz", "task")
+    np.save(tmp_path / "bare.npy", np.ones(2))      # numpy would read it as one array, not as an archive
+    with pytest.raises(ValueError, match=r"bare\.npy: not a readable task \(not an \.npz archive"):
+        read_npz(tmp_path / "bare.npy", "task")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npz: not a readable task \(an empty file\)"):
+        read_npz(tmp_path / "empty.npz", "task")
     with pytest.raises(FileNotFoundError, match=r"none\.npz: no such stage file"):
         load_npz_json(tmp_path / "none.npz")
     np.savez(tmp_path / "bad.npz", __meta__=np.array("{not json"))

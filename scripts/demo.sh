@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # `bash scripts/demo.sh [DIR]`: the whole journey on a small synthetic workspace, with nothing to download.
-# Writes DIR (default demo/; removed first if it holds an earlier demo) with `python -m cascade demo`: a dataset
-# in the challenge's layout and a tiny CLIP with random weights. Then trains, tests and scores the result, as
-# a user does with the real data (docs/usage.md). Half a minute once set up; the first run several minutes more,
-# while Jittor compiles its operators.
+# Writes DIR (default demo/; an empty folder, or one holding an earlier demo, which is removed first) with
+# `python -m cascade demo`: a dataset in the challenge's layout and a tiny CLIP with random weights. Then trains,
+# tests and scores the result, as a user does with the real data (docs/usage.md). Half a minute once set up; the
+# first run several minutes more, while Jittor compiles its operators.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${1:-demo}"
-if [ -e "$dir" ]; then
-  [ -f "$dir/demo.toml" ] || { echo "demo: $dir exists and is not a demo folder; give another DIR" >&2; exit 2; }
+if [ -f "$dir/demo.toml" ]; then
   rm -rf "$dir"
+elif [ -e "$dir" ] && ! { [ -d "$dir" ] && [ -z "$(ls -A "$dir")" ]; }; then
+  echo "demo: $dir exists and is neither empty nor a demo folder; give another DIR" >&2; exit 2
 fi
 bash "$root/scripts/run.sh" demo "$dir"
 cd "$dir"

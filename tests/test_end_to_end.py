@@ -215,12 +215,14 @@ def test_backbone_settings_that_do_not_match_are_named(workspace, tested):
 
 def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     """scripts/demo.sh: a synthetic workspace (python -m cascade demo), train, test and eval, as a user runs them;
-    the demo refuses a folder that already holds data, and its random weights pass the weights check."""
+    the demo takes an empty folder and refuses one that already holds data, and its random weights pass the
+    weights check."""
     from cascade.features import clip_encoder
 
-    r = _run(["bash", str(REPO / "scripts/demo.sh"), str(tmp_path / "demo")], REPO)
-    assert r.returncode == 0, r.stderr
     demo = tmp_path / "demo"
+    demo.mkdir()                     # an empty folder is accepted, as `python -m cascade demo` accepts it
+    r = _run(["bash", str(REPO / "scripts/demo.sh"), str(demo)], REPO)
+    assert r.returncode == 0, r.stderr
     lines = (demo / "out/result.txt").read_text().splitlines()
     assert len(lines) == 72 and all(len(line.split()) == 6 for line in lines)
     assert "all" in r.stdout and "worst classes" in r.stdout and (demo / "out/model/bundle.json").is_file()
@@ -234,7 +236,8 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine/notes.txt").write_text("mine")
     r = _run(["bash", str(REPO / "scripts/demo.sh"), str(tmp_path / "mine")], REPO)
-    assert r.returncode == 2 and "not a demo folder" in r.stderr and (tmp_path / "mine/notes.txt").is_file()
+    assert r.returncode == 2 and "neither empty nor a demo folder" in r.stderr
+    assert (tmp_path / "mine/notes.txt").is_file()
 
 
 def test_wrappers_explain_themselves():

@@ -5,8 +5,9 @@ The defaults live in ``cascade/configs/default.toml`` (shipped inside the packag
 applied in order (the value is read as a TOML value when it parses as one, e.g. ``300``, ``true``, ``[1, 2]``,
 otherwise as a plain string). Unknown keys and wrongly typed values are errors naming the file and the key.
 
-Paths: ``paths.data`` and ``paths.out`` are relative to the current directory; inputs under ``[paths]`` are
-relative to the data root, outputs to the out folder; ``{data}`` and ``{out}`` inside any path are expanded.
+Paths: ``paths.data`` and ``paths.out`` are relative to the current directory, also when a ``--config`` file in
+another folder sets them (an error about a missing path then says so); inputs under ``[paths]`` are relative to
+the data root, outputs to the out folder; ``{data}`` and ``{out}`` inside any path are expanded.
 
 Stages: each ``[stages.<name>]`` table holds the keyword arguments of the stage registered under ``name``
 (:func:`cascade.stages.register_stage`); ``[stages.cascade]`` names the cascade's stages and holds its own keyword
@@ -100,6 +101,9 @@ class Config:
     prompts: PromptsConfig
     stages: dict[str, dict[str, Any]]       # table name -> keyword arguments
     specialist: SpecialistConfig
+    # the --config file, if any (set by load_config, not a key of the tree): its relative paths are read from the
+    # current folder like every other, and errors about a missing path say so when the file lies elsewhere
+    source: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     # ---- resolved paths (Path objects; relative ones stay relative to the current directory)
     @property
@@ -139,6 +143,21 @@ class Config:
     @property
     def report_dir(self) -> Path:
         return self.out_dir / "report"
+
+    def relative_note(self, path) -> str:
+        """A note for an error about a missing ``path``: where a relative path was read from, when the --config
+        file lies in another folder (a user may expect its paths to be read from there), and whether it exists
+        there. Empty otherwise."""
+        path = Path(path)
+        if self.source is None or path.is_absolute():
+            return ""
+        here, there = Path.cwd(), self.source.parent
+        if there.resolve() == here.resolve():
+            return ""
+        note = f"relative paths are read from the current folder {here}, not from the folder of {self.source}"
+        if (there / path).exists():
+            note += f"; {there / path} exists: run from {there}, or give absolute paths"
+        return f" ({note})"
 
     def clip_weights(self) -> dict[str, Path]:
         """Backbone name -> weights path; an empty path ("") switches that backbone off."""
@@ -186,7 +205,7 @@ def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)} "
@@ -281,6 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as exc:
         where = source + (" with --set " + " ".join(overrides) if overrides else "")
         raise ConfigError(f"{where}: {exc}") from None
+    cfg.source = Path(path) if path is not None else None
     return cfg
 
 

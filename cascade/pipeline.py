@@ -192,6 +192,17 @@ def _writing(path):
         raise
 
 
+def _check_data_root(cfg, *inputs) -> None:
+    """Fail at once when the data root cannot hold the ``inputs`` (path settings read relative to it, such as
+    ``cfg.paths.classes``): ``--data`` naming a file, or a folder that does not exist."""
+    root = cfg.data_dir
+    if root.is_dir() or all(Path(v).is_absolute() or "{" in v for v in inputs):
+        return
+    problem = "is a file, not a folder" if root.exists() else "data folder not found"
+    raise PipelineError(f"{root}: {problem}; --data (paths.data) must name the dataset folder, the one holding "
+                        f"{cfg.paths.classes}{cfg.relative_note(root)}")
+
+
 # ------------------------------------------------------------------------------------------------ shared
 def _classes(cfg):
     all_path = cfg.data_path(cfg.paths.all_classes) if cfg.paths.all_classes else None
@@ -205,7 +216,8 @@ def _clip_encoders(cfg) -> dict:
         first = next(p for p in weights.values() if not p.is_file())
         raise PipelineError("converted CLIP weights not found: " + "; ".join(missing) + ". Convert OpenAI's "
                             f"checkpoints first, e.g. `python -m cascade.convert {first.stem}.pt {first}`, or point "
-                            "models.clip.<name> at them (--set; an empty value switches a backbone off)")
+                            "models.clip.<name> at them (--set; an empty value switches a backbone off)"
+                            + cfg.relative_note(first))
     encoders = {name: clip_encoder(name, p) for name, p in weights.items()}
     seen = {}
     for name, enc in encoders.items():      # e.g. a misspelt name beside the right one: the same model twice
@@ -231,7 +243,7 @@ def _specialist_setup(cfg, classes):
     if not path.is_file():
         raise PipelineError(f"{path}: specialist weights not found (convert the ConvNeXt-V2 checkpoint with "
                             f"`python -m cascade.convert SRC {path}`, or switch the specialist off with "
-                            "--set specialist.enabled=false)")
+                            "--set specialist.enabled=false)" + cfg.relative_note(path))
     stage = _new_specialist(cfg)
     return convnext_encoder(cfg.specialist.feature_key, path, stage.preprocess,
                             where="specialist.weights"), present
@@ -375,6 +387,7 @@ def train(cfg, progress: bool = True) -> dict:
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (cfg.cache_dir, "features.cache"),
                     (cfg.split_dir, "--out (paths.out)"), (cfg.report_dir, "--out (paths.out)"),
                     (cfg.model_dir, "--out (paths.out)")])
+    _check_data_root(cfg, cfg.paths.classes, cfg.paths.train_list)
     encoders = _clip_encoders(cfg)  # first: a missing weights file is reported before any long work
     classes = _classes(cfg)
     _log(f"{len(classes)} classes ({classes.n_seen} seen, {classes.n_unseen} unseen) in domains "
@@ -545,10 +558,14 @@ def test(cfg, progress: bool = True) -> dict:
     _check_outputs([(cfg.out_dir, "--out (paths.out)"), (result_path.parent, "--result (paths.result)"),
                     (cfg.cache_dir, "features.cache")])
     model_dir = cfg.model_dir
+    if not model_dir.is_dir():
+        raise PipelineError(f"{model_dir}: no trained model (run `bash train.sh` first, with the same --out)"
+                          + cfg.relative_note(model_dir))
     bundle = Bundle.load(model_dir)          # the whole model, checked before any image is read
     trained = bundle.classes
     # the model's own class list (saved by train, incl. unseen classes) is the one the result refers to; the
     # configured list must agree with it (the seen classes, and all classes when an all-classes file is set)
+    _check_data_root(cfg, cfg.paths.classes, cfg.paths.test_dir)
     configured = _classes(cfg)
     same = (configured.names == trained.names if cfg.paths.all_classes
             else configured.names == trained.names[: trained.n_seen])

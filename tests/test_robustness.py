@@ -390,9 +390,33 @@ def test_commands_fail_with_one_clear_line(tmp_path, capsys):
     weights.write_bytes(b"not really weights")
     ok_weights = ["--set", f"models.clip.ViT-B/32={weights}", "--set", "models.clip.RN101="]
     assert main(["train", "--data", str(tmp_path / "nodata"), "--out", str(out)] + ok_weights) == 2
-    assert "nodata/classes.txt: class list not found" in capsys.readouterr().err
+    assert "nodata: data folder not found; --data (paths.data) must name the dataset folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(weights), "--out", str(out)] + ok_weights) == 2
+    assert "w.npz: is a file, not a folder; --data (paths.data)" in capsys.readouterr().err
     assert main(["test", "--data", str(root), "--out", str(out)]) == 2
     assert "no trained model (run `bash train.sh` first" in capsys.readouterr().err
     assert main(["train", "--data", str(root), "--set", "sampling.shots=0"]) == 2
     assert "sampling.shots must be >= 1" in capsys.readouterr().err
     assert not out.exists() or not any(out.rglob("result*"))
+
+
+def test_a_config_elsewhere_says_where_its_relative_paths_are_read(tmp_path, capsys, monkeypatch):
+    """A --config file in another folder: its relative paths are read from the current folder, and an error about
+    a path missing here but present beside the file says so (a user often expects the file's folder)."""
+    from cascade.__main__ import main
+
+    work = tmp_path / "work"
+    _data(work)                      # work/data, as a config in work/ names it
+    (work / "run.toml").write_text('[paths]\ndata = "data"\nout = "out"\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "work/run.toml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data: data folder not found" in err
+    assert (f"relative paths are read from the current folder {tmp_path}, not from the folder of work/run.toml; "
+            "work/data exists: run from work, or give absolute paths") in err
+    assert main(["test", "--config", "work/run.toml"]) == 2
+    assert "out/model: no trained model" in capsys.readouterr().err    # out/ is not beside the file: no 'exists'
+    monkeypatch.chdir(work)          # from the file's own folder: the plain message, no note
+    assert main(["train", "--config", "run.toml", "--data", "nodata", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nodata: data folder not found" in err and "relative paths" not in err

@@ -17,7 +17,10 @@ def class_folds(y: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each row, per class round-robin after a seeded shuffle.
 
     Every fold then holds about the same share of every class, and each training part keeps every class. The
-    rows of a class with a single row get -1: they cannot be held out."""
+    rows of a class with a single row get -1: they cannot be held out. (scikit-learn's ``StratifiedKFold`` would
+    put such a row in a fold, leaving its class out of that fold's training part, and it warns wherever a class has
+    fewer rows than folds. The specialist's folds, which keep an image's views together, are its
+    ``StratifiedGroupKFold``.)"""
     rng = np.random.default_rng(seed)
     fold = np.full(y.shape[0], -1)
     for c in np.unique(y):

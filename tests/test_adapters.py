@@ -282,6 +282,7 @@ def test_classes_without_support_rows_are_allowed(klass, toy):
     (TipAdapterF, dict(weight_decay=-0.1), "weight_decay"),
     (CLIPAdapter, dict(reduction=0), "reduction"),
     (CLIPAdapter, dict(ratio=1.5), "ratio"),
+    (CLIPAdapter, dict(ratio=1.0), r"ratio: expected a number in \[0, 1\)"),   # the ReLU output alone can be 0
     (CLIPAdapter, dict(epochs=2.5), "epochs"),
     (CLIPAdapter, dict(lr=-1), "lr"),
     (CLIPAdapter, dict(batch_size=0), "batch_size"),

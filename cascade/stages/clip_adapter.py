@@ -37,7 +37,8 @@ class CLIPAdapter(Stage):
     Parameters
     ----------
     reduction : int >= 1, 4          bottleneck width: D // reduction (at least 1).
-    ratio : float in [0, 1], 0.2     residual ratio: weight of the adapted feature.
+    ratio : float in [0, 1), 0.2     residual ratio: weight of the adapted feature (1 would leave only the
+                                     adapter's ReLU output, which can be all zero: no direction to score).
     epochs : int >= 1, 200
     lr : float > 0, 0.002            peak SGD learning rate (CoOp's; see the module docstring).
     batch_size : int >= 1, 32
@@ -68,7 +69,7 @@ class CLIPAdapter(Stage):
 
     _parameter_constraints = {
         "reduction": [Interval(Integral, 1, None)],
-        "ratio": [Interval(Real, 0, 1)],
+        "ratio": [Interval(Real, 0, 1, closed="left")],
         "epochs": [Interval(Integral, 1, None)],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None)],

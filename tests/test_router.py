@@ -1,4 +1,6 @@
 """The Cascade router: routing rule, valid top-5, several backbones, specialists, OOF, save/load, errors."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -261,6 +263,26 @@ def test_bad_inputs():
     # zero validation rows: as if none were given (out-of-fold calibration on the support rows)
     empty = small().fit(support, ys, text, S, val=({k: v[:0] for k, v in query.items()}, yq[:0]))
     np.testing.assert_array_equal(empty.predict(query).scores, m.predict(query).scores)
+    # each error names the argument at fault, not a numpy internal
+    with pytest.raises(ValueError, match=r"support\['bb0'\]: feature dimension \d+ does not match the text features'"):
+        small().fit(support, ys, {"bb0": unit(text["bb0"][:, :5]), "bb1": text["bb1"]}, S)
+    with pytest.raises(ValueError, match="support_y: labels must be integers, got dtype <U"):
+        small().fit(support, ys.astype(str), text, S)
+    with pytest.raises(ValueError, match=r"n_seen must be an integer .* got True"):
+        small().fit(support, ys, text, True)
+    with pytest.raises(ValueError, match=r"val must be a pair \(features per backbone, labels\), got 1 item"):
+        small().fit(support, ys, text, S, val=(query,))
+
+
+def test_a_seen_stage_with_non_finite_scores_is_named(monkeypatch):
+    """A seen stage whose fit diverged (NaN scores) is named where its scores are first read, not downstream in
+    the temperature or the refinement."""
+    support, ys, query, yq, text, S = task(seed=7)
+    m = small().fit(support, ys, text, S)
+    stage = m.seen_fitted_[0]["bb1"]
+    monkeypatch.setattr(stage, "decision_function", lambda X: np.full((len(X), S), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"seen stage 'lpp' on backbone 'bb1': non-finite scores"):
+        m.predict(query)
 
 
 def test_pool_exponents_where_every_validation_row_is_ranked_right(monkeypatch):
@@ -342,6 +364,9 @@ def test_prior_estimate_uniform_zero_shot_or_refined():
     assert res.details["prior_source"] == "refined" and q_zs.min() < 0.01 < res.details["prior"].min()
     assert not compatible_marginal(q_zs, np.full((50, 6), 1 / 6)) and compatible_marginal(np.full(6, 1 / 6),
                                                                                             np.full((50, 6), 1 / 6))
+    with warnings.catch_warnings():      # a class with no mass on either side is dropped without a warning
+        warnings.simplefilter("error")
+        assert compatible_marginal(np.array([0.5, 0.5, 0.0]), np.array([[0.6, 0.4, 0.0], [0.3, 0.7, 0.0]]))
 
 
 def test_refinement_is_a_gda_on_the_pooled_soft_labels_and_support():

@@ -496,6 +496,8 @@ def test_bad_inputs_have_clear_errors():
         LinearProbePP().fit(sx, ys[:-1], text=text)
     with pytest.raises(ValueError, match="single vector"):
         ZeroShot().fit(text=text).decision_function(qx[0])
+    with pytest.raises(ValueError, match="prior must be finite non-negative weights with a positive sum, got sum 0"):
+        InMaP(prior=np.zeros(len(text))).fit(qx, text=text)
 
 
 def test_save_load_roundtrip(tmp_path):

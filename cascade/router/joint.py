@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stages.base import check_features, check_labels
+from ..stages.base import check_features, check_labels, stage_name
 from ..stages.calibration import row_blocks
 
 
@@ -32,6 +32,10 @@ def check_feature_set(feats: dict, keys, name: str, dims: dict, min_rows: int = 
     for k in keys:
         if k not in feats:
             raise ValueError(f"{name} features lack backbone {k!r} (have {sorted(feats)})")
+        shape = np.shape(feats[k])
+        if len(shape) == 2 and shape[1] != dims[k]:       # the width comes from the text features
+            raise ValueError(f"{name}[{k!r}]: feature dimension {shape[1]} does not match the text features' "
+                             f"{dims[k]} (text[{k!r}])")
         out[k] = check_features(feats[k], f"{name}[{k!r}]", dim=dims[k], min_rows=min_rows)
     rows = {k: v.shape[0] for k, v in out.items()}
     if len(set(rows.values())) != 1:
@@ -54,11 +58,14 @@ def check_fit_inputs(support, support_y, text, n_seen, val):
     C = n_classes[keys[0]]
     dims = {k: t.shape[1] for k, t in texts.items()}
     sups = check_feature_set(support, keys, "support", dims)
-    if not isinstance(n_seen, (int, np.integer)) or not 1 <= int(n_seen) <= C:
+    if isinstance(n_seen, (bool, np.bool_)) or not isinstance(n_seen, (int, np.integer)) or not 1 <= int(n_seen) <= C:
         raise ValueError(f"n_seen must be an integer in 1..{C}, got {n_seen!r}")
     n_seen = int(n_seen)
     y = check_labels(support_y, sups[keys[0]].shape[0], n_seen, "support_y", require_all=True)
     if val is not None:
+        if not isinstance(val, (tuple, list)) or len(val) != 2:
+            raise ValueError("val must be a pair (features per backbone, labels), got "
+                             + (f"{len(val)} item(s)" if isinstance(val, (tuple, list)) else type(val).__name__))
         vfeat, vy = val
         vfeat = check_feature_set(vfeat, keys, "val", dims, min_rows=0)
         vy = check_labels(vy, vfeat[keys[0]].shape[0], n_seen, "val_y", require_all=False)
@@ -93,12 +100,16 @@ def joint_features(feats: dict, weights: dict) -> np.ndarray:
 
 
 def combined_logits(per_backbone: dict, feats: dict, weights: dict) -> np.ndarray:
-    """Sum over backbones of ``weight * decision_function`` of a stage fitted on each backbone (float64)."""
+    """Sum over backbones of ``weight * decision_function`` of a stage fitted on each backbone (float64). A stage
+    whose scores are not finite (a diverged fit) is named here, not where they would surface."""
     z = None
     for k, st in per_backbone.items():
         if weights[k] == 0:
             continue
         part = weights[k] * st.decision_function(feats[k]).astype(np.float64)
+        if not np.isfinite(part).all():
+            raise ValueError(f"seen stage {stage_name(st)!r} on backbone {k!r}: non-finite scores (its fit diverged; "
+                             f"check its parameters: {st.get_params()})")
         z = part if z is None else z + part
     return z
 

@@ -237,6 +237,8 @@ def check_labels(y, n_rows: int, n_classes: int, name: str = "y", require_all: b
     if y.ndim != 1 or y.shape[0] != n_rows:
         raise ValueError(f"{name}: expected {n_rows} labels (one per feature row), got shape {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) or y.dtype == bool):
+            raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}")
         if not np.all(np.equal(np.mod(y, 1), 0)):
             raise ValueError(f"{name}: labels must be integers")
     y = y.astype(np.int64)

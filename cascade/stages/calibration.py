@@ -398,6 +398,6 @@ def compatible_marginal(q: np.ndarray, post: np.ndarray) -> bool:
     m = post.sum(axis=0, dtype=np.float64)
     m /= m.sum()
     q = np.asarray(q, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):     # 0 * log 0 terms are dropped by the where
         kl = float(np.sum(np.where(m > 0, m * (np.log(np.maximum(m, 1e-300)) - np.log(q)), 0.0)))
     return bool(np.isfinite(kl) and n * kl <= bic_penalty(c, n))

@@ -277,8 +277,11 @@ class InMaP(Stage):
                 return q
             raise ValueError(f"prior must be 'uniform', 'auto' or an array, got {prior!r}")
         q = np.asarray(prior, dtype=np.float64)
-        if q.shape != (text.shape[0],) or np.any(q < 0) or q.sum() <= 0:
-            raise ValueError(f"prior must be {text.shape[0]} non-negative weights, got shape {q.shape}")
+        if q.shape != (text.shape[0],):
+            raise ValueError(f"prior must be {text.shape[0]} non-negative weights (one per class), got shape {q.shape}")
+        if not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
+            raise ValueError("prior must be finite non-negative weights with a positive sum, got "
+                             + ("a negative or non-finite one" if not np.all(np.isfinite(q) & (q >= 0)) else "sum 0"))
         return q / q.sum()
 
     def decision_function(self, X) -> np.ndarray:

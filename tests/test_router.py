@@ -107,6 +107,13 @@ def test_backbone_weights_change_scores_and_single_backbone_works():
     c = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40)]).fit(one, ys, {"bb0": text["bb0"]}, S)
     np.testing.assert_allclose(b, c.predict({"bb0": query["bb0"]}).scores, atol=1e-4)
     assert not np.allclose(a, b)
+    # a backbone of weight 0 is left out: its query features may be absent (with domains too)
+    np.testing.assert_array_equal(m.predict({"bb0": query["bb0"]}).scores, b)
+    domains = ["a"] * (len(text["bb0"]) // 2) + ["b"] * (len(text["bb0"]) - len(text["bb0"]) // 2)
+    d = Cascade(InMaP(n_iter=60), [LinearProbePP(epochs=40)], backbone_weights={"bb0": 1.0, "bb1": 0.0})
+    d.fit(support, ys, text, S, domains=domains)
+    assert all(c is not None for c in d.domain_cascades_)
+    np.testing.assert_array_equal(d.predict({"bb0": query["bb0"]}).scores, d.predict(query).scores)
 
 
 class DogSpecialist:

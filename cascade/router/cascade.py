@@ -437,8 +437,9 @@ class Cascade(HasParams):
         (docs/scale.md)."""
         self._check_fitted()
         self._check_params()
-        feats = check_feature_set(query, self.backbones_, "query", {k: t.shape[1] for k, t in self.text_.items()})
-        n, C, S = len(feats[self.backbones_[0]]), self.n_classes_, self.n_seen_
+        used = [k for k in self.backbones_ if self.weights_[k] > 0]      # a backbone of weight 0 may be absent
+        feats = check_feature_set(query, used, "query", {k: t.shape[1] for k, t in self.text_.items()})
+        n, C, S = len(feats[used[0]]), self.n_classes_, self.n_seen_
         xq = self._joint(feats)
         details = {}
 

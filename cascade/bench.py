@@ -31,7 +31,7 @@ from .config import default_cascade
 from .io import read_npz
 from .metrics import top1_top5
 from .router import Cascade
-from .stages import InMaP, LinearProbePP, ZeroShot, get_stage
+from .stages import InMaP, LinearProbePP, ZeroShot, check_features, get_stage
 
 ROWS = ("zero-shot", "inmap", "inmap-nosinkhorn", "lpp", "seed-cascade", "cascade")
 ADAPTER_ROWS = ("tip-adapter", "tip-adapter-f", "clip-adapter")   # printed by the bench; not in ROWS, which the
@@ -56,17 +56,42 @@ def add_parser(subparsers) -> None:
 
 
 def load_task(path) -> dict:
-    """Read and check a task file; returns a dict of arrays (query_y included, for scoring only)."""
+    """Read and check a task file; returns a dict of arrays (query_y included, for scoring only). Shapes, labels,
+    ``n_seen`` and the features' values (finite, L2-normalised) are checked here, so that an error names the file
+    and its key rather than a stage's argument."""
     path = Path(path)
     task = read_npz(path, ".npz task file")
     need = ("support_x", "support_y", "query_x", "query_y", "text_x")
     missing = [k for k in need if k not in task]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing} (see benchmarks/realbench/README.md)")
-    C = task["text_x"].shape[0]
-    task["n_seen"] = int(task["n_seen"]) if "n_seen" in task else C
-    if not 1 <= task["n_seen"] <= C:
-        raise ValueError(f"{path}: n_seen={task['n_seen']} outside 1..{C}")
+    if ("val_x" in task) != ("val_y" in task):
+        raise ValueError(f"{path}: {'val_x' if 'val_x' in task else 'val_y'} without "
+                         f"{'val_y' if 'val_x' in task else 'val_x'}; give both or neither")
+    T = task["text_x"]
+    if T.ndim != 2 or T.shape[0] < 1:
+        raise ValueError(f"{path}: text_x must be [classes, width], got shape {T.shape}")
+    check_features(T, f"{path}: text_x")
+    C = T.shape[0]
+    n_seen = task.get("n_seen", np.asarray(C))
+    if n_seen.shape != () or not np.issubdtype(n_seen.dtype, np.integer) or not 1 <= int(n_seen) <= C:
+        raise ValueError(f"{path}: n_seen must be one integer in 1..{C}, got {n_seen.tolist()!r} ({n_seen.dtype})")
+    task["n_seen"] = int(n_seen)
+    for x, y, n_classes in (("support_x", "support_y", task["n_seen"]), ("val_x", "val_y", task["n_seen"]),
+                            ("query_x", "query_y", C)):
+        if x not in task:
+            continue
+        X, Y = task[x], task[y]
+        if X.ndim != 2 or X.shape[1] != T.shape[1]:
+            raise ValueError(f"{path}: {x} must be [rows, {T.shape[1]}] (text_x's width), got shape {X.shape}")
+        check_features(X, f"{path}: {x}", min_rows=0 if x == "val_x" else 1)
+        if Y.shape != (X.shape[0],):
+            raise ValueError(f"{path}: {y} must hold one label per row of {x} ({X.shape[0]}), got shape {Y.shape}")
+        if not np.issubdtype(Y.dtype, np.integer):
+            raise ValueError(f"{path}: {y} must hold integer class indices, got dtype {Y.dtype}")
+        if Y.size and (Y.min() < 0 or Y.max() >= n_classes):
+            raise ValueError(f"{path}: {y} must lie in 0..{n_classes - 1}"
+                             + (" (the seen classes)" if n_classes < C else "") + f", got {Y.min()}..{Y.max()}")
     return task
 
 
@@ -110,13 +135,24 @@ def evaluate_task(task: dict, methods=ROWS, cascade: dict | None = None) -> dict
 def run(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_ROWS]
-    if bad:
-        raise ValueError(f"--methods: unknown method(s) {bad}; choose from {', '.join(ALL_ROWS)}")
-    for path in args.tasks:
+    if bad or not methods:
+        raise ValueError((f"--methods: unknown method(s) {bad}" if bad else "--methods: no method named")
+                         + f"; choose from {', '.join(ALL_ROWS)}")
+    stems = {}
+    for path in args.tasks:               # a task is named by its file's stem: each once
+        stems.setdefault(Path(path).stem, []).append(path)
+    twice = {s: p for s, p in stems.items() if len(p) > 1}
+    if twice:
+        raise ValueError("tasks named twice (a task is named by its file name): "
+                         + "; ".join(f"{s}: {', '.join(p)}" for s, p in twice.items()))
+    tasks = {path: load_task(path) for path in args.tasks}     # every file checked before the first is run
+    for path, task in tasks.items():
         t0 = time.perf_counter()
-        task = load_task(path)
         labels = task.pop("query_y")          # kept away from every method
-        scores = evaluate_task(task, methods)
+        try:
+            scores = evaluate_task(task, methods)
+        except ValueError as exc:             # a stage's own check, under its argument names
+            raise ValueError(f"{path}: {exc}") from None
         results = {m: {k: round(v, 2) for k, v in top1_top5(s, labels).items()} for m, s in scores.items()}
         record = {"task": Path(path).stem, "n_query": int(labels.shape[0]), "results": results}
         if args.json:

@@ -160,6 +160,8 @@ def read_npz(path, what: str = "file") -> dict[str, np.ndarray]:
     """All arrays of an .npz file, read without pickle; errors name the file and say it is not a readable
     ``what``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what}")
     try:

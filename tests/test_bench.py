@@ -3,6 +3,7 @@
 Authors' numbers (top-1 %, benchmarks/realbench/README.md): a reproduction must land within 0.3 points.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,43 @@ def test_table_output_and_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cascade", "bench", str(bad)], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "missing arrays" in r.stderr
+
+
+def test_task_files_are_checked_before_any_method_runs(tmp_path):
+    """Each fault of a task file is one line naming the file and its key (query_y included, which only the scoring
+    reads: wrong labels would otherwise be scored silently as misses), and every file given is checked before the
+    first is run."""
+    from cascade.bench import load_task
+
+    ok = load_task(TASKS / "food101.npz")
+    base = {k: np.asarray(v) for k, v in ok.items()}
+    cases = {
+        "query_y": ({"query_y": base["query_y"].astype(str)}, "query_y must hold integer class indices, got dtype <U"),
+        "query_y range": ({"query_y": np.r_[base["query_y"][:-1], 99]}, "query_y must lie in 0..13, got 0..99"),
+        "query_y rows": ({"query_y": base["query_y"][:-1]}, "query_y must hold one label per row of query_x (220)"),
+        "support_y": ({"support_y": base["support_y"].astype(float)}, "support_y must hold integer class indices"),
+        "n_seen": ({"n_seen": np.array([3, 4])}, "n_seen must be one integer in 1..14, got [3, 4]"),
+        "width": ({"support_x": base["support_x"][:, :256]}, "support_x must be [rows, 512] (text_x's width)"),
+        "nan": ({"query_x": np.where(np.arange(512) == 0, np.nan, base["query_x"])}, "query_x: 220 row(s) contain NaN"),
+        "val": ({"val_y": None}, "val_x without val_y; give both or neither"),
+    }
+    for name, (change, expected) in cases.items():
+        arrays = {k: v for k, v in {**base, **change}.items() if v is not None}
+        path = tmp_path / f"{name.replace(' ', '_')}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {expected}")):
+            load_task(path)
+    r = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", "zero-shot", str(TASKS / "food101.npz"),
+                        str(tmp_path / "val.npz")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and "val.npz: val_x without val_y" in r.stderr   # nothing run first
+    (tmp_path / "sub").mkdir()
+    np.savez(tmp_path / "sub/food101.npz", **base)
+    r = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", "zero-shot", str(TASKS / "food101.npz"),
+                        str(tmp_path / "sub/food101.npz")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "tasks named twice (a task is named by its file name): food101:" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", ",", str(TASKS / "food101.npz")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--methods: no method named" in r.stderr
 
 
 def test_methods_never_see_query_labels():

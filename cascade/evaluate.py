@@ -7,6 +7,7 @@ and class names are shown; without it, everything is reported under one domain.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
@@ -87,7 +88,8 @@ def _read_labels(path) -> dict[str, tuple[int, int]]:
 
 
 def _match(result: dict[str, list[int]], labels: dict[str, int]):
-    """Pair result lines with labels, by exact name or else by file name."""
+    """Pair result lines with labels, by exact name or else by file name. Returns (label -> result line, labels
+    with no line, labels whose file name several result lines share)."""
     if set(labels) <= set(result):
         keys = {k: k for k in labels}
     else:
@@ -106,8 +108,9 @@ def _match(result: dict[str, list[int]], labels: dict[str, int]):
                 b = k.replace("\\", "/").rsplit("/", 1)[-1]
                 if b in by_base and b not in dup:
                     keys[k] = by_base[b]
-    missing = [k for k in labels if k not in keys]
-    return keys, missing
+    ambiguous = [k for k in labels if k not in keys and k.replace("\\", "/").rsplit("/", 1)[-1] in dup]
+    missing = [k for k in labels if k not in keys and k not in ambiguous]
+    return keys, missing, ambiguous
 
 
 def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10, allow_missing: bool = False):
@@ -134,7 +137,17 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
                f"{top_result})" for name, (idx, line) in labelled.items() if idx > top_result]
         raise_many(bad, f"{labels_path}: label(s) out of range (give the class list with --classes if the result "
                         "file does not show every class):", LabelError)
-    keys, missing = _match(result, labels)
+    keys, missing, ambiguous = _match(result, labels)
+    if ambiguous:
+        raise LabelError(f"{labels_path}: {len(ambiguous)} label(s) match several lines of {result_path} by file name, "
+                         f"e.g. {ambiguous[0]}; name the images as the result file does")
+    lines: dict[str, list[str]] = {}
+    for label, line in keys.items():
+        lines.setdefault(line, []).append(label)
+    shared = [f"{line} (labels {', '.join(ls)})" for line, ls in lines.items() if len(ls) > 1]
+    if shared:                          # by file name, two labels would both be scored on one line
+        raise LabelError(f"{labels_path}: {len(shared)} line(s) of {result_path} matched by several labels by file "
+                         f"name, e.g. {shared[0]}; name the images as the result file does")
     if missing and not allow_missing:
         raise LabelError(f"{result_path}: {len(missing)} labelled image(s) have no result line, e.g. "
                          f"{', '.join(missing[:5])} (use --allow-missing to count them as wrong)")
@@ -156,6 +169,17 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
 
 
 # ------------------------------------------------------------------------------------------------ command
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="accuracy of a result file against labels",
@@ -165,7 +189,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("result", help="result file, e.g. out/result.txt")
     p.add_argument("labels", help="labels file: `<file name> <class index>` per line")
     p.add_argument("--classes", metavar="FILE", help="classes.txt (or classes_b.txt): per-domain table and names")
-    p.add_argument("--worst", type=int, default=10, metavar="N", help="list the N worst classes (default 10)")
+    p.add_argument("--worst", type=_count, default=10, metavar="N", help="list the N worst classes (default 10)")
     p.add_argument("--allow-missing", action="store_true",
                    help="count labelled images without a result line as wrong instead of failing")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")

@@ -72,12 +72,24 @@ def test_eval_missing_lines_are_an_error_unless_allowed(tmp_path):
     ("a.jpg 0 1 2 3 4\n", "a.jpg\n", "labels.txt: malformed labels file:\n  line 1: expected"),
     ("a.jpg 0 1 2 3 400\n", "a.jpg 0\n", "line 1: class index 400 out of range"),
     ("a.jpg 0 1 2 3 4\n", "a.jpg 999\n", "label(s) out of range"),
+    # matched by file name: two labels on one result line, or one label on several (never counted twice)
+    ("a.jpg 0 1 2 3 4\n", "x/a.jpg 0\ny/a.jpg 1\n",
+     "result.txt matched by several labels by file name, e.g. a.jpg (labels x/a.jpg, y/a.jpg)"),
+    ("x/a.jpg 0 1 2 3 4\ny/a.jpg 1 2 3 4 0\n", "a.jpg 0\n",
+     "result.txt by file name, e.g. a.jpg; name the images as the result file does"),
 ])
 def test_eval_malformed_files_exit_2_with_one_line(tmp_path, capsys, result, labels, expected):
     r, l = _files(tmp_path, [result], [labels])
     assert main(["eval", str(r), str(l), "--classes", str(JITTOR4 / "classes.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cascade eval: error: ") and expected in err
+
+
+def test_eval_worst_must_be_a_count(tmp_path, capsys):
+    r, l = _files(tmp_path, ["a.jpg 0 1 2 3 4\n"], ["a.jpg 0\n"])
+    with pytest.raises(SystemExit):
+        main(["eval", str(r), str(l), "--worst", "-3"])
+    assert "argument --worst: expected an integer >= 0, got '-3'" in capsys.readouterr().err
 
 
 def test_eval_missing_files(tmp_path, capsys):

@@ -8,6 +8,7 @@ command that imports torch, and only when SRC is a PyTorch file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,18 @@ def detect_arch(state: dict) -> str | None:
     return None
 
 
+def _check_destination(dst: Path) -> None:
+    """Fail before any work when ``dst``'s folder cannot be made or written: checked through the nearest folder
+    above it that exists, which is not changed."""
+    p = dst.parent
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise CheckpointError(f"cannot make the destination folder {dst.parent}: {p} is a file", dst)
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write into {p} (no permission, or a read-only file system)", dst)
+
+
 def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = False) -> dict:
     """Convert ``src`` to our format at ``dst``; returns the stored metadata. Raises CheckpointError."""
     src, dst = Path(src), Path(dst)
@@ -70,10 +83,7 @@ def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = 
         raise CheckpointError("refusing to overwrite the source with its conversion (DST is SRC)", dst)
     if dst.is_dir():
         raise CheckpointError("destination is a directory", dst)
-    try:        # checked before the (long) read of the source; a missing folder such as out/weights/ is made
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot make the destination folder {dst.parent}: {os_problem(exc)}", dst) from None
+    _check_destination(dst)     # before the (long) read of the source; nothing is made until it is read
     t0 = time.perf_counter()
     fmt = detect_format(src)
     say(f"reading {src} ({fmt}, {src.stat().st_size / 2**20:.1f} MiB)")
@@ -109,6 +119,10 @@ def convert(src: str | Path, dst: str | Path, arch: str = "auto", quiet: bool = 
     say(f"{meta.get('model', arch)}: {len(state)} arrays, {sum(v.size for v in state.values()) / 1e6:.1f}M "
         "parameters; hashing the source")
     meta.update(source=src.name, source_format=fmt, source_sha256=sha256_file(src))
+    try:        # a missing folder such as out/weights/ is made
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot make the destination folder {dst.parent}: {os_problem(exc)}", dst) from None
     stored = save_weights(dst, state, meta)
     say(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     return stored

@@ -190,11 +190,20 @@ def test_convnextv2_is_detected_and_dispatched(tmp_path, capsys):
     del state["stages.2.0.grn.beta"]
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "bad.pt")
     _assert_fails(tmp_path / "bad.pt", tmp_path / "bad.npz", capsys, "stages.2.0.grn.beta", "missing")
+    # the key a stage's width is read from: named alone, the width read from the stage's other arrays
+    state = _convnext_official_state()
+    del state["stages.1.0.dwconv.weight"]
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "bad2.pt")
+    err = _assert_fails(tmp_path / "bad2.pt", tmp_path / "bad2.npz", capsys, "dims [8, 16, 32, 64]",
+                        "missing keys (1): stages.1.0.dwconv.weight")
+    assert "wrong shape" not in err
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_missing_file(tmp_path, capsys):
     _assert_fails(tmp_path / "ViT-B-32.pt", tmp_path / "out.npz", capsys, "file not found")
+    assert _convert(tmp_path / "ViT-B-32.pt", tmp_path / "new/weights/out.npz") == 2    # a failed run makes no folder
+    assert "file not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_directory_and_empty_and_text(tmp_path, capsys):
@@ -235,6 +244,15 @@ def test_truncated_files(tiny, tmp_path, capsys):
     bad[len(bad) // 2] ^= 0xFF
     (tmp_path / "flip.pkl").write_bytes(bytes(bad))
     _assert_fails(tmp_path / "flip.pkl", tmp_path / "flip.npz", capsys, "checksum mismatch")
+    # a flipped byte inside a tensor of a PyTorch zip: torch reads it without a word, the zip's CRC-32 catches it
+    with zipfile.ZipFile(tmp_path / "zip.pt") as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)           # the largest tensor's bytes (stored as is)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    bad = bytearray(cases["zip.pt"])
+    bad[start + info.file_size // 2] ^= 0xFF
+    (tmp_path / "flip.pt").write_bytes(bytes(bad))
+    _assert_fails(tmp_path / "flip.pt", tmp_path / "flip-pt.npz", capsys,
+                  f"member {info.filename} fails its CRC-32 check")
 
 
 class _Payload:
@@ -286,6 +304,11 @@ def test_missing_and_unexpected_keys_are_listed(tiny, tmp_path, capsys):
                         "missing keys (2): transformer.resblocks.1.mlp.c_fc.bias, visual.ln_post.weight",
                         "unexpected keys (1): visual.head.weight", "ln_final.bias (7,) != (64,)")
     assert err.count("\n") == 1  # one line
+    state = dict(tiny[0])
+    del state["ln_final.weight"]            # one of the keys that tell a CLIP: named, not "not a CLIP checkpoint"
+    torch.save(state, tmp_path / "bad2.pt")
+    _assert_fails(tmp_path / "bad2.pt", tmp_path / "o2.npz", capsys,
+                  "incomplete CLIP checkpoint: missing key(s) ln_final.weight")
 
 
 def test_failed_conversion_keeps_previous_output(tiny, tmp_path, capsys):

@@ -508,11 +508,18 @@ def map_openai_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def missing_clip_keys(state) -> list[str]:
+    """The keys every CLIP model has (OpenAI's names) that the (mapped) ``state`` lacks."""
+    keys = set(state)
+    out = [k for k in ("token_embedding.weight", "text_projection", "ln_final.weight") if k not in keys]
+    if "visual.proj" not in keys and "visual.attnpool.positional_embedding" not in keys:
+        out.append("visual.proj (ViT) or visual.attnpool.positional_embedding (ResNet)")
+    return out
+
+
 def is_clip_state(state) -> bool:
     """True when the (mapped) keys look like a CLIP model."""
-    keys = set(state)
-    return {"token_embedding.weight", "text_projection", "ln_final.weight"} <= keys and \
-        ("visual.proj" in keys or "visual.attnpool.positional_embedding" in keys)
+    return not missing_clip_keys(state)
 
 
 def _count(keys, pattern: str) -> int:
@@ -583,8 +590,11 @@ def convert_state_dict(state: dict[str, np.ndarray], source: str | os.PathLike =
     """Foreign CLIP state dict -> (OpenAI-named fp32 state, meta with arch and config). Checks that the state
     fits the inferred model exactly (missing/unexpected keys are listed)."""
     mapped = map_openai_keys(state)
-    if not is_clip_state(mapped):
-        raise CheckpointError("not a CLIP checkpoint (no token_embedding/text_projection/visual keys)", source)
+    missing = missing_clip_keys(mapped)
+    if len(missing) == 4:
+        raise CheckpointError("not a CLIP checkpoint (no token_embedding/text_projection/ln_final/visual keys)", source)
+    if missing:             # most of a CLIP: name what it lacks
+        raise CheckpointError(f"incomplete CLIP checkpoint: missing key(s) {', '.join(missing)}", source)
     cfg = config_from_state(mapped, source)
     model_shapes = CLIP.from_config(cfg).parameter_shapes()
     _check_keys(mapped, model_shapes, cfg, source)

@@ -36,7 +36,7 @@ jt = _jittor()
 from jittor import nn  # noqa: E402  (after the runtime wiring)
 
 from .layers import LayerNorm  # noqa: E402
-from .weights import CONVNEXT_CONFIGS, load_weights  # noqa: E402
+from .weights import CONVNEXT_CONFIGS, convnext_stage_width, load_weights  # noqa: E402
 
 __all__ = [
     "CONFIGS", "DEFAULT_CONFIG", "ConvNeXtV2", "LayerNorm", "GRN", "Block", "DepthwiseConv7", "PatchConv",
@@ -258,14 +258,14 @@ def config_from_state(state: dict) -> dict:
     if stem is None or np.ndim(stem) != 4:
         raise ValueError("cannot infer the ConvNeXt-V2 size: missing or malformed key downsample_layers.0.0.weight")
     n_stages = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"stages\.(\d+)\.", k))), default=-1)
+    shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
     if n_stages == 0:
         raise ValueError("cannot infer the ConvNeXt-V2 size: no stages.* keys")
     depths, dims = [], []
     for i in range(n_stages):
         blocks = {int(m.group(1)) for k in state if (m := re.match(rf"stages\.{i}\.(\d+)\.", k))}
         depths.append(1 + max(blocks) if blocks else 0)
-        w = state.get(f"stages.{i}.0.dwconv.weight")
-        dims.append(int(np.shape(w)[0]) if w is not None else 0)
+        dims.append(convnext_stage_width(shapes, i))
     head = state.get("head.weight")
     return {"name": config_name(depths, dims), "depths": depths, "dims": dims,
             "num_classes": int(np.shape(head)[0]) if head is not None else 0,

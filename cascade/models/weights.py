@@ -375,8 +375,23 @@ def _import_torch(path: Path):
     return torch
 
 
+def _check_zip_members(path: Path) -> None:
+    """Every member of a zip archive against its CRC-32 (torch's own reader checks none, so a damaged download
+    would otherwise convert to wrong weights without a word); one read of the file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"truncated or corrupt zip archive ({exc})", path) from None
+    if bad is not None:
+        raise CheckpointError(f"damaged file: member {bad} fails its CRC-32 check; download the checkpoint again",
+                              path)
+
+
 def _read_torch(path: Path, fmt: str) -> dict[str, np.ndarray]:
     torch = _import_torch(path)
+    if fmt in ("torchscript", "torch-zip"):
+        _check_zip_members(path)
     if fmt == "torchscript":
         try:
             with warnings.catch_warnings():
@@ -634,13 +649,22 @@ def clip_model_name(shapes: dict[str, tuple[int, ...]]) -> str:
         raise ValueError(f"not a CLIP image tower (missing or malformed {exc})") from None
 
 
+def convnext_stage_width(shapes: dict[str, tuple[int, ...]], i: int) -> int:
+    """Stage ``i``'s channels: from any of its blocks' depthwise convolutions, else from the convolution that
+    leads into it (0 if neither is there), so that one missing array is named alone, not as a wrong width."""
+    for key in sorted(k for k in shapes if re.fullmatch(rf"stages\.{i}\.\d+\.dwconv\.weight", k)):
+        return int(shapes[key][0])
+    lead = "downsample_layers.0.0.weight" if i == 0 else f"downsample_layers.{i}.1.weight"
+    return int(shapes.get(lead, (0,))[0])
+
+
 def convnext_size(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, list[int], list[int]]:
     """(size name or None, depths, dims) of ConvNeXt-V2 arrays (official names)."""
     n_stages = _count(shapes, r"stages\.(\d+)\.")
     if not n_stages or "downsample_layers.0.0.weight" not in shapes:
         raise ValueError("not ConvNeXt-V2 weights (no stages.* or downsample_layers.0.0.weight arrays)")
     depths = [_count(shapes, rf"stages\.{i}\.(\d+)\.") for i in range(n_stages)]
-    dims = [int(shapes.get(f"stages.{i}.0.dwconv.weight", (0,))[0]) for i in range(n_stages)]
+    dims = [convnext_stage_width(shapes, i) for i in range(n_stages)]
     name = next((n for n, (d, w) in CONVNEXT_CONFIGS.items() if list(d) == depths and list(w) == dims), None)
     return name, depths, dims
 

@@ -6,11 +6,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cmd="$1"; shift
-log="$(mktemp)"; trap 'rm -f "$log"' EXIT
+log="$(mktemp)"; started="$log.started"; trap 'rm -f "$log" "$started"' EXIT
 # Under mpirun every rank starts here at once: set-up runs under a lock, one process at a time (the first does
 # the work, the others find it done), and outside MPI (Jittor must not start MPI in set-up's helper processes).
 lock="${TMPDIR:-/tmp}/cascade-setup-$(printf '%s' "$root" | sha256sum | cut -c1-16).lock"
-setup=(env -u OMPI_COMM_WORLD_SIZE bash "$root/scripts/setup.sh")
+# (set-up marks when it starts, past the lock: the note below times set-up itself, not the wait for other ranks)
+setup=(env -u OMPI_COMM_WORLD_SIZE bash -c 'touch "$0"; exec bash "$1"' "$started" "$root/scripts/setup.sh")
 command -v flock >/dev/null && setup=(flock "$lock" "${setup[@]}")
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 # --help needs no set-up where the environment exists
@@ -23,7 +24,8 @@ done
 setup_pid=$!
 # a set-up that does real work (a new machine, a changed pyproject.toml, Jittor recompiling) says so once; its
 # check alone takes a few seconds on a loaded machine, so the note waits longer than that
-( sleep 10; kill -0 "$setup_pid" 2>/dev/null \
+( while [ ! -e "$started" ]; do kill -0 "$setup_pid" 2>/dev/null || exit 0; sleep 0.2; done
+  sleep 10; kill -0 "$setup_pid" 2>/dev/null \
     && echo "$cmd: setting up first (scripts/setup.sh; minutes on a new machine, once)..." >&2 ) &
 note_pid=$!
 if ! wait "$setup_pid"; then
@@ -31,5 +33,5 @@ if ! wait "$setup_pid"; then
   cat "$log" >&2; echo "$cmd: set-up failed (scripts/setup.sh)" >&2; exit 1
 fi
 kill "$note_pid" 2>/dev/null || true
-rm -f "$log"
+rm -f "$log" "$started"
 exec "$root/.venv/bin/python" -m cascade "$cmd" "$@"

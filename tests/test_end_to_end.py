@@ -251,6 +251,39 @@ def test_wrappers_explain_themselves():
     assert "usage: python -m cascade test" in r.stderr
 
 
+def test_set_up_note_times_set_up_itself_not_the_wait_for_its_lock(tmp_path):
+    """scripts/run.sh says "setting up first" only when set-up itself runs past 10 s, not when it waited that long
+    for the lock other ranks of an mpirun hold (each then finds set-up done in seconds); it leaves no file behind.
+    Run on a copy of run.sh beside a fake set-up and a fake interpreter."""
+    import hashlib
+    import shutil
+    import time
+
+    def fake_root(name, setup_seconds):
+        root = tmp_path / name
+        (root / "scripts").mkdir(parents=True)
+        (root / ".venv/bin").mkdir(parents=True)
+        shutil.copy(REPO / "scripts/run.sh", root / "scripts/run.sh")
+        (root / "scripts/setup.sh").write_text(f"sleep {setup_seconds}\n")
+        (root / ".venv/bin/python").write_text("#!/bin/sh\necho ran\n")
+        (root / ".venv/bin/python").chmod(0o755)
+        return root
+
+    slow, waiting = fake_root("slow", 11), fake_root("waiting", 0)
+    env = dict(_env(), TMPDIR=str(tmp_path))
+    lock = tmp_path / f"cascade-setup-{hashlib.sha256(str(waiting).encode()).hexdigest()[:16]}.lock"
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "12"])     # another rank's set-up, holding the lock
+    time.sleep(0.5)
+    runs = [subprocess.Popen(["bash", str(root / "scripts/run.sh"), "test"], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for root in (slow, waiting)]
+    (out_slow, err_slow), (out_wait, err_wait) = [p.communicate(timeout=60) for p in runs]
+    holder.wait()
+    assert out_slow == "ran\n" and err_slow.count("test: setting up first") == 1
+    assert out_wait == "ran\n" and "setting up" not in err_wait
+    left = [p.name for p in tmp_path.iterdir() if p.is_file()]
+    assert lock.name in left and all(n.endswith(".lock") for n in left), left     # no log, no marker
+
+
 def test_interrupted_train_resumes_from_the_cache(workspace, trained):
     """Ctrl-C in the middle of feature extraction: exit 130 with one line, the features computed so far are in
     the cache, no temporary file and no model are left behind; the rerun reuses them and finishes."""

@@ -40,7 +40,13 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
     ``open`` would give it (0666 minus the umask). The one atomic writer of the project: result files, reports,
     feature-cache shards, fitted stages and converted weights all go through it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():           # "." would otherwise fail its rename with EBUSY
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder", str(path)) from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -166,3 +166,9 @@ def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path):
         atomic_write_text(tmp_path / "taken", "x")
     assert err.value.filename == str(tmp_path / "taken") and err.value.filename2 is None
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]     # no temporary file left beside it
+    assert isinstance(err.value, IsADirectoryError) and err.value.strerror == "is a folder, not a file"
+    (tmp_path / "file").write_text("x")                # a file where a folder on the way should be
+    with pytest.raises(NotADirectoryError) as err:
+        atomic_write_text(tmp_path / "file/sub/out.json", "x")
+    assert err.value.filename == str(tmp_path / "file/sub/out.json")
+    assert err.value.strerror == f"{tmp_path / 'file'} is a file, not a folder"

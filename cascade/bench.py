@@ -87,7 +87,7 @@ def load_task(path) -> dict:
         check_features(X, f"{path}: {x}", min_rows=0 if x == "val_x" else 1)
         if Y.shape != (X.shape[0],):
             raise ValueError(f"{path}: {y} must hold one label per row of {x} ({X.shape[0]}), got shape {Y.shape}")
-        if not np.issubdtype(Y.dtype, np.integer):
+        if Y.size and not np.issubdtype(Y.dtype, np.integer):
             raise ValueError(f"{path}: {y} must hold integer class indices, got dtype {Y.dtype}")
         if Y.size and (Y.min() < 0 or Y.max() >= n_classes):
             raise ValueError(f"{path}: {y} must lie in 0..{n_classes - 1}"
@@ -145,9 +145,11 @@ def run(args) -> int:
     if twice:
         raise ValueError("tasks named twice (a task is named by its file name): "
                          + "; ".join(f"{s}: {', '.join(p)}" for s, p in twice.items()))
-    tasks = {path: load_task(path) for path in args.tasks}     # every file checked before the first is run
-    for path, task in tasks.items():
+    for path in args.tasks:               # every file checked before the first is run (then read again: one in memory)
+        load_task(path)
+    for path in args.tasks:
         t0 = time.perf_counter()
+        task = load_task(path)
         labels = task.pop("query_y")          # kept away from every method
         try:
             scores = evaluate_task(task, methods)

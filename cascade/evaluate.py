@@ -101,12 +101,13 @@ def _match(result: dict[str, list[int]], labels: dict[str, int]):
                 dup.add(b)
             by_base[b] = k
         keys = {}
+        exact = {k for k in labels if k in result}      # a line named exactly by a label is that label's alone
         for k in labels:
             if k in result:
                 keys[k] = k
             else:
                 b = k.replace("\\", "/").rsplit("/", 1)[-1]
-                if b in by_base and b not in dup:
+                if b in by_base and b not in dup and by_base[b] not in exact:
                     keys[k] = by_base[b]
     ambiguous = [k for k in labels if k not in keys and k.replace("\\", "/").rsplit("/", 1)[-1] in dup]
     missing = [k for k in labels if k not in keys and k not in ambiguous]

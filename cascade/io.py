@@ -45,8 +45,10 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline: 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
-        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, not a folder", str(path)) from None
+        blocker = next((p for p in (path.parent, *path.parent.parents)
+                        if (p.exists() or p.is_symlink()) and not p.is_dir()), path.parent)
+        what = "a broken symbolic link" if blocker.is_symlink() and not blocker.exists() else "a file"
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is {what}, not a folder", str(path)) from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -242,6 +242,8 @@ def test_task_files_are_checked_before_any_method_runs(tmp_path):
         "nan": ({"query_x": np.where(np.arange(512) == 0, np.nan, base["query_x"])}, "query_x: 220 row(s) contain NaN"),
         "val": ({"val_y": None}, "val_x without val_y; give both or neither"),
     }
+    np.savez(tmp_path / "no_val_rows.npz", **{**base, "val_x": base["val_x"][:0], "val_y": np.zeros(0)})
+    assert load_task(tmp_path / "no_val_rows.npz")["val_y"].size == 0     # empty float labels: as no rows
     for name, (change, expected) in cases.items():
         arrays = {k: v for k, v in {**base, **change}.items() if v is not None}
         path = tmp_path / f"{name.replace(' ', '_')}.npz"

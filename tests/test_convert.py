@@ -255,6 +255,18 @@ def test_truncated_files(tiny, tmp_path, capsys):
                   f"member {info.filename} fails its CRC-32 check")
 
 
+def test_a_file_saved_without_checksums_converts(tiny, tmp_path):
+    """torch can save without CRC-32s (its members then hold 0): the members' check leaves those alone."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch always writes checksums")
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(tiny[0], tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert _convert(tmp_path / "nocrc.pt", tmp_path / "w.npz") == 0
+
+
 class _Payload:
     """Unpickling this would create a file: proof that code ran."""
 

@@ -85,6 +85,16 @@ def test_eval_malformed_files_exit_2_with_one_line(tmp_path, capsys, result, lab
     assert err.startswith("cascade eval: error: ") and expected in err
 
 
+def test_eval_a_line_named_exactly_is_not_shared_by_file_name(tmp_path):
+    """x/a.jpg names its line exactly; y/a.jpg has no line of its own (missing), it does not share x/a.jpg's."""
+    r, l = _files(tmp_path, ["x/a.jpg 0 1 2 3 4\n", "x/b.jpg 4 3 2 1 0\n"],
+                  ["x/a.jpg 0\n", "y/a.jpg 1\n", "x/b.jpg 4\n"])
+    with pytest.raises(LabelError, match=r"1 labelled image\(s\) have no result line, e.g. y/a.jpg"):
+        evaluate_files(r, l)
+    rows, _, info = evaluate_files(r, l, allow_missing=True)
+    assert info["n_missing"] == 1 and rows[-1]["top1"] == pytest.approx(200 / 3)
+
+
 def test_eval_worst_must_be_a_count(tmp_path, capsys):
     r, l = _files(tmp_path, ["a.jpg 0 1 2 3 4\n"], ["a.jpg 0\n"])
     with pytest.raises(SystemExit):

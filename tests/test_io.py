@@ -172,3 +172,7 @@ def test_a_failed_atomic_write_names_the_file_not_its_temporary(tmp_path):
         atomic_write_text(tmp_path / "file/sub/out.json", "x")
     assert err.value.filename == str(tmp_path / "file/sub/out.json")
     assert err.value.strerror == f"{tmp_path / 'file'} is a file, not a folder"
+    (tmp_path / "dangle").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError) as err:
+        atomic_write_text(tmp_path / "dangle/out.json", "x")
+    assert err.value.strerror == f"{tmp_path / 'dangle'} is a broken symbolic link, not a folder"

@@ -275,6 +275,7 @@ def test_bad_inputs():
         small().fit(support, ys, {"bb0": unit(text["bb0"][:, :5]), "bb1": text["bb1"]}, S)
     with pytest.raises(ValueError, match="support_y: labels must be integers, got dtype <U"):
         small().fit(support, ys.astype(str), text, S)
+    np.testing.assert_array_equal(small().fit(support, ys.astype(object), text, S).support_y_, ys)   # ints as objects
     with pytest.raises(ValueError, match=r"n_seen must be an integer .* got True"):
         small().fit(support, ys, text, True)
     with pytest.raises(ValueError, match=r"val must be a pair \(features per backbone, labels\), got 1 item"):

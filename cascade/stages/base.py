@@ -237,9 +237,13 @@ def check_labels(y, n_rows: int, n_classes: int, name: str = "y", require_all: b
     if y.ndim != 1 or y.shape[0] != n_rows:
         raise ValueError(f"{name}: expected {n_rows} labels (one per feature row), got shape {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not (np.issubdtype(y.dtype, np.floating) or y.dtype == bool):
-            raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}")
-        if not np.all(np.equal(np.mod(y, 1), 0)):
+        try:                                # floats, bools, or integers held as objects; never strings
+            if y.dtype.kind not in "fbO":
+                raise TypeError
+            whole = np.all(np.equal(np.mod(y.astype(np.float64), 1), 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}") from None
+        if not whole:
             raise ValueError(f"{name}: labels must be integers")
     y = y.astype(np.int64)
     if y.size and (y.min() < 0 or y.max() >= n_classes):

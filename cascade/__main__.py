@@ -74,10 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cascade: interrupted", file=sys.stderr)
         return 130
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         command = parser.command_parsers.get(getattr(args, "command", None) or "", parser)
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if command is parser:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # positionals after options (`bench a.npz --json b.npz`): the command's own parser reads them intermixed,
+        # and reports anything else it does not know with its own usage
+        rest = argv[argv.index(args.command) + 1:]
+        args = command.parse_intermixed_args(rest, namespace=argparse.Namespace(command=args.command))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -258,6 +258,10 @@ def test_task_files_are_checked_before_any_method_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", "zero-shot", str(TASKS / "food101.npz"),
                         str(tmp_path / "sub/food101.npz")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "tasks named twice (a task is named by its file name): food101:" in r.stderr
+    # a task file given after an option is read too (positionals intermixed with options)
+    r = subprocess.run([sys.executable, "-m", "cascade", "bench", str(TASKS / "food101.npz"), "--json", "--methods",
+                        "zero-shot", str(tmp_path / "sub/food101.npz")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "tasks named twice" in r.stderr                  # both files reached the command
     r = subprocess.run([sys.executable, "-m", "cascade", "bench", "--methods", ",", str(TASKS / "food101.npz")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--methods: no method named" in r.stderr

@@ -87,6 +87,11 @@ def _read_labels(path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _file_name(path: str) -> str:
+    """The last part of a path written with / or \\."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def _match(result: dict[str, list[int]], labels: dict[str, int]):
     """Pair result lines with labels, by exact name or else by file name. Returns (label -> result line, labels
     with no line, labels whose file name several result lines share)."""
@@ -96,7 +101,7 @@ def _match(result: dict[str, list[int]], labels: dict[str, int]):
         by_base: dict[str, str] = {}
         dup = set()
         for k in result:
-            b = k.replace("\\", "/").rsplit("/", 1)[-1]
+            b = _file_name(k)
             if b in by_base:
                 dup.add(b)
             by_base[b] = k
@@ -106,10 +111,10 @@ def _match(result: dict[str, list[int]], labels: dict[str, int]):
             if k in result:
                 keys[k] = k
             else:
-                b = k.replace("\\", "/").rsplit("/", 1)[-1]
+                b = _file_name(k)
                 if b in by_base and b not in dup and by_base[b] not in exact:
                     keys[k] = by_base[b]
-    ambiguous = [k for k in labels if k not in keys and k.replace("\\", "/").rsplit("/", 1)[-1] in dup]
+    ambiguous = [k for k in labels if k not in keys and _file_name(k) in dup]
     missing = [k for k in labels if k not in keys and k not in ambiguous]
     return keys, missing, ambiguous
 

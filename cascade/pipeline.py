@@ -228,13 +228,18 @@ def _clip_encoders(cfg) -> dict:
     return encoders
 
 
+def _specialist_domains(cfg, classes) -> list[str]:
+    """The domains the configuration gives a specialist: those of ``specialist.domains`` in the class list (none
+    when ``specialist.enabled`` is off)."""
+    sp = cfg.specialist
+    return [d for d in sp.domains if d in classes.domain_names] if sp.enabled else []
+
+
 def _specialist_setup(cfg, classes):
     """(encoder, domains) for the specialist, or (None, []) when it is off or no configured domain exists."""
     sp = cfg.specialist
-    if not sp.enabled:
-        return None, []
-    present = [d for d in sp.domains if d in classes.domain_names]
-    absent = [d for d in sp.domains if d not in classes.domain_names]
+    present = _specialist_domains(cfg, classes)
+    absent = [d for d in sp.domains if d not in classes.domain_names] if sp.enabled else []
     if absent:
         _log(f"specialist domain(s) {', '.join(absent)} not in the class list: ignored")
     if not present:
@@ -258,14 +263,23 @@ def _new_specialist(cfg, domain=None):
         raise PipelineError(f"specialist.params: {exc}") from None
 
 
+def _check_specialist_domains(cfg, classes, trained: dict, model_dir) -> None:
+    """Refuse a test run whose configuration gives the specialist other domains (or none, or one where the model
+    has none) than the model's specialist (``trained``: the bundle's record) was fitted for, before any weights
+    file is read."""
+    here, there = _specialist_domains(cfg, classes), list(trained.get("domains") or [])
+    if sorted(here) == sorted(there):
+        return
+    def name(domains):
+        return "a specialist for " + ", ".join(domains) if domains else "no specialist"
+    raise PipelineError(f"the model in {model_dir} has {name(there)}, but specialist.enabled and specialist.domains "
+                        f"give {name(here)} here; give test the [specialist] settings train had, or retrain")
+
+
 def _check_specialist(encoder, trained: dict, cfg, model_dir) -> None:
-    """Refuse a test run whose specialist settings (``encoder``: from the configuration, None when it is off) are
-    not those the model's specialist (``trained``: the bundle's record) was fitted with, naming the setting."""
-    domains = ", ".join(trained["domains"])
-    if encoder is None:
-        raise PipelineError(f"the model in {model_dir} has a specialist for {domains}, but specialist.enabled or "
-                            "specialist.domains switch it off here; give test the [specialist] settings train had, "
-                            "or retrain without it")
+    """Refuse a test run whose specialist (``encoder``, from the configuration) has other weights or another
+    preprocessing than the model's specialist (``trained``: the bundle's record) was fitted with, naming the
+    setting."""
     if encoder.identity != trained.get("identity"):
         raise PipelineError(f"specialist.weights = {cfg.expand(cfg.specialist.weights)}: not the weights the model "
                             f"in {model_dir} was trained with; point it at those, or retrain")
@@ -593,6 +607,7 @@ def test(cfg, progress: bool = True) -> dict:
                             f"the model in {model_dir} was trained with; point it at those (converted with "
                             "python -m cascade.convert), or retrain")
     sp = bundle.specialist
+    _check_specialist_domains(cfg, classes, sp, model_dir)
     sp_encoder = None
     if sp.get("domains"):
         sp_encoder, _ = _specialist_setup(cfg, classes)

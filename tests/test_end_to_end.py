@@ -231,6 +231,10 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     assert clip_encoder("ViT-B/32", demo / "out/weights/demo-vit.npz").preprocess.size == 64
     named = [w.rstrip(";") for w in r.stdout.strip().splitlines()[-1].split() if w.startswith(str(demo))]
     assert len(named) == 3 and all(Path(w).exists() for w in named), named   # where the last line sends the user
+    # the demo's model has no specialist: a test that would give it one is refused before any weights are read
+    r = _run([sys.executable, "-m", "cascade", "test", "--config", "demo.toml", "--set", "specialist.enabled=true"], demo)
+    assert r.returncode == 2 and "has no specialist, but specialist.enabled and specialist.domains give a " \
+        "specialist for Thu-dog here" in r.stderr, r.stderr
     r = _run([sys.executable, "-m", "cascade", "demo", str(demo)], REPO)
     assert r.returncode == 2 and "already holds a dataset" in r.stderr
     (tmp_path / "mine").mkdir()
@@ -379,8 +383,8 @@ def test_finetuned_specialist_is_saved_and_encodes_only_the_routed_images(worksp
 
 
 def test_specialist_settings_unlike_trains_are_named(workspace, tested):
-    """test refuses a specialist switched off, other weights or another preprocessing than train's, naming the
-    setting, before any image is encoded, and leaves the result as it was."""
+    """test refuses a specialist switched off, for other domains, with other weights or another preprocessing
+    than train's, naming the setting, before any image is encoded, and leaves the result as it was."""
     import torch
     import timm
 
@@ -389,7 +393,10 @@ def test_specialist_settings_unlike_trains_are_named(workspace, tested):
     torch.manual_seed(1)
     torch.save({"model": timm.create_model("convnextv2_atto", pretrained=False).state_dict()}, root / "other.pth")
     _convert(root / "other.pth", root / "other.npz")
-    for setting, named in (("specialist.enabled=false", "specialist.enabled or specialist.domains switch it off"),
+    for setting, named in (("specialist.enabled=false", "has a specialist for Thu-dog, but specialist.enabled and "
+                                                       "specialist.domains give no specialist here"),
+                           ('specialist.domains=["Thu-dog","Food-101"]', "give a specialist for Thu-dog, Food-101 "
+                                                                          "here"),
                            (f'specialist.weights="{root / "other.npz"}"', f"specialist.weights = {root / 'other.npz'}"),
                            ('specialist.params.preset="convnextv2_22k_384"',
                             "specialist.params.preset: preprocessing")):

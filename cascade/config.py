@@ -101,9 +101,9 @@ class Config:
     prompts: PromptsConfig
     stages: dict[str, dict[str, Any]]       # table name -> keyword arguments
     specialist: SpecialistConfig
-    # the --config file, if any (set by load_config, not a key of the tree): its relative paths are read from the
-    # current folder like every other, and errors about a missing path say so when the file lies elsewhere
-    source: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    # the --config files, if any (set by load_config, not keys of the tree): their relative paths are read from the
+    # current folder like every other, and errors about a missing path say so when a file lies elsewhere
+    sources: tuple[Path, ...] = dataclasses.field(default=(), init=False, repr=False, compare=False)
 
     # ---- resolved paths (Path objects; relative ones stay relative to the current directory)
     @property
@@ -148,14 +148,14 @@ class Config:
         """A note for an error about a missing ``path``: where a relative path was read from, when the --config
         file lies in another folder (a user may expect its paths to be read from there), and whether it exists
         there. Empty otherwise."""
-        path = Path(path)
-        if self.source is None or path.is_absolute():
+        path, here = Path(path), Path.cwd()
+        elsewhere = [s for s in self.sources if s.parent.resolve() != here.resolve()]
+        if not elsewhere or path.is_absolute():
             return ""
-        here, there = Path.cwd(), self.source.parent
-        if there.resolve() == here.resolve():
-            return ""
-        note = f"relative paths are read from the current folder {here}, not from the folder of {self.source}"
-        if (there / path).exists():
+        note = (f"relative paths are read from the current folder {here}, not from the folder of "
+                + ", ".join(map(str, elsewhere)))
+        there = next((s.parent for s in elsewhere if (s.parent / path).exists()), None)
+        if there is not None:
             note += f"; {there / path} exists: run from {there}, or give absolute paths"
         return f" ({note})"
 
@@ -276,12 +276,14 @@ def _apply_override(tree: dict, parts: list[str], value: Any, source: str) -> No
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The default config, merged with the TOML file at ``path`` (if given), then ``--set`` overrides."""
+def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The default config, merged with the TOML file at ``path`` (if given; several are merged in order), then
+    ``--set`` overrides."""
     tree = _read_toml(default_config_text(), "cascade/configs/default.toml")
+    files = [] if path is None else [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     source = "config"
-    if path is not None:
-        p = Path(path)
+    cfg = _build_checked(tree, source) if not files else None
+    for p in files:              # merged in order: each file's keys over the ones before
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
@@ -289,8 +291,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{p}: cannot read config file ({exc})") from None
         tree = _merge(tree, _read_toml(text, str(p)))
-        source = str(p)
-    cfg = _build_checked(tree, source)
+        source = str(p) if source == "config" else f"{source} + {p}"
+        cfg = _build_checked(tree, str(p))
     for item in overrides:       # each override checked as it is applied, so the error names it
         parts, value = parse_override(item)
         _apply_override(tree, parts, value, f"--set {item}")
@@ -300,7 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as exc:
         where = source + (" with --set " + " ".join(overrides) if overrides else "")
         raise ConfigError(f"{where}: {exc}") from None
-    cfg.source = Path(path) if path is not None else None
+    cfg.sources = tuple(files)
     return cfg
 
 
@@ -430,8 +432,8 @@ def validate_stages(stages: dict) -> None:
 def add_config_arguments(parser) -> None:
     """The options every command that reads the config shares."""
     g = parser.add_argument_group("configuration")
-    g.add_argument("--config", metavar="FILE", help="a TOML file merged over the defaults "
-                   "(cascade/configs/default.toml); only the keys it sets change")
+    g.add_argument("--config", metavar="FILE", action="append", help="a TOML file merged over the defaults "
+                   "(cascade/configs/default.toml); only the keys it sets change (repeatable: merged in order)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set stages.lpp.epochs=300 --set sampling.seed=1 (repeatable)")
     g.add_argument("--data", metavar="DIR", help="data root (default: data/ in the current directory)")

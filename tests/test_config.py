@@ -97,6 +97,20 @@ def test_command_line_flags_and_set_order():
     assert cfg.sampling.shots == 2 and cfg.sampling.seed == 5
 
 
+def test_several_config_files_merge_in_order(tmp_path):
+    """--config twice: both files count, the later one's keys over the earlier's (it used to drop the first)."""
+    (tmp_path / "a.toml").write_text('[paths]\ndata = "adata"\n[sampling]\nshots = 2\n')
+    (tmp_path / "b.toml").write_text("[sampling]\nshots = 3\nseed = 7\n")
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "a.toml"), "--config", str(tmp_path / "b.toml")]))
+    assert (cfg.paths.data, cfg.sampling.shots, cfg.sampling.seed) == ("adata", 3, 7)
+    assert cfg.sources == (tmp_path / "a.toml", tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text("[sampling]\nshots = -1\n")
+    with pytest.raises(ConfigError, match=r"c\.toml"):                  # an error names the file at fault
+        load_config([tmp_path / "a.toml", tmp_path / "c.toml"])
+
+
 def test_every_value_comes_from_the_shipped_toml():
     """The dataclasses hold no defaults: a key the merged tables lack is named, not silently defaulted."""
     from cascade.config import PathsConfig, _build

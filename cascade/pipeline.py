@@ -203,6 +203,18 @@ def _check_data_root(cfg, *inputs) -> None:
                         f"{cfg.paths.classes}{cfg.relative_note(root)}")
 
 
+def _data_input(cfg, value: str, setting: str) -> Path:
+    """The path of a setting read relative to the data root. Missing there but present from the current folder
+    (``--train-list out/split/support.txt``): an error that says how to give it."""
+    path = cfg.data_path(value)
+    here = Path(value)
+    if not path.exists() and not here.is_absolute() and here.exists():
+        raise PipelineError(f"{path}: not found; {setting} is read relative to the data root {cfg.data_dir}, and "
+                            f"{here} exists from the current folder: give it as "
+                            f"{os.path.relpath(here.resolve(), cfg.data_dir.resolve())}, or as an absolute path")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ shared
 def _classes(cfg):
     all_path = cfg.data_path(cfg.paths.all_classes) if cfg.paths.all_classes else None
@@ -410,7 +422,7 @@ def train(cfg, progress: bool = True) -> dict:
     pool = read_image_list(train_list, classes, cfg.data_dir)
     s = cfg.sampling
     if s.list:
-        sel_path = cfg.data_path(s.list)
+        sel_path = _data_input(cfg, s.list, "--train-list (sampling.list)")
         selection = read_image_list(sel_path, classes, cfg.data_dir)
         split = split_from_list(selection, pool, classes, s.seed, s.val_per_class, s.val_max, source=str(sel_path))
     else:
@@ -588,7 +600,7 @@ def test(cfg, progress: bool = True) -> dict:
                             f"the model in {model_dir} was trained with ({trained.n_seen} seen + {trained.n_unseen} "
                             f"unseen classes); retrain, or use the same paths.classes/paths.all_classes")
     classes = trained
-    test_dir = cfg.data_path(cfg.paths.test_dir)
+    test_dir = _data_input(cfg, cfg.paths.test_dir, "--test-dir (paths.test_dir)")
     names, skipped = list_test_images(test_dir)
     if skipped:
         _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'} (no image "
@@ -722,8 +734,9 @@ def add_parser(subparsers) -> None:
         "test", help="write the submission file for a folder of test images",
         description="Classify every image of DATA/TestSetA (paths.test_dir) with the cascade saved by train and "
                     "write OUT/result.txt (`<file name> <top1> ... <top5>`, sorted by name) and "
-                    "OUT/result_routes.csv (each image's route and top-5 scores). Unreadable images are listed "
-                    "too (fallback ranking) and reported in OUT/result_unreadable.txt.")
+                    "OUT/result_routes.csv (each image's route and top-5 scores; named after --result, e.g. "
+                    "result_b_routes.csv). Unreadable images are listed too (fallback ranking) and reported in "
+                    "OUT/result_unreadable.txt (named likewise).")
     add_config_arguments(q)
     q.add_argument("--test-dir", metavar="DIR", help="folder of test images (paths.test_dir, relative to the "
                    "data root)")

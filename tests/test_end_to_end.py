@@ -235,6 +235,12 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     r = _run([sys.executable, "-m", "cascade", "test", "--config", "demo.toml", "--set", "specialist.enabled=true"], demo)
     assert r.returncode == 2 and "has no specialist, but specialist.enabled and specialist.domains give a " \
         "specialist for Thu-dog here" in r.stderr, r.stderr
+    # paths read relative to the data root, given from the current folder: the error says how to give them
+    for command, option, value, hint in (("train", "--train-list", "out/split/support.txt", "../out/split/support.txt"),
+                                         ("test", "--test-dir", "data/TestSetA", "TestSetA")):
+        r = _run([sys.executable, "-m", "cascade", command, "--config", "demo.toml", option, value], demo)
+        assert r.returncode == 2 and f"is read relative to the data root data, and {value} exists from the " \
+            f"current folder: give it as {hint}, or as an absolute path" in r.stderr, r.stderr
     r = _run([sys.executable, "-m", "cascade", "demo", str(demo)], REPO)
     assert r.returncode == 2 and "already holds a dataset" in r.stderr
     (tmp_path / "mine").mkdir()

@@ -232,7 +232,8 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
     named = [w.rstrip(";") for w in r.stdout.strip().splitlines()[-1].split() if w.startswith(str(demo))]
     assert len(named) == 3 and all(Path(w).exists() for w in named), named   # where the last line sends the user
     # the demo's model has no specialist: a test that would give it one is refused before any weights are read
-    r = _run([sys.executable, "-m", "cascade", "test", "--config", "demo.toml", "--set", "specialist.enabled=true"], demo)
+    r = _run([sys.executable, "-m", "cascade", "test", "--config", "demo.toml", "--set", "specialist.enabled=true"],
+             demo)
     assert r.returncode == 2 and "has no specialist, but specialist.enabled and specialist.domains give a " \
         "specialist for Thu-dog here" in r.stderr, r.stderr
     # paths read relative to the data root, given from the current folder: the error says how to give them

@@ -69,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()         # imports every command's module: seconds on a cold disk
     except KeyboardInterrupt:
-        print("cascade: interrupted", file=sys.stderr)
+        named = argv[0] if argv and not argv[0].startswith("-") else ""
+        print(f"cascade{' ' + named if named else ''}: interrupted", file=sys.stderr)
         return 130
-    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         command = parser.command_parsers.get(getattr(args, "command", None) or "", parser)

@@ -749,6 +749,8 @@ def add_parser(subparsers) -> None:
 def _run_train(args) -> int:
     cfg = config_from_args(args, {"sampling.shots": args.shots, "sampling.seed": args.seed,
                                   "sampling.list": args.train_list, "paths.all_classes": args.all_classes})
+    if args.shots is not None and cfg.sampling.list:
+        _log(f"--shots {args.shots} is ignored: the given list ({cfg.sampling.list}, sampling.list) sets the shots")
     def work():
         with _writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
             train(cfg, progress=not args.quiet)

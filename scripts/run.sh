@@ -20,12 +20,16 @@ for a in "$@"; do
     exec "$root/.venv/bin/python" -m cascade "$cmd" "$@"
   fi
 done
+# Ctrl-C during set-up: said as the command says it. A set-up still waiting for the lock is dropped; one already
+# running (flock's child, started in the background, so Ctrl-C does not reach it) ends its idempotent work alone.
+trap 'kill ${setup_pid:-} ${note_pid:-} 2>/dev/null; echo "cascade $cmd: interrupted" >&2; exit 130' INT
 "${setup[@]}" >"$log" 2>&1 &
 setup_pid=$!
 # a set-up that does real work (a new machine, a changed pyproject.toml, Jittor recompiling) says so once; its
-# check alone takes a few seconds on a loaded machine, so the note waits longer than that
-( while [ ! -e "$started" ]; do kill -0 "$setup_pid" 2>/dev/null || exit 0; sleep 0.2; done
-  sleep 10; kill -0 "$setup_pid" 2>/dev/null \
+# check alone takes a few seconds on a loaded machine, so the note waits longer than that. (Its sleeps hold no
+# copy of stderr: killed with the note, they would keep a caller's pipe open, `cmd 2>&1 | tail` waiting 10 s.)
+( while [ ! -e "$started" ]; do kill -0 "$setup_pid" 2>/dev/null || exit 0; sleep 0.2 >/dev/null 2>&1; done
+  sleep 10 >/dev/null 2>&1; kill -0 "$setup_pid" 2>/dev/null \
     && echo "$cmd: setting up first (scripts/setup.sh; minutes on a new machine, once)..." >&2 ) &
 note_pid=$!
 if ! wait "$setup_pid"; then

@@ -265,9 +265,11 @@ def test_wrappers_explain_themselves():
 def test_set_up_note_times_set_up_itself_not_the_wait_for_its_lock(tmp_path):
     """scripts/run.sh says "setting up first" only when set-up itself runs past 10 s, not when it waited that long
     for the lock other ranks of an mpirun hold (each then finds set-up done in seconds); it leaves no file behind.
-    Run on a copy of run.sh beside a fake set-up and a fake interpreter."""
+    Ctrl-C during set-up ends it with exit 130 and "cascade test: interrupted". Run on a copy of run.sh beside a
+    fake set-up and a fake interpreter."""
     import hashlib
     import shutil
+    import signal
     import time
 
     def fake_root(name, setup_seconds):
@@ -280,14 +282,21 @@ def test_set_up_note_times_set_up_itself_not_the_wait_for_its_lock(tmp_path):
         (root / ".venv/bin/python").chmod(0o755)
         return root
 
-    slow, waiting = fake_root("slow", 11), fake_root("waiting", 0)
+    slow, waiting, stopped = fake_root("slow", 11), fake_root("waiting", 0), fake_root("stopped", 11)
     env = dict(_env(), TMPDIR=str(tmp_path))
     lock = tmp_path / f"cascade-setup-{hashlib.sha256(str(waiting).encode()).hexdigest()[:16]}.lock"
     holder = subprocess.Popen(["flock", str(lock), "sleep", "12"])     # another rank's set-up, holding the lock
     time.sleep(0.5)
     runs = [subprocess.Popen(["bash", str(root / "scripts/run.sh"), "test"], cwd=tmp_path, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for root in (slow, waiting)]
-    (out_slow, err_slow), (out_wait, err_wait) = [p.communicate(timeout=60) for p in runs]
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for root in (slow, waiting, stopped)]
+    time.sleep(1.5)
+    runs[2].send_signal(signal.SIGINT)                # Ctrl-C during set-up: said as the command says it
+    t0 = time.monotonic()
+    out_int, err_int = runs[2].communicate(timeout=60)
+    closed = time.monotonic() - t0                    # the note's sleeps must not keep the caller's pipe open
+    (out_slow, err_slow), (out_wait, err_wait) = [p.communicate(timeout=60) for p in runs[:2]]
+    assert runs[2].returncode == 130 and out_int == "" and err_int == "cascade test: interrupted\n"
+    assert closed < 5, closed
     holder.wait()
     assert out_slow == "ran\n" and err_slow.count("test: setting up first") == 1
     assert out_wait == "ran\n" and "setting up" not in err_wait

@@ -244,6 +244,10 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
             f"current folder: give it as {hint}, or as an absolute path" in r.stderr, r.stderr
     r = _run([sys.executable, "-m", "cascade", "demo", str(demo)], REPO)
     assert r.returncode == 2 and "already holds a dataset" in r.stderr
+    (demo / "work").mkdir()                           # something of the user's beside an earlier demo: kept
+    r = _run(["bash", str(REPO / "scripts/demo.sh"), str(demo)], REPO)
+    assert r.returncode == 2 and "holds an earlier demo and files it did not write (work)" in r.stderr, r.stderr
+    assert (demo / "work").is_dir() and (demo / "demo.toml").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine/notes.txt").write_text("mine")
     r = _run(["bash", str(REPO / "scripts/demo.sh"), str(tmp_path / "mine")], REPO)

@@ -242,6 +242,9 @@ def test_demo_runs_the_whole_journey_without_downloads(tmp_path):
         r = _run([sys.executable, "-m", "cascade", command, "--config", "demo.toml", option, value], demo)
         assert r.returncode == 2 and f"is read relative to the data root data, and {value} exists from the " \
             f"current folder: give it as {hint}, or as an absolute path" in r.stderr, r.stderr
+    r = _run([sys.executable, "-m", "cascade", "train", "--config", "demo.toml", "--quiet", "--train-list",
+              "../out/split/support.txt", "--shots", "3"], demo)             # the list sets the shots
+    assert r.returncode == 0 and "--shots 3 is ignored: the given list (../out/split/support.txt" in r.stderr
     r = _run([sys.executable, "-m", "cascade", "demo", str(demo)], REPO)
     assert r.returncode == 2 and "already holds a dataset" in r.stderr
     (demo / "work").mkdir()                           # something of the user's beside an earlier demo: kept

@@ -282,6 +282,7 @@ def _check_specialist_domains(cfg, classes, trained: dict, model_dir) -> None:
     here, there = _specialist_domains(cfg, classes), list(trained.get("domains") or [])
     if sorted(here) == sorted(there):
         return
+
     def name(domains):
         return "a specialist for " + ", ".join(domains) if domains else "no specialist"
     raise PipelineError(f"the model in {model_dir} has {name(there)}, but specialist.enabled and specialist.domains "

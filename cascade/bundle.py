@@ -53,12 +53,15 @@ class Bundle:
     ``specialist``: the specialist's setup at train time (``feature_key``, ``domains``, ``identity`` of its
     weights, ``preprocess`` key); the fitted specialists themselves are ``cascade.specialists``.
     ``split``: the few-shot split's description (``data.write_split``), kept for the record.
+    ``settings``: the settings only train reads (:func:`cascade.config.train_settings`), so that test can name
+    those it is given differently; ``None`` for a model saved before they were recorded.
     """
     cascade: Cascade
     classes: ClassList
     encoders: dict = field(default_factory=dict)
     specialist: dict = field(default_factory=dict)
     split: dict | None = None
+    settings: dict | None = None
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self, folder) -> Path:
@@ -96,7 +99,7 @@ class Bundle:
                        "seen": [stage_name(s) for s in stages.seen],
                        "refine": stage_name(stages.refine) if stages.refine is not None else None},
             "specialist": dict(self.specialist, saved=saved),
-            "split": self.split})
+            "split": self.split, "settings": self.settings})
 
     def _check_same(self, other: "Bundle", folder: Path) -> None:
         """The bundle read back from ``folder`` describes the same model (classes, encoders, stages)."""
@@ -143,7 +146,9 @@ class Bundle:
                                   "(import the module that defines it, or retrain)") from None
             bundle = cls(cascade=cascade, classes=classes, encoders=dict(info["clip_weights"]),
                          specialist={k: v for k, v in info["specialist"].items() if k != "saved"},
-                         split=info.get("split"))
+                         split=info.get("split"), settings=info.get("settings"))
+            if bundle.settings is not None and not isinstance(bundle.settings, dict):
+                raise TypeError(f"{INFO_FILE} settings: expected a table, got {type(bundle.settings).__name__}")
         except BundleError:
             raise
         except FileNotFoundError as exc:

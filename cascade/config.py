@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -36,7 +38,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Config", "ConfigError", "load_config", "default_config_text", "parse_override", "add_config_arguments",
-           "config_from_args", "build_stage", "build_cascade", "default_cascade"]
+           "config_from_args", "build_stage", "build_cascade", "default_cascade", "TRAIN_ONLY", "train_settings",
+           "changed_settings"]
+
+# the settings only train reads; test applies the trained model's, so the bundle records them (train_settings) and
+# test names any that differ (changed_settings) instead of ignoring them without a word
+TRAIN_ONLY = ("paths.train_list", "sampling", "prompts", "stages", "specialist.params")
 
 
 class ConfigError(ValueError):
@@ -426,6 +433,44 @@ def validate_stages(stages: dict) -> None:
                                   "fitted before the queries are known")
     _check_keywords(Cascade, table, where, skip=("transductive", "seen_stages", "refine", "specialists"),
                     also=CASCADE_STAGE_KEYS)
+
+
+# ------------------------------------------------------------------------------------ settings train reads
+def train_settings(cfg: Config) -> dict[str, Any]:
+    """The :data:`TRAIN_ONLY` settings of ``cfg`` as dotted keys -> JSON values (lists, not tuples), in the form
+    ``bundle.json`` records them."""
+    flat: dict[str, Any] = {}
+    todo = []
+    for name in TRAIN_ONLY:
+        node = cfg
+        for part in name.split("."):
+            node = getattr(node, part)
+        todo.append((name, dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node))
+    while todo:
+        key, value = todo.pop(0)
+        if isinstance(value, dict):
+            todo[:0] = [(f"{key}.{_bare_key(k)}", v) for k, v in value.items()]
+        else:
+            flat[key] = json.loads(json.dumps(value))
+    return flat
+
+
+def changed_settings(trained: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key = value (trained with value)`` for each setting of ``now`` that differs from ``trained`` (both from
+    :func:`train_settings`), in ``now``'s order, then those it lacks."""
+    out = [f"{k} = {_shown(v)} ({'trained with ' + _shown(trained[k]) if k in trained else 'not set at training'})"
+           for k, v in now.items() if k not in trained or trained[k] != v]
+    out += [f"{k} not set (trained with {_shown(v)})" for k, v in trained.items() if k not in now]
+    return out
+
+
+def _bare_key(key: str) -> str:
+    """A key as TOML writes it in a dotted key: bare when it can be, else quoted."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _shown(key)
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------- argparse glue

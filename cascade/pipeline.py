@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .config import add_config_arguments, build_cascade, config_from_args
+from .config import add_config_arguments, build_cascade, changed_settings, config_from_args, train_settings
 from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
 from .evaluate import topk_table, worst_classes
 from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
@@ -547,7 +547,7 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, first, sp_encoder, s
                     specialist={"feature_key": cfg.specialist.feature_key, "domains": sp_domains,
                                 "identity": sp_encoder.identity if sp_encoder else None,
                                 "preprocess": (sp_encoder.preprocess.cache_key if sp_encoder else None)},
-                    split=split_info)
+                    split=split_info, settings=train_settings(cfg))
     bundle.save(cfg.model_dir)
     replace_dir(split_tmp, cfg.split_dir)
     _log(f"model saved to {cfg.model_dir} (split in {cfg.split_dir})")
@@ -601,6 +601,7 @@ def test(cfg, progress: bool = True) -> dict:
                             f"the model in {model_dir} was trained with ({trained.n_seen} seen + {trained.n_unseen} "
                             f"unseen classes); retrain, or use the same paths.classes/paths.all_classes")
     classes = trained
+    _note_train_settings(cfg, bundle, model_dir)
     test_dir = _data_input(cfg, cfg.paths.test_dir, "--test-dir (paths.test_dir)")
     names, skipped = list_test_images(test_dir)
     if skipped:
@@ -710,6 +711,19 @@ def test(cfg, progress: bool = True) -> dict:
     if failures:
         _log(f"{len(failures)} unreadable image(s) are listed with a fallback ranking; see {fail_path}")
     return summary
+
+
+def _note_train_settings(cfg, bundle, model_dir, show: int = 8) -> None:
+    """Name the settings only train reads that test is given differently: the model holds what they set, so
+    test cannot apply them (a user changing stages.lpp.epochs at test time would otherwise see nothing change)."""
+    if bundle.settings is None:     # a model saved before train recorded its settings
+        return
+    differ = changed_settings(bundle.settings, train_settings(cfg))
+    if differ:
+        more = f"; and {len(differ) - show} more" if len(differ) > show else ""
+        _log(f"note: {len(differ)} setting(s) differ from those the model in {model_dir} was trained with, and only "
+             "train reads them, so this run uses the model's (retrain to apply them): "
+             + "; ".join(differ[:show]) + more)
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -209,3 +209,32 @@ def test_specialists_round_trip_through_the_bundle(tmp_path):
     with pytest.raises(BundleError, match=r"specialist-1.npz: a fine-tuned specialist without its backbone's "
                                           r"weights; retrain"):
         Bundle.load(folder)
+
+
+def test_test_names_the_train_only_settings_it_is_given_differently(trained, tmp_path, capsys):
+    """The model holds what the settings only train reads set: test given other values for them names each one
+    (and its trained value) and writes the result the model gives; a model saved before train recorded them, or
+    the same settings, get no note."""
+    out = tmp_path / "out"
+    shutil.copytree(trained / "out/model", out / "model")
+    args = _cli(trained, "stages.lpp.epochs=20") + ["--set", f'paths.out="{out}"', "--set",
+                                                    f'models.clip={{"ViT-B/32"="{trained / "out/weights/ViT-B-32.npz"}"}}']
+    assert main(["test", "--quiet", *args]) == 0
+    assert "note:" not in capsys.readouterr().err
+    before = (out / "result.txt").read_bytes()
+    changed = ["--set", "stages.lpp.epochs=7", "--set", "sampling.seed=3", "--set", 'prompts.domains.Animal=["a {}"]',
+               "--set", "stages.cascade.backbone_weights={\"ViT-B/32\" = 1.0}"]
+    assert main(["test", "--quiet", *args, *changed]) == 0
+    err = capsys.readouterr().err
+    assert "note: 4 setting(s) differ from those the model in" in err and "retrain to apply them" in err, err
+    assert "stages.lpp.epochs = 7 (trained with 20)" in err and "sampling.seed = 3 (trained with 0)" in err
+    assert 'prompts.domains.Animal = ["a {}"] (trained with ["a photo of a {}, a type of animal.", ' in err
+    assert 'stages.cascade.backbone_weights."ViT-B/32" = 1.0 (not set at training)' in err
+    assert (out / "result.txt").read_bytes() == before      # the model's settings, not the ones given
+    info = json.loads((out / "model/bundle.json").read_text())
+    assert info["settings"]["stages.lpp.epochs"] == 20 and info["settings"]["paths.train_list"] == "train.txt"
+    del info["settings"]                                     # a model saved before train recorded them
+    (out / "model/bundle.json").write_text(json.dumps(info))
+    assert main(["test", "--quiet", *args, *changed]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert (out / "result.txt").read_bytes() == before

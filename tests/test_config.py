@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.config import (Config, ConfigError, add_config_arguments, config_from_args, default_config_text,
-                            load_config, parse_override)
+from cascade.config import (Config, ConfigError, add_config_arguments, changed_settings, config_from_args,
+                            default_config_text, load_config, parse_override, train_settings)
 
 
 def test_defaults_come_from_the_shipped_toml():
@@ -119,3 +119,20 @@ def test_every_value_comes_from_the_shipped_toml():
     del paths["result"]
     with pytest.raises(ConfigError, match=r"^paths: missing key\(s\) result$"):
         _build(PathsConfig, paths, "paths")
+
+
+def test_train_settings_are_the_train_only_sections_and_their_changes_are_named():
+    cfg = load_config()
+    flat = train_settings(cfg)
+    assert flat["sampling.shots"] == 4 and flat["paths.train_list"] == "train.txt"
+    assert flat["prompts.domains.Caltech-101"] == ["a photo of a {}.", "a photo of the {}."]
+    assert all(k.split(".")[0] in ("paths", "sampling", "prompts", "stages", "specialist") for k in flat)
+    assert not any(k.startswith(("paths.test_dir", "models.", "features.")) for k in flat)   # test reads these
+    assert changed_settings(flat, train_settings(cfg)) == []
+    now = train_settings(load_config(overrides=["stages.gda.shrinkage=0.3", "stages.tip-adapter.init_alpha=2.0"]))
+    del flat["stages.lpp.epochs"]
+    now.pop("stages.inmap.n_iter")
+    assert changed_settings(flat, now) == ["stages.lpp.epochs = 100 (not set at training)",
+                                           "stages.gda.shrinkage = 0.3 (trained with 0.5)",
+                                           "stages.tip-adapter.init_alpha = 2.0 (not set at training)",
+                                           "stages.inmap.n_iter not set (trained with 50)"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
-from .io import os_problem
+from .io import STDOUT, os_problem
 
 # command modules, in the order they appear in --help
 COMMAND_MODULES = (
@@ -93,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CascadeError, ValueError) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError as exc:
+        if exc.filename != STDOUT:
+            print(f"cascade {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return 2
+        # the reader of the output went away (`| head`): stop quietly with a shell's status for it, and point the
+        # output at the null device so that Python's flush at exit does not report it again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13     # 128 + SIGPIPE
     except OSError as exc:  # a filesystem fault (missing file, read-only folder, full disk): one line, the path
         print(f"cascade {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2

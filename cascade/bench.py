@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import default_cascade
-from .io import read_npz
+from .io import STDOUT, read_npz, writing
 from .metrics import top1_top5
 from .router import Cascade
 from .stages import InMaP, LinearProbePP, ZeroShot, check_features, get_stage
@@ -157,16 +157,17 @@ def run(args) -> int:
             raise ValueError(f"{path}: {exc}") from None
         results = {m: {k: round(v, 2) for k, v in top1_top5(s, labels).items()} for m, s in scores.items()}
         record = {"task": Path(path).stem, "n_query": int(labels.shape[0]), "results": results}
-        if args.json:
-            print(json.dumps(record), flush=True)
-        else:
-            C, S = task["text_x"].shape[0], task["n_seen"]
-            print(f"{record['task']}: {labels.shape[0]} queries, {C} classes ({S} seen), "
-                  f"{task['support_x'].shape[0]} support rows  [{time.perf_counter() - t0:.1f} s]")
-            print(f"  {'method':<18}{'top-1':>8}{'top-5':>8}")
-            for m, r in results.items():
-                print(f"  {m:<18}{r['top1']:>8.2f}{r['top5']:>8.2f}")
-            print(flush=True)
+        with writing(STDOUT):                 # each task's lines as soon as it is done
+            if args.json:
+                print(json.dumps(record))
+            else:
+                C, S = task["text_x"].shape[0], task["n_seen"]
+                print(f"{record['task']}: {labels.shape[0]} queries, {C} classes ({S} seen), "
+                      f"{task['support_x'].shape[0]} support rows  [{time.perf_counter() - t0:.1f} s]")
+                print(f"  {'method':<18}{'top-1':>8}{'top-5':>8}")
+                for m, r in results.items():
+                    print(f"  {m:<18}{r['top1']:>8.2f}{r['top5']:>8.2f}")
+                print()
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .data import parse_indexed, read_class_file, split_class_name
-from .io import atomic_write_json, raise_many, read_lines
+from .io import STDOUT, atomic_write_json, raise_many, read_lines, writing
 from .output import format_table, read_result
 
 __all__ = ["topk_table", "worst_classes", "evaluate_files", "add_parser", "LabelError"]
@@ -87,6 +87,21 @@ def _read_labels(path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _ends_in_index(name: str) -> bool:
+    """Whether a name read from a labels line ends in a class index: the line had several, as a result line has."""
+    parts = name.split()
+    return len(parts) > 1 and parts[-1].isdigit()
+
+
+def _labels_alone(path) -> bool:
+    """Whether ``path`` reads as a labels file (one class index per line), to say so when it is given as the
+    result."""
+    try:
+        return not any(map(_ends_in_index, _read_labels(path)))
+    except (LabelError, OSError):
+        return False
+
+
 def _file_name(path: str) -> str:
     """The last part of a path written with / or \\."""
     return path.replace("\\", "/").rsplit("/", 1)[-1]
@@ -122,7 +137,13 @@ def _match(result: dict[str, list[int]], labels: dict[str, int]):
 def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10, allow_missing: bool = False):
     """Evaluate a result file; returns (table rows, worst-class rows, info)."""
     names = read_class_file(classes_path) if classes_path else None
-    result = read_result(result_path, n_classes=len(names) if names else None)
+    try:
+        result = read_result(result_path, n_classes=len(names) if names else None)
+    except ValueError:
+        if _labels_alone(result_path):
+            raise LabelError(f"{result_path}: holds one class index per line, as a labels file does; give the result "
+                             "file first: cascade eval RESULT LABELS") from None
+        raise
     labelled = _read_labels(labels_path)
     labels = {name: idx for name, (idx, _) in labelled.items()}
     if names is not None:
@@ -154,6 +175,9 @@ def evaluate_files(result_path, labels_path, classes_path=None, worst: int = 10,
     if shared:                          # by file name, two labels would both be scored on one line
         raise LabelError(f"{labels_path}: {len(shared)} line(s) of {result_path} matched by several labels by file "
                          f"name, e.g. {shared[0]}; name the images as the result file does")
+    if missing and not allow_missing and all(map(_ends_in_index, labels)):
+        raise LabelError(f"{labels_path}: every line holds a name and several class indices, as a result file does; "
+                         "the labels file holds one index per line: cascade eval RESULT LABELS")
     if missing and not allow_missing:
         raise LabelError(f"{result_path}: {len(missing)} labelled image(s) have no result line, e.g. "
                          f"{', '.join(missing[:5])} (use --allow-missing to count them as wrong)")
@@ -205,14 +229,16 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     rows, worst_rows, info = evaluate_files(args.result, args.labels, args.classes, args.worst, args.allow_missing)
     cols = ["domain", "n"] + [c for c in ("top1", "top5") if c in rows[-1]]
-    print(format_table(rows, cols))
-    if info["n_missing"]:
-        print(f"\n{info['n_missing']} labelled image(s) had no result line (counted as wrong)")
+    if args.json:           # first: a closed or full standard output below does not lose it
+        atomic_write_json(args.json, {"accuracy": rows, "worst_classes": worst_rows, **info})
     if info["n_unlabelled_results"]:
         print(f"{info['n_unlabelled_results']} result line(s) have no label (ignored)", file=sys.stderr)
-    if worst_rows:
-        print("\nworst classes (top-1):")
-        print(format_table(worst_rows, ["name", "class", "n", "top1", "confused_with", "times"], floats="{:.1f}"))
-    if args.json:
-        atomic_write_json(args.json, {"accuracy": rows, "worst_classes": worst_rows, **info})
+    with writing(STDOUT):
+        print(format_table(rows, cols))
+        if info["n_missing"]:
+            print(f"\n{info['n_missing']} labelled image(s) had no result line (counted as wrong)")
+        if worst_rows:
+            print("\nworst classes (top-1):")
+            print(format_table(worst_rows, ["name", "class", "n", "top1", "confused_with", "times"],
+                               floats="{:.1f}"))
     return 0

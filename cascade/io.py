@@ -14,19 +14,36 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_LISTED", "os_problem", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
+__all__ = ["MAX_LISTED", "STDOUT", "os_problem", "writing", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
            "read_lines", "read_npz", "save_npz_json", "load_npz_json"]
 
 MAX_LISTED = 20  # problems listed in one error message before "... and N more"
+STDOUT = "standard output"  # the name writing() gives a fault of sys.stdout
 META_KEY = "__meta__"  # the npz entry that holds the JSON document of save_npz_json
 
 
 # ---------------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def writing(path):
+    """An OSError raised inside names ``path`` (a failed write() or fsync() carries no file name). For
+    :data:`STDOUT` the block's output is flushed inside it, so that a fault of a redirected or piped standard
+    output (buffered until then) is met, and named, here."""
+    try:
+        yield
+        if path == STDOUT:
+            sys.stdout.flush()
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            exc.filename = str(path)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

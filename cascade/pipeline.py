@@ -17,7 +17,6 @@ where it stopped. No output file is written until its content is complete.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -32,7 +31,7 @@ from .config import add_config_arguments, build_cascade, changed_settings, confi
 from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
 from .evaluate import topk_table, worst_classes
 from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
-from .io import atomic_write_json, atomic_write_text, os_problem, replace_dir
+from .io import atomic_write_json, atomic_write_text, os_problem, replace_dir, writing
 from .metrics import topk_indices
 from .output import format_table, write_result, write_routes_csv, write_table_csv
 from .runtime import is_main, jittor, mpi_world, run_ranked, status
@@ -179,17 +178,6 @@ def _check_outputs(folders) -> None:
             continue
         if free < LOW_SPACE:
             _log(f"warning: only {free / 2**20:.1f} MiB free in {p}; the run may fail with a full disk")
-
-
-@contextlib.contextmanager
-def _writing(path):
-    """An OSError raised while writing ``path`` names it (a failed write() or fsync() carries no file name)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
-            exc.filename = str(path)
-        raise
 
 
 def _check_data_root(cfg, *inputs) -> None:
@@ -476,7 +464,7 @@ def _fit_and_save(cfg, classes, split, split_tmp, encoders, first, sp_encoder, s
     report; then the model bundle and the split replace the previous ones (only when everything succeeded).
     ``first``: (features, text embeddings) of the backbones already encoded while the split was checked."""
     support, val = split.support, split.val
-    with _writing(cfg.split_dir):
+    with writing(cfg.split_dir):
         split_info = write_split(split, split_tmp) if is_main() else None
     n_sup = len(support)
     _log(f"split: {n_sup} support images, {len(val)} validation images")
@@ -683,19 +671,19 @@ def test(cfg, progress: bool = True) -> dict:
     fail_path = result_path.with_name(result_path.stem + "_unreadable.txt")
     # every output is written in full beside its target first (a full disk fails here, leaving the previous
     # outputs as they were), then renamed into place, the submission last
-    with _writing(result_path.parent):
+    with writing(result_path.parent):
         result_path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{result_path.name}.", dir=result_path.parent))
     try:
-        with _writing(routes_path):
+        with writing(routes_path):
             write_routes_csv(staging / routes_path.name, names, routes, top5, top_scores, status)
         if failures:
-            with _writing(fail_path):
+            with writing(fail_path):
                 atomic_write_text(staging / fail_path.name,
                                   "".join(f"{names[i]}\t{r}\n" for i, (_, r) in sorted(failures.items())))
-        with _writing(result_path):
+        with writing(result_path):
             write_result(staging / result_path.name, names, top5)
-        with _writing(result_path.parent):
+        with writing(result_path.parent):
             os.replace(staging / routes_path.name, routes_path)
             if failures:
                 os.replace(staging / fail_path.name, fail_path)
@@ -767,7 +755,7 @@ def _run_train(args) -> int:
     if args.shots is not None and cfg.sampling.list:
         _log(f"--shots {args.shots} is ignored: the given list ({cfg.sampling.list}, sampling.list) sets the shots")
     def work():
-        with _writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
+        with writing(cfg.out_dir):  # a write that failed without a file name is reported under the out folder
             train(cfg, progress=not args.quiet)
         return 0
 
@@ -778,7 +766,7 @@ def _run_test(args) -> int:
     cfg = config_from_args(args, {"paths.test_dir": args.test_dir, "paths.result": args.result,
                                   "paths.all_classes": args.all_classes})
     def work():
-        with _writing(cfg.out_dir):
+        with writing(cfg.out_dir):
             test(cfg, progress=not args.quiet)
         return 0
 

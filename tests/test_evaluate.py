@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,11 @@ def test_eval_missing_lines_are_an_error_unless_allowed(tmp_path):
      "result.txt matched by several labels by file name, e.g. a.jpg (labels x/a.jpg, y/a.jpg)"),
     ("x/a.jpg 0 1 2 3 4\ny/a.jpg 1 2 3 4 0\n", "a.jpg 0\n",
      "result.txt by file name, e.g. a.jpg; name the images as the result file does"),
+    # the two files given the other way round, or the result twice: said so, not misread
+    ("a.jpg 0\nb.jpg 3\n", "a.jpg 0 1 2 3 4\nb.jpg 3 1 2 0 4\n",
+     "result.txt: holds one class index per line, as a labels file does; give the result file first"),
+    ("a.jpg 0 1 2 3 4\n", "a.jpg 0 1 2 3 4\n",
+     "labels.txt: every line holds a name and several class indices, as a result file does"),
 ])
 def test_eval_malformed_files_exit_2_with_one_line(tmp_path, capsys, result, labels, expected):
     r, l = _files(tmp_path, [result], [labels])
@@ -105,3 +112,22 @@ def test_eval_worst_must_be_a_count(tmp_path, capsys):
 def test_eval_missing_files(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "none.txt"), str(tmp_path / "l.txt")]) == 2
     assert "none.txt: result file not found" in capsys.readouterr().err
+
+
+def test_eval_output_faults_name_standard_output_and_a_closed_pipe_ends_quietly(tmp_path):
+    """`> /dev/full` is an error naming standard output (not a bare errno); a reader that went away (`| head`)
+    ends the command quietly with a shell's status for it (141), the --json figures written all the same."""
+    r, l = _files(tmp_path, ["a.jpg 0 1 2 3 4\n"], ["a.jpg 0\n"])
+    cmd = [sys.executable, "-m", "cascade", "eval", str(r), str(l), "--classes", str(JITTOR4 / "classes.txt")]
+    root = Path(__file__).parents[1]
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=root, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == ("cascade eval: error: standard output: No space left on device "
+                                                      "(errno 28 ENOSPC); free some space and rerun (outputs written "
+                                                      "before are unchanged)"), p.stderr
+    p = subprocess.Popen(cmd + ["--json", str(tmp_path / "m.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=root)
+    p.stdout.close()            # the reader is gone before the command writes a line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"][-1]["top1"] == 100.0

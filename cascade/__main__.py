@@ -1,8 +1,10 @@
 """Command line: ``python -m cascade <command> ...`` (a thin skin over the library).
 
 Each command lives in its own module, which exposes ``add_parser(subparsers)``; that function registers the
-command's parser and sets ``func`` (called with the parsed arguments, returning an exit code). Modules are
-imported only to build the parser, so they must stay cheap to import (no Jittor or torch at import time).
+command's parser (its one line of ``--help`` comes from :data:`COMMANDS`) and sets ``func`` (called with the parsed
+arguments, returning an exit code). Only the module of the command being run is imported, so that ``--help`` and
+the light commands (eval, convert, demo) do not wait for scikit-learn and the router (about a second); a module
+must not import Jittor or torch at import time.
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ import sys
 
 from .io import STDOUT, os_problem
 
-# command modules, in the order they appear in --help
-COMMAND_MODULES = (
-    "cascade.pipeline",   # train, test
-    "cascade.evaluate",   # eval
-    "cascade.bench",      # bench (real-feature tasks)
-    "cascade.convert",    # convert (same as python -m cascade.convert)
-    "cascade.demo",       # demo (a synthetic workspace to try the others)
-)
+# each command: the module that defines it and its line in --help, in the order of --help
+COMMANDS = {
+    "train": ("cascade.pipeline", "fit the cascade on the few-shot split and report validation accuracy"),
+    "test": ("cascade.pipeline", "write the submission file for a folder of test images"),
+    "eval": ("cascade.evaluate", "accuracy of a result file against labels"),
+    "bench": ("cascade.bench", "score zero-shot, InMaP, LP++ and the cascade on feature task files"),
+    "convert": ("cascade.convert", "convert a released checkpoint to Jittor weights"),
+    "demo": ("cascade.demo", "write a small synthetic workspace to try train, test and eval"),
+}
 
 
 class CascadeError(Exception):
@@ -51,20 +54,33 @@ def describe_os_error(exc: OSError) -> str:
     return f"{text}; {hint}" if hint else text
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Subcommands:
+    """The subcommands as a command module's ``add_parser`` sees them: each parser it adds gets its line of
+    ``--help`` from :data:`COMMANDS`, the one place that lists the commands."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs):
+        return self._sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full parser of ``command`` (and of the other commands its module defines): only that
+    module is imported. The others are named with their line of help, enough for ``--help`` and for argparse to
+    list the choices. ``command=None``: every module is imported (every command's parser is full)."""
     parser = argparse.ArgumentParser(
         prog="python -m cascade",
         description="Few-shot image classification with a routed cascade of CLIP stages (InMaP -> LP++ -> "
                     "specialists). Run `python -m cascade COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a command whose module is not there yet is simply absent
-            if exc.name == name:
-                continue
-            raise
-        module.add_parser(sub)
+    for name, (module, line) in COMMANDS.items():
+        if name in sub.choices:                      # added with an earlier command of its module
+            continue
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(_Subcommands(sub))
+        if name not in sub.choices:
+            sub.add_parser(name, help=line)
     parser.command_parsers = sub.choices     # main: an unknown option is reported with its command's usage
     return parser
 
@@ -72,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()         # imports every command's module: seconds on a cold disk
+        # only the module of the command named first is imported (none for --help): seconds on a cold disk
+        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
     except KeyboardInterrupt:
         named = argv[0] if argv and not argv[0].startswith("-") else ""
         print(f"cascade{' ' + named if named else ''}: interrupted", file=sys.stderr)

@@ -43,7 +43,7 @@ BACKBONE = "ViT-B/32"
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="score zero-shot, InMaP, LP++ and the cascade on feature task files",
+        "bench",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("tasks", nargs="+", metavar="TASK.npz", help="task files (e.g. benchmarks/realbench/*.npz)")

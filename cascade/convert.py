@@ -146,8 +146,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def add_parser(subparsers) -> None:
     """Register ``convert`` as a subcommand of ``python -m cascade``."""
-    p = subparsers.add_parser("convert", help="convert a released checkpoint to Jittor weights",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("convert", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     build_parser(p)
 
 

@@ -142,8 +142,7 @@ def make_demo(root, seed: int = 0) -> Path:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="write a small synthetic workspace to try train, test and eval",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", metavar="DIR", help="the folder to write (its data/ must be absent or empty)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and of the random weights")
     p.set_defaults(func=run)

@@ -212,7 +212,7 @@ def _count(text: str) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="accuracy of a result file against labels",
+        "eval",
         description="Top-1/top-5 accuracy of RESULT (`<file name> <top1> ... <top5>` lines) against LABELS "
                     "(`<file name> <index>` lines), overall and per domain (with --classes), and the classes "
                     "most often wrong with what they are mistaken for.")

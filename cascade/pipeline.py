@@ -717,7 +717,7 @@ def _note_train_settings(cfg, bundle, model_dir, show: int = 8) -> None:
 # ------------------------------------------------------------------------------------------------ commands
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="fit the cascade on the few-shot split and report validation accuracy",
+        "train",
         description="Read DATA/classes.txt and DATA/train.txt (the challenge layout; see data/README.md), pick "
                     "K images per class (sampling.shots, sampling.seed) or a given list (sampling.list), extract "
                     "and cache features for every CLIP backbone (and the specialist's), fit the cascade, save it "
@@ -734,7 +734,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_run_train)
 
     q = subparsers.add_parser(
-        "test", help="write the submission file for a folder of test images",
+        "test",
         description="Classify every image of DATA/TestSetA (paths.test_dir) with the cascade saved by train and "
                     "write OUT/result.txt (`<file name> <top1> ... <top5>`, sorted by name) and "
                     "OUT/result_routes.csv (each image's route and top-5 scores; named after --result, e.g. "

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cascade.__main__ import COMMANDS
 from cascade.io import atomic_write_text, load_npz_json, raise_many, read_lines, read_npz, save_npz_json
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cascade"
@@ -107,6 +110,29 @@ def test_imports_inside_functions_are_only_the_lazy_heavy_ones():
         lazy += [f"{path.relative_to(PACKAGE.parent)}:{line}: {m}" for line, m in nested
                  if m.split(".")[0] not in LAZY_ALLOWED and m not in LAZY_ALLOWED]
     assert lazy == []
+
+
+_LOADED = ("import sys\nfrom cascade.__main__ import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+           "print(' '.join(m for m in sys.modules if m.startswith(('cascade.', 'sklearn'))), file=sys.stderr)")
+
+
+@pytest.mark.parametrize("argv, loaded, absent", [
+    (["--help"], [], ["cascade.pipeline", "cascade.evaluate", "cascade.bench", "cascade.convert", "sklearn"]),
+    (["eval", "--help"], ["cascade.evaluate"], ["cascade.pipeline", "cascade.bench", "cascade.router", "sklearn"]),
+    (["train", "--help"], ["cascade.pipeline", "sklearn"], []),
+])
+def test_only_the_module_of_the_command_run_is_imported(argv, loaded, absent):
+    """`python -m cascade --help` imports no command's module and eval only its own, so neither waits for
+    scikit-learn and the router (about a second); each command's own --help is its full parser."""
+    r = subprocess.run([sys.executable, "-c", _LOADED, *argv], capture_output=True, text=True, timeout=120,
+                       cwd=PACKAGE.parent)
+    modules = set(r.stderr.strip().splitlines()[-1].split())
+    assert {m for m in modules for want in loaded if m == want or m.startswith(want + ".")} >= set(loaded)
+    assert not [m for m in modules for bad in absent if m == bad or m.startswith(bad + ".")]
+    if argv == ["--help"]:
+        assert all(line in " ".join(r.stdout.split()) for _, line in COMMANDS.values())
+    else:
+        assert {"eval": "--allow-missing", "train": "--train-list"}[argv[0]] in r.stdout
 
 
 def test_npz_json_round_trip_and_refusals(tmp_path):

@@ -74,10 +74,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Few-shot image classification with a routed cascade of CLIP stages (InMaP -> LP++ -> "
                     "specialists). Run `python -m cascade COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None if command is None else COMMANDS.get(command, ("", ""))[0]
     for name, (module, line) in COMMANDS.items():
         if name in sub.choices:                      # added with an earlier command of its module
             continue
-        if command is None or name == command:
+        if wanted is None or module == wanted:       # every command of that module, in its order
             importlib.import_module(module).add_parser(_Subcommands(sub))
         if name not in sub.choices:
             sub.add_parser(name, help=line)

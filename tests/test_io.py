@@ -120,6 +120,7 @@ _LOADED = ("import sys\nfrom cascade.__main__ import main\ntry:\n    main(sys.ar
     (["--help"], [], ["cascade.pipeline", "cascade.evaluate", "cascade.bench", "cascade.convert", "sklearn"]),
     (["eval", "--help"], ["cascade.evaluate"], ["cascade.pipeline", "cascade.bench", "cascade.router", "sklearn"]),
     (["train", "--help"], ["cascade.pipeline", "sklearn"], []),
+    (["test", "--help"], ["cascade.pipeline", "sklearn"], []),     # the second command of its module
 ])
 def test_only_the_module_of_the_command_run_is_imported(argv, loaded, absent):
     """`python -m cascade --help` imports no command's module and eval only its own, so neither waits for
@@ -132,7 +133,8 @@ def test_only_the_module_of_the_command_run_is_imported(argv, loaded, absent):
     if argv == ["--help"]:
         assert all(line in " ".join(r.stdout.split()) for _, line in COMMANDS.values())
     else:
-        assert {"eval": "--allow-missing", "train": "--train-list"}[argv[0]] in r.stdout
+        assert r.returncode == 0, r.stderr
+        assert {"eval": "--allow-missing", "train": "--train-list", "test": "--test-dir"}[argv[0]] in r.stdout
 
 
 def test_npz_json_round_trip_and_refusals(tmp_path):

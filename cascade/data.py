@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .io import atomic_write_json, atomic_write_text, raise_many, read_lines
+from .io import atomic_write_json, atomic_write_text, one_line, raise_many, read_lines
 
 __all__ = [
     "DataError", "ImageError", "ClassList", "Example", "Split", "IMAGE_EXTENSIONS", "split_class_name",
@@ -361,8 +361,8 @@ def write_split(split: Split, folder) -> dict:
 # -------------------------------------------------------------------------------------------- test folders
 def list_test_images(folder) -> tuple[list[str], list[str]]:
     """File names of the images in a flat folder, sorted by name; and the names of the other entries, which
-    are skipped (sub-folders, hidden files, names without an image extension, names with a line break or tab,
-    which cannot be written on one result line). Every entry whose name has an image extension and is not a
+    are skipped (sub-folders, hidden files, names without an image extension, names with a line break, a tab or
+    bytes that are not UTF-8, which cannot be written on one line of the result file and read back). Every entry whose name has an image extension and is not a
     folder counts as an image, whatever it is (a broken symbolic link, an empty or unreadable file): it gets
     its line in the result and is reported as unreadable there, never dropped. Raises DataError when the folder
     is missing or holds no image."""
@@ -380,8 +380,8 @@ def list_test_images(folder) -> tuple[list[str], list[str]]:
             is_dir = False
         if name.startswith(".") or is_dir or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(name)
-        elif any(ch in name for ch in "\n\r\t"):
-            skipped.append(name)  # cannot be written on one result line
+        elif "\t" in name or not one_line(name):
+            skipped.append(name)  # cannot be written on one result line and read back
         else:
             images.append(name)
     if not images:

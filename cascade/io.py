@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_LISTED", "STDOUT", "os_problem", "writing", "atomic_open", "atomic_write_text", "atomic_write_json", "replace_dir", "raise_many",
-           "read_lines", "read_npz", "save_npz_json", "load_npz_json"]
+__all__ = ["MAX_LISTED", "STDOUT", "os_problem", "one_line", "writing", "atomic_open", "atomic_write_text",
+           "atomic_write_json", "replace_dir", "raise_many", "read_lines", "read_npz", "save_npz_json",
+           "load_npz_json"]
 
 MAX_LISTED = 20  # problems listed in one error message before "... and N more"
 STDOUT = "standard output"  # the name writing() gives a fault of sys.stdout
@@ -215,6 +216,20 @@ def load_npz_json(path, what: str = "stage file") -> tuple[dict[str, np.ndarray]
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt {META_KEY!r} JSON ({exc})") from exc
     return arrays, meta
+
+
+def one_line(text: str) -> bool:
+    """Whether ``text`` can be written as one line of a UTF-8 text file and read back as that line: no character
+    at which :func:`read_lines` (``str.splitlines``) breaks a line (``\\n``, ``\\r``, ``\\v``, ``\\f``, ``\\x1c``-
+    ``\\x1e``, ``\\x85``, U+2028, U+2029), and no undecodable byte (a file name that is not UTF-8 holds
+    surrogates, which UTF-8 cannot write)."""
+    if text.splitlines() != [text]:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def os_problem(exc: OSError) -> str:

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .io import atomic_open, atomic_write_text, raise_many, read_lines
+from .io import atomic_open, atomic_write_text, one_line, raise_many, read_lines
 
 __all__ = ["ResultError", "write_result", "read_result", "write_routes_csv", "format_table", "write_table_csv"]
 
@@ -31,7 +31,7 @@ def _name_order(names: Sequence[str]) -> np.ndarray:
 
 def _result_lines(names: Sequence[str], top5: np.ndarray):
     """Check ``names``/``top5`` (shape, duplicate names) up front, then yield the result file's lines one by one,
-    sorted by name (a line break inside a name is an error when its line comes)."""
+    sorted by name (a name that cannot be one line is an error when its line comes)."""
     top5 = np.asarray(top5)
     if top5.ndim != 2 or top5.shape[0] != len(names) or top5.shape[1] < 1:
         raise ValueError(f"top5 has shape {top5.shape}, expected [{len(names)}, 5]")
@@ -45,8 +45,9 @@ def _result_lines(names: Sequence[str], top5: np.ndarray):
 
     def lines():
         for i in order:
-            if any(ch in names[i] for ch in "\n\r"):
-                raise ValueError(f"image name {names[i]!r} contains a line break")
+            if not one_line(names[i]):
+                raise ValueError(f"image name {names[i]!r} holds a line break or bytes that are not UTF-8: it "
+                                 "cannot be one line of the result file")
             yield names[i] + " " + " ".join(str(int(c)) for c in top5[i]) + "\n"
 
     return lines()

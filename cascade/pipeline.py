@@ -594,7 +594,7 @@ def test(cfg, progress: bool = True) -> dict:
     names, skipped = list_test_images(test_dir)
     if skipped:
         _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'} (no image "
-             "extension, hidden, a folder, or a line break in the name): " + ", ".join(map(repr, skipped)))
+             "extension, hidden, a folder, or a name with a line break, a tab or bytes that are not UTF-8): " + ", ".join(map(repr, skipped)))
     _log(f"{len(names)} test images in {test_dir}")
 
     clip_paths = cfg.clip_weights()

@@ -17,6 +17,7 @@ Nothing here imports Jittor: this module is cheap to import and safe to use from
 from __future__ import annotations
 
 import os
+import posixpath
 import struct
 import warnings
 from collections import defaultdict
@@ -182,7 +183,8 @@ class Example:
 
 def read_image_list(path, classes: ClassList, root, check_files: bool = True) -> list[Example]:
     """Read ``<path> <index>`` lines (paths relative to ``root``; a path may contain spaces). Checks: each line's
-    form, the index is an integer of a seen class, no path twice, the file exists, and, for the official layout
+    form, the index is an integer of a seen class, no path twice (paths are normalised: ``./a/b`` and ``a//b`` are
+    ``a/b``), the file exists, and, for the official layout
     ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class. All problems are reported
     in one error naming the file and lines."""
     path, root = Path(path), Path(root)
@@ -204,7 +206,7 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
             problems.append(f"line {line_no}: index {idx} is out of range: {classes.source or 'the class list'} "
                             f"has {n} classes with training images (0..{n - 1})")
             continue
-        rel = rel.replace("\\", "/")
+        rel = posixpath.normpath(rel.replace("\\", "/"))    # one spelling per file: ./a, a//b, a/./b are a, a/b
         if rel in seen_paths:
             problems.append(f"line {line_no}: {rel} is listed twice (also line {seen_paths[rel]})")
             continue

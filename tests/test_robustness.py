@@ -264,12 +264,16 @@ def test_train_index_not_matching_the_class_folder(tmp_path):
 def test_train_txt_malformed_and_duplicate_lines(tmp_path):
     root, classes = _data(tmp_path)
     text = (root / "train.txt").read_text()
-    (root / "train.txt").write_text(text + "TrainSet/Animal/Bear/0.jpg 0\nonlyonefield\nTrainSet/x.jpg one\n")
+    (root / "train.txt").write_text(text + "TrainSet/Animal/Bear/0.jpg 0\nonlyonefield\nTrainSet/x.jpg one\n"
+                                    "./TrainSet/Animal/Bear/1.jpg 0\nTrainSet//Animal/./Bear/2.jpg 0\n")
     with pytest.raises(DataError) as err:
         read_image_list(root / "train.txt", classes, root)
     msg = str(err.value)
     assert "line 16: TrainSet/Animal/Bear/0.jpg is listed twice (also line 1)" in msg
     assert "line 17: expected '<path> <index>'" in msg and "line 18: index 'one' is not an integer" in msg
+    # one file under another spelling is the same path (it would fill two shots with one image)
+    assert "line 19: TrainSet/Animal/Bear/1.jpg is listed twice (also line 2)" in msg
+    assert "line 20: TrainSet/Animal/Bear/2.jpg is listed twice (also line 3)" in msg
 
 
 def test_all_classes_file_with_duplicate_unseen_name(tmp_path):

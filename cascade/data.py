@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .io import atomic_write_json, atomic_write_text, one_line, raise_many, read_lines
 
@@ -424,10 +424,36 @@ def to_rgb(im):
 _bomb_warning_filtered = False
 
 
+def _open(p: Path, draft_size: int | None, draft_above: int):
+    """``p`` opened, and set to decode at reduced scale where :func:`load_image` says. A JPEG beyond Pillow's
+    decompression-bomb limit is opened by the same JPEG reader without that check, since it is decoded at reduced
+    scale (DCT scaling, up to 8x smaller per side); it is refused only if still beyond the limit at that scale."""
+    try:
+        im, beyond = Image.open(p), False
+    except Image.DecompressionBombError:
+        with open(p, "rb") as f:
+            if not draft_size or f.read(3) != b"\xff\xd8\xff":        # not a JPEG
+                raise
+        im, beyond = JpegImagePlugin.JpegImageFile(p), True
+    w, h = im.size
+    if w < 1 or h < 1:
+        im.close()
+        raise ImageError(p, f"image has no pixels ({w}x{h})")
+    if draft_size and im.format == "JPEG" and (w * h > draft_above or beyond):
+        im.draft("RGB", (draft_size, draft_size))
+    limit = Image.MAX_IMAGE_PIXELS
+    if beyond and limit and im.size[0] * im.size[1] > 2 * limit:
+        im.close()
+        raise Image.DecompressionBombError(f"{w}x{h} pixels, {im.size[0]}x{im.size[1]} at the smallest scale, "
+                                           f"beyond the limit of {2 * limit} pixels")
+    return im
+
+
 def load_image(path, draft_size: int | None = 448, draft_above: int = 4096 * 4096):
     """Decode an image file into an 8-bit RGB PIL image, robustly: EXIF orientation applied; grayscale, CMYK,
     palette, 16-bit and alpha images converted (see :func:`to_rgb`); JPEGs with more than ``draft_above`` pixels
-    decoded at a reduced scale (DCT scaling, keeping both sides >= ``draft_size``) so memory stays bounded;
+    decoded at a reduced scale (DCT scaling, keeping both sides >= ``draft_size``) so memory stays bounded, also
+    those beyond Pillow's decompression-bomb limit (which other formats stay refused by);
     anything unreadable raises :class:`ImageError` naming the file and the reason."""
     global _bomb_warning_filtered
     if not _bomb_warning_filtered:  # we report sizes ourselves; PIL's warning would only be noise
@@ -445,12 +471,7 @@ def load_image(path, draft_size: int | None = 448, draft_above: int = 4096 * 409
     if size == 0:
         raise ImageError(p, "empty file (0 bytes)")
     try:
-        with Image.open(p) as im:
-            w, h = im.size
-            if w < 1 or h < 1:
-                raise ImageError(p, f"image has no pixels ({w}x{h})")
-            if draft_size and im.format == "JPEG" and w * h > draft_above:
-                im.draft("RGB", (draft_size, draft_size))
+        with _open(p, draft_size, draft_above) as im:
             im.load()
             im = ImageOps.exif_transpose(im) or im
             out = to_rgb(im)

@@ -159,6 +159,26 @@ def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):
     assert x.shape == (3, 224, 224) and np.abs(x - ref).mean() < 0.05
 
 
+def test_jpeg_beyond_pillows_pixel_limit_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    """Pillow refuses to open an image of more than twice its MAX_IMAGE_PIXELS (a decompression bomb); a JPEG is
+    decoded at reduced scale instead, where that scale is within the limit. Other formats stay refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)      # so that a 12 Mpx image is beyond it
+    img = Image.fromarray(_gradient(640, 480)).resize((4000, 3000), Image.Resampling.BILINEAR)
+    img.save(tmp_path / "big.jpg", quality=85)
+    img.save(tmp_path / "big.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.jpg")
+    im = load_image(tmp_path / "big.jpg", draft_size=448)
+    assert im.size == (1000, 750)                                   # 1/4 per side: both sides stay >= 448
+    ref = np.asarray(Image.fromarray(_gradient(640, 480)).resize(im.size), np.float64)
+    assert np.abs(np.asarray(im, np.float64) - ref).mean() < 4
+    with pytest.raises(ImageError, match="image too large to decode safely"):
+        load_image(tmp_path / "big.png", draft_size=448)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)         # beyond it even at 1/8 per side (500 x 375)
+    with pytest.raises(ImageError, match=r"image too large to decode safely \(4000x3000 pixels, 500x375 at the "):
+        load_image(tmp_path / "big.jpg", draft_size=300)
+
+
 def test_extreme_aspect_ratio_keeps_memory_bounded(tmp_path):
     p = tmp_path / "strip.png"
     Image.fromarray(np.full((2, 20000, 3), 120, np.uint8)).save(p)   # resized naively: 224 x 2.2M px

@@ -13,8 +13,11 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 
 from .io import STDOUT, os_problem
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 # each command: the module that defines it and its line in --help, in the order of --help
 COMMANDS = {
@@ -86,8 +89,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings in one line, as its other messages are (Python's form names the source file and
+    line of the warning call, and repeats that line); other libraries' warnings as Python writes them."""
+    if os.path.abspath(filename).startswith(PACKAGE + os.sep):
+        return f"[cascade] warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        warnings.formatwarning = _PYTHON_FORMAT
+
+
+def _main(argv: list[str]) -> int:
     try:
         # only the module of the command named first is imported (none for --help): seconds on a cold disk
         parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")

@@ -185,7 +185,8 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     """Read ``<path> <index>`` lines (paths relative to ``root``; a path may contain spaces). Checks: each line's
     form, the index is an integer of a seen class, no path twice (paths are normalised: ``./a/b`` and ``a//b`` are
     ``a/b``), the file exists, and, for the official layout
-    ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class. All problems are reported
+    ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class (and, under a folder of a
+    known domain, a class of the list). All problems are reported
     in one error naming the file and lines."""
     path, root = Path(path), Path(root)
     entries = read_lines(path, "image list", DataError)
@@ -196,6 +197,7 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     seen_paths: dict[str, int] = {}
     out: list[Example] = []
     n = classes.n_seen
+    domains = {d for d in classes.domain_names if d}
     for line_no, text in entries:
         try:
             rel, idx = parse_indexed(text, "<path> <index>")
@@ -217,6 +219,11 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
             if folder_class is not None and folder_class != idx:
                 problems.append(f"line {line_no}: {rel} is in the folder of class {classes.names[folder_class]} "
                                 f"({folder_class}) but labelled {idx} ({classes.names[idx]})")
+                continue
+            if folder_class is None and folders[-3] in domains:     # <Domain>/<Class>/ of a class not in the list
+                problems.append(f"line {line_no}: {rel} is in the folder of class {folders[-3]}_{folders[-2]}, "
+                                f"which {classes.source or 'the class list'} does not hold, but labelled {idx} "
+                                f"({classes.names[idx]})")
                 continue
         if check_files and not (root / rel).is_file():
             missing.append(f"line {line_no}: {rel} ({'a directory' if (root / rel).is_dir() else 'no such file'})")

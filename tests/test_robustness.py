@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cascade.__main__ import PACKAGE, _format_warning, main
 from cascade.data import (DataError, ImageError, load_classes, load_image, read_class_file,
                           read_image_list, sample_split)
 from cascade.features import Preprocess, extract_features
@@ -226,6 +228,19 @@ def test_class_with_fewer_than_k_images(tmp_path):
     assert np.bincount([e.label for e in s.support]).tolist() == [4, 2, 4]
 
 
+def test_the_packages_warnings_read_as_one_line_and_other_warnings_keep_pythons_form(capsys):
+    """Under `python -m cascade`, a warning of the package (e.g. allow_fewer's above) is one `[cascade] warning:`
+    line like the other messages, not Python's source file, line number and repeated source line."""
+    msg = UserWarning("1 class(es) have fewer than 4 training images and use what they have")
+    assert _format_warning(msg, UserWarning, os.path.join(PACKAGE, "pipeline.py"), 418, "split = sample_split(") == \
+        "[cascade] warning: 1 class(es) have fewer than 4 training images and use what they have\n"
+    other = _format_warning(UserWarning("x"), UserWarning, "/usr/lib/python3/dist-packages/sk/a.py", 3, "code")
+    assert other.startswith("/usr/lib/python3/dist-packages/sk/a.py:3: UserWarning: x")
+    before = warnings.formatwarning
+    assert main(["eval", "no-result.txt", "no-labels.txt"]) == 2   # a run puts Python's form back after it
+    assert warnings.formatwarning is before
+
+
 def test_class_with_no_images(tmp_path):
     root, classes = _data(tmp_path, per_class={0: 5, 1: 0, 2: 5})
     pool = read_image_list(root / "train.txt", classes, root)
@@ -279,6 +294,19 @@ def test_train_index_not_matching_the_class_folder(tmp_path):
     with pytest.raises(DataError, match=r"line 2: TrainSet/Animal/Bear/1.jpg is in the folder of class Animal_Bear "
                                         r"\(0\) but labelled 2 \(Thu-dog_teddy\)"):
         read_image_list(root / "train.txt", classes, root)
+    # under a known domain's folder, a class the list does not hold (another class list, or a stray folder)
+    lines[1] = "TrainSet/Animal/Cat/1.jpg 0"
+    (root / "TrainSet/Animal/Cat").mkdir()
+    (root / "TrainSet/Animal/Cat/1.jpg").write_bytes((root / "TrainSet/Animal/Bear/1.jpg").read_bytes())
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"line 2: TrainSet/Animal/Cat/1.jpg is in the folder of class Animal_Cat, "
+                                        r"which .*classes.txt does not hold, but labelled 0 \(Animal_Bear\)"):
+        read_image_list(root / "train.txt", classes, root)
+    lines[1] = "Other/Cat/1.jpg 0"                                    # not a domain folder: no such check
+    (root / "Other/Cat").mkdir(parents=True)
+    (root / "Other/Cat/1.jpg").write_bytes(b"x")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    assert len(read_image_list(root / "train.txt", classes, root)) == len(lines)
 
 
 def test_train_txt_malformed_and_duplicate_lines(tmp_path):

@@ -337,6 +337,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"features.chunk must be >= 1, got {cfg.features.chunk}")
     if not any(cfg.models.clip.values()):
         raise ConfigError("models.clip is empty: name at least one CLIP backbone and its weights")
+    weights = cfg.stages.get(CASCADE_TABLE, {}).get("backbone_weights")
+    if isinstance(weights, dict):       # its form is checked with the other [stages.cascade] keys
+        backbones = [k for k, p in cfg.models.clip.items() if p]
+        unknown = [k for k in weights if k not in backbones]
+        if unknown:
+            raise ConfigError(f"stages.{CASCADE_TABLE}.backbone_weights: {', '.join(map(repr, unknown))} is not a "
+                              f"backbone of models.clip ({', '.join(backbones)})")
     for name, templates in [("prompts.default", cfg.prompts.default)] + [
             (f"prompts.domains.{d}", t) for d, t in cfg.prompts.domains.items()]:
         if not templates:
@@ -431,6 +438,13 @@ def validate_stages(stages: dict) -> None:
             if key == "seen" and cls.transductive:
                 raise ConfigError(f"{where}.seen: {stage_name(cls)!r} is a transductive stage; the seen experts are "
                                   "fitted before the queries are known")
+            if key == "refine" and not cls.soft_labels:
+                raise ConfigError(f"{where}.refine: {stage_name(cls)!r} does not fit on soft labels, which the "
+                                  "refinement is given (the pooled posterior of the queries); \"gda\" does")
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}.seen: {', '.join(map(repr, twice))} named twice; a stage's settings are its one "
+                          f"[stages.<name>] table, so a second one would be the same expert")
     _check_keywords(Cascade, table, where, skip=("transductive", "seen_stages", "refine", "specialists"),
                     also=CASCADE_STAGE_KEYS)
 

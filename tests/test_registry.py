@@ -15,7 +15,7 @@ from cascade.config import ConfigError, load_config
 from cascade.pipeline import test as run_test
 from cascade.pipeline import train
 from cascade.router import Cascade
-from cascade.stages import (InMaP, LinearProbePP, Stage, UnknownStageError, check_features, check_labels,
+from cascade.stages import (InMaP, LinearProbePP, Stage, UnknownStageError, ZeroShot, check_features, check_labels,
                             get_stage, register_stage, stage_names)
 from cascade.stages.base import Interval
 
@@ -102,6 +102,41 @@ def test_config_names_and_checks_the_new_expert():
         load_config(overrides=['stages.cascade.seen=["lpp", "ncn"]'])
     with pytest.raises(ConfigError, match=r"stages\.ncn: no stage is registered as 'ncn'"):
         load_config(overrides=["stages.ncn.temperature=1"])
+    # a stage named twice in seen would be the same expert (one table of settings per stage)
+    with pytest.raises(ConfigError, match=r"stages\.cascade\.seen: 'lpp' named twice"):
+        load_config(overrides=['stages.cascade.seen=["lpp", "ncm", "lpp"]'])
+    # the refinement is fitted on soft labels: a stage that cannot take them is refused at load, not mid-train
+    for name in ("lpp", "zeroshot", "inmap", "ncm"):
+        with pytest.raises(ConfigError, match=rf"stages\.cascade\.refine: '{name}' does not fit on soft labels"):
+            load_config(overrides=[f"stages.cascade.refine={name}"])
+    with pytest.raises(ValueError, match="refine stage 'lpp' does not fit on soft labels"):
+        support, ys, _, _, _, text, S = _task()
+        Cascade(refine=LinearProbePP()).fit(support, ys, text, S)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('{"RN50" = 1.0}', r"backbone_weights: 'RN50' is not a backbone of models\.clip \(ViT-B/32, RN101\)"),
+    ('{"ViT-B/32" = 1.0, "RN50" = 3.0}', r"backbone_weights: 'RN50' is not a backbone of models\.clip"),
+    ('{"ViT-B/32" = -1.0}', r"backbone_weights: expected a table of non-negative weights with a positive sum"),
+    ('{"ViT-B/32" = 0.0}', r"backbone_weights: expected a table of non-negative weights with a positive sum"),
+    ('{"ViT-B/32" = "a"}', r"backbone_weights: expected a table of non-negative weights with a positive sum"),
+    ('{"ViT-B/32" = true}', r"backbone_weights: expected a table of non-negative weights with a positive sum"),
+])
+def test_backbone_weights_are_checked_at_load_naming_the_key(value, expected):
+    """Refused when the config loads, before any image is read (they were found only after encoding, or a
+    misspelt backbone was ignored without a word)."""
+    with pytest.raises(ConfigError, match=r"stages\.cascade\." + expected):
+        load_config(overrides=[f"stages.cascade.backbone_weights={value}"])
+    assert load_config(overrides=['stages.cascade.backbone_weights={"RN101" = 2.0}'])
+
+
+def test_a_repeated_expert_name_is_numbered_so_each_keeps_its_exponent():
+    support, ys, val, query, yq, text, S = _task()
+    m = Cascade(InMaP(n_iter=30), [LinearProbePP(epochs=30, select="last"), ZeroShot(), LinearProbePP(epochs=5)])
+    res = m.fit(support, ys, text, S, val=val).predict(query)
+    names = res.details["pool_experts"]
+    assert names == ["inmap", "lpp", "zeroshot", "lpp#2", "zeroshot#2", "zeroshot-rebalanced"]
+    assert len(res.details["pool_weights"]) == len(names)
 
 
 @pytest.fixture(scope="module")

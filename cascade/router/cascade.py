@@ -21,7 +21,7 @@ import numpy as np
 from ..io import load_npz_json, save_npz_json
 from ..metrics import topk_indices
 from ..stages import calibration
-from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, TypeOf, describe_stage,
+from ..stages.base import (BOOL, HasParams, Interval, NotFittedError, Options, Stage, WeightTable, describe_stage,
                            log_softmax, stage_name, validate_params)
 from ..stages.calibration import (compatible_marginal, estimate_prior, fill_rows, fit_pool_weights,
                                   fit_temperature, marginal_test, row_blocks)
@@ -251,7 +251,7 @@ class Cascade(HasParams):
         "refine_check": [Interval(Real, 0, None), Options(None, False)],
         "refit_check": [Interval(Real, 0, None), Options(None, False)],
         "rebalance": [BOOL],
-        "backbone_weights": [TypeOf(dict, "a table of weights per backbone"), Options(None)],
+        "backbone_weights": [WeightTable(), Options(None)],
         "balance": [Options("none", "check", "always", "counts")],
         "balance_without_val": [Options("counts", "check", "none")],
         "balance_min_gain": [Interval(Real, 0, None)],
@@ -311,6 +311,9 @@ class Cascade(HasParams):
             raise ValueError(f"transductive must be a Stage, got {self.transductive!r}")
         if stages.refine is not None and not isinstance(stages.refine, Stage):
             raise ValueError(f"refine must be a Stage, None or 'default', got {self.refine!r}")
+        if stages.refine is not None and not stages.refine.soft_labels:
+            raise ValueError(f"refine stage {stage_name(stages.refine)!r} does not fit on soft labels, which the "
+                             "refinement is given (the pooled posterior of the queries); GDA does")
         for st in stages.seen:
             if not isinstance(st, Stage):
                 raise ValueError(f"seen_stages must be Stages, got {st!r}")

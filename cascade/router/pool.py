@@ -93,9 +93,12 @@ def seen_log_proba(fitted: list, temperatures, feats: dict, weights: dict, logit
 
 def expert_names(transductive: Stage, seen_stages, rebalanced: bool = False) -> list:
     """The names of the seen block's pooled experts, in the order of their exponents: the transductive stage, each
-    seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced."""
+    seen stage, zero-shot and (``rebalanced``) zero-shot rebalanced. A name given again (a seen stage twice, or the
+    seen stage "zeroshot" beside the cascade's own zero-shot expert) is numbered, ``zeroshot#2``, so that each
+    expert keeps its own exponent where they are reported by name."""
     names = [stage_name(transductive), *(stage_name(st) for st in seen_stages), "zeroshot"]
-    return names + ["zeroshot-rebalanced"] if rebalanced else names
+    names += ["zeroshot-rebalanced"] if rebalanced else []
+    return [n if names[:i].count(n) == 0 else f"{n}#{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
 
 # -------------------------------------------------------------------------------------------------------- pool

@@ -165,6 +165,21 @@ class ArrayLike:
         return "a list of non-negative numbers"
 
 
+class WeightTable:
+    """A table of non-negative finite numbers by name (e.g. a weight per backbone) with a positive sum."""
+
+    def __call__(self, value) -> bool:
+        if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
+            return False
+        if not all(isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) for v in value.values()):
+            return False
+        w = np.asarray(list(value.values()), dtype=np.float64)
+        return bool(np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0)
+
+    def __str__(self) -> str:
+        return "a table of non-negative weights with a positive sum"
+
+
 BOOL = TypeOf(bool, "true or false")
 
 
@@ -307,6 +322,8 @@ class Stage(HasParams):
 
     #: whether ``fit`` uses the ``query`` rows (transductive) or ignores them (inductive)
     transductive = False
+    #: whether ``fit`` accepts soft labels, ``y`` as [N, C] class weights (a refinement of the cascade must)
+    soft_labels = False
     #: hyperparameter name -> list of accepted kinds (:class:`Interval`, :class:`Options`, ...)
     _parameter_constraints: dict = {}
 

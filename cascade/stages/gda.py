@@ -55,6 +55,8 @@ class GDA(Stage):
         row; 0 gives the plain weighted means.
     """
 
+    soft_labels = True
+
     _parameter_constraints = {
         "shrinkage": [Interval(Real, 0, 1)],
         "class_prior": [Options("fit", "uniform")],

@@ -30,6 +30,7 @@ from typing import Any
 
 from .router import Cascade
 from .stages import ParameterError, UnknownStageError, get_stage, stage_name, stage_names, validate_params
+from .preprocess import Preprocess, preprocess_for
 from .stages.specialist import SpecialistStage
 
 if sys.version_info >= (3, 11):
@@ -320,9 +321,21 @@ def _build_checked(tree: dict, where: str) -> Config:
         cfg = _build(Config, tree, "")
         validate_stages(cfg.stages)
         _check_keywords(SpecialistStage, cfg.specialist.params, "specialist.params", skip=("feature_key",))
+        _check_preset(cfg.specialist.params)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cfg
+
+
+def _check_preset(params: dict) -> None:
+    """``specialist.params.preset`` names a known preprocessing (or is a valid table of one), whether or not the
+    specialist is enabled, as every other key of the table is checked."""
+    if "preset" not in params or isinstance(params["preset"], Preprocess):
+        return
+    try:
+        preprocess_for(params["preset"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"specialist.params.preset: {exc}") from None
 
 
 def _validate(cfg: Config) -> None:
@@ -441,6 +454,9 @@ def validate_stages(stages: dict) -> None:
             if key == "refine" and not cls.soft_labels:
                 raise ConfigError(f"{where}.refine: {stage_name(cls)!r} does not fit on soft labels, which the "
                                   "refinement is given (the pooled posterior of the queries); \"gda\" does")
+    if table.get("combine") == "replace" and table.get("balance") in ("always", "counts"):
+        raise ConfigError(f"{where}.balance = {table['balance']!r} has no effect with combine = \"replace\" (the "
+                          "seeds' cascade, whose scores are never balanced); use combine = \"pool\"")
     twice = sorted({n for n in seen if seen.count(n) > 1})
     if twice:
         raise ConfigError(f"{where}.seen: {', '.join(map(repr, twice))} named twice; a stage's settings are its one "

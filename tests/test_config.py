@@ -136,3 +136,19 @@ def test_train_settings_are_the_train_only_sections_and_their_changes_are_named(
                                            "stages.gda.shrinkage = 0.3 (trained with 0.5)",
                                            "stages.tip-adapter.init_alpha = 2.0 (not set at training)",
                                            "stages.inmap.n_iter not set (trained with 50)"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # checked whether or not the specialist is enabled, as the table's other keys are, naming the key
+    (['specialist.params.preset="nope"', "specialist.enabled=false"],
+     "specialist.params.preset: unknown preprocessing preset 'nope'; known: convnextv2_1k_224"),
+    (["specialist.params.preset={resize=3}"], "specialist.params.preset: preprocess: resize (3) must be >= size"),
+    # the seeds' cascade is never balanced: asking for it is an error, not a setting without effect
+    (['stages.cascade.combine="replace"', 'stages.cascade.balance="always"'],
+     'stages.cascade.balance = \'always\' has no effect with combine = "replace"'),
+])
+def test_settings_that_could_not_take_effect_are_refused_at_load(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert expected in str(err.value)
+    assert load_config(overrides=['stages.cascade.combine="replace"', 'stages.cascade.balance="none"'])

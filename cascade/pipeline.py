@@ -107,8 +107,10 @@ def _log_domains(details: dict) -> None:
         if not d["rescored"]:
             _log(f"domain {d['domain'] or '-'}: {d['n_queries']} images, global scores kept")
             continue
-        steps = [("balanced part of the way, few images per class" if d.get("balance_few") else "balanced")
-                 if d["balanced"] else "not balanced"]
+        rho = d.get("balance_rho")     # the count rule went part of the way: why, and how far
+        part = (f"balanced part of the way, {'few images per class' if d.get('balance_few') else 'no validation rows'}"
+                f", rho {rho:.2f}" if rho is not None else None)
+        steps = [(part or "balanced") if d["balanced"] else "not balanced"]
         if d["balance_refit"]:
             steps.append("GDA refit on the balanced scores")
         elif d["refit_dropped"]:

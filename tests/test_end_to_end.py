@@ -502,7 +502,9 @@ def test_the_per_domain_verdicts_are_one_line_per_domain(capsys):
     _log_domains({"domains": [dict(base, domain="Food-101", n_queries=40),
                               dict(base, domain="Caltech-101", n_queries=12, balanced=False, balance_refit=False,
                                    refine_dropped=True),
-                              dict(base, domain="Thu-dog", n_queries=30, balance_refit=False, balance_few=True),
+                              dict(base, domain="Thu-dog", n_queries=30, balance_refit=False, balance_few=True,
+                                   balance_rho=0.31),
+                              dict(base, domain="Animal", n_queries=20, balance_refit=False, balance_rho=0.5),
                               {"domain": "Stanford-Cars", "n_queries": 3, "rescored": False}]})
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
@@ -510,7 +512,9 @@ def test_the_per_domain_verdicts_are_one_line_per_domain(capsys):
         "balanced scores)",
         "[cascade] domain Caltech-101: 12 images scored again by its own cascade (not balanced, refinement dropped)",
         "[cascade] domain Thu-dog: 30 images scored again by its own cascade (balanced part of the way, few images "
-        "per class)",
+        "per class, rho 0.31)",
+        "[cascade] domain Animal: 20 images scored again by its own cascade (balanced part of the way, no validation "
+        "rows, rho 0.50)",
         "[cascade] domain Stanford-Cars: 3 images, global scores kept"]
     _log_domains({})                                  # one domain, or per_domain = false: nothing to say
     assert capsys.readouterr().err == ""

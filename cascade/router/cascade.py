@@ -554,7 +554,8 @@ class Cascade(HasParams):
                              balance_refit=bool(d.get("balance_refit", False)),
                              refine_dropped=bool(d.get("refine_dropped", False)),
                              refit_dropped=bool(d.get("refit_dropped", False)),
-                             balance_few=bool(d.get("balance_few", False)), balance_gain=d.get("balance_gain"))
+                             balance_few=bool(d.get("balance_few", False)), balance_gain=d.get("balance_gain"),
+                             balance_rho=d.get("balance_rho"))
             out.append(entry)
         details["domains"] = out
 

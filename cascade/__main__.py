@@ -90,9 +90,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """The package's own warnings in one line, as its other messages are (Python's form names the source file and
-    line of the warning call, and repeats that line); other libraries' warnings as Python writes them."""
-    if os.path.abspath(filename).startswith(PACKAGE + os.sep):
+    """The package's own warnings (UserWarning raised in its files) in one line, as its other messages are (Python's
+    form names the source file and line of the warning call, and repeats that line); other warnings, such as
+    numpy's RuntimeWarning raised under a line of the package, as Python writes them."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(PACKAGE + os.sep):
         return f"[cascade] warning: {message}\n"
     return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     try:
         # only the module of the command named first is imported (none for --help): seconds on a cold disk
-        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
+        parser = build_parser(next((a for a in argv if a in COMMANDS), ""))
     except KeyboardInterrupt:
         named = argv[0] if argv and not argv[0].startswith("-") else ""
         print(f"cascade{' ' + named if named else ''}: interrupted", file=sys.stderr)

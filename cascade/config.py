@@ -352,11 +352,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("models.clip is empty: name at least one CLIP backbone and its weights")
     weights = cfg.stages.get(CASCADE_TABLE, {}).get("backbone_weights")
     if isinstance(weights, dict):       # its form is checked with the other [stages.cascade] keys
-        backbones = [k for k, p in cfg.models.clip.items() if p]
-        unknown = [k for k in weights if k not in backbones]
+        on = [k for k, p in cfg.models.clip.items() if p]
+        unknown = [k for k in weights if k not in cfg.models.clip]     # one switched off ("") keeps its weight
         if unknown:
             raise ConfigError(f"stages.{CASCADE_TABLE}.backbone_weights: {', '.join(map(repr, unknown))} is not a "
-                              f"backbone of models.clip ({', '.join(backbones)})")
+                              f"backbone of models.clip ({', '.join(cfg.models.clip)})")
+        if not sum(float(weights.get(k, 0.0)) for k in on) > 0:
+            raise ConfigError(f"stages.{CASCADE_TABLE}.backbone_weights: no weight on the backbones switched on "
+                              f"({', '.join(on)})")
     for name, templates in [("prompts.default", cfg.prompts.default)] + [
             (f"prompts.domains.{d}", t) for d, t in cfg.prompts.domains.items()]:
         if not templates:
@@ -481,16 +484,19 @@ def train_settings(cfg: Config) -> dict[str, Any]:
         if isinstance(value, dict):
             todo[:0] = [(f"{key}.{_bare_key(k)}", v) for k, v in value.items()]
         else:
-            flat[key] = json.loads(json.dumps(value))
+            flat[key] = json.loads(json.dumps(value, default=repr))     # a Preprocess given from Python
     return flat
 
 
-def changed_settings(trained: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def changed_settings(trained: dict[str, Any], now: dict[str, Any], default: dict[str, Any] | None = None) -> list[str]:
     """``key = value (trained with value)`` for each setting of ``now`` that differs from ``trained`` (both from
-    :func:`train_settings`), in ``now``'s order, then those it lacks."""
-    out = [f"{k} = {_shown(v)} ({'trained with ' + _shown(trained[k]) if k in trained else 'not set at training'})"
-           for k, v in now.items() if k not in trained or trained[k] != v]
-    out += [f"{k} not set (trained with {_shown(v)})" for k, v in trained.items() if k not in now]
+    :func:`train_settings`), in ``now``'s order, then those it lacks. With ``default`` (the shipped settings), only
+    those ``now`` sets away from it: a test run given none of them is not told that train was given others."""
+    given = [k for k in now if default is None or k not in default or default[k] != now[k]]
+    out = [f"{k} = {_shown(now[k])} ({'trained with ' + _shown(trained[k]) if k in trained else 'not set at training'})"
+           for k in given if k not in trained or trained[k] != now[k]]
+    out += [f"{k} not set (trained with {_shown(v)})" for k, v in trained.items()
+            if k not in now and (default is None or k not in default)]
     return out
 
 

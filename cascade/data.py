@@ -370,11 +370,11 @@ def write_split(split: Split, folder) -> dict:
 # -------------------------------------------------------------------------------------------- test folders
 def list_test_images(folder) -> tuple[list[str], list[str]]:
     """File names of the images in a flat folder, sorted by name; and the names of the other entries, which
-    are skipped (sub-folders, hidden files, names without an image extension, names with a line break, a tab or
-    bytes that are not UTF-8, which cannot be written on one line of the result file and read back). Every entry whose name has an image extension and is not a
-    folder counts as an image, whatever it is (a broken symbolic link, an empty or unreadable file): it gets
-    its line in the result and is reported as unreadable there, never dropped. Raises DataError when the folder
-    is missing or holds no image."""
+    are skipped (sub-folders, hidden files, names without an image extension, names with a line break, a tab,
+    leading whitespace or bytes that are not UTF-8, which cannot be one line of the result file read back).
+    Every entry whose name has an image extension and is not a folder counts as an image, whatever it is (a
+    broken symbolic link, an empty or unreadable file): it gets its line in the result and is reported as
+    unreadable there, never dropped. Raises DataError when the folder is missing or holds no image."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: test image folder not found")

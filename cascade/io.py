@@ -221,9 +221,9 @@ def load_npz_json(path, what: str = "stage file") -> tuple[dict[str, np.ndarray]
 def one_line(text: str) -> bool:
     """Whether ``text`` can be written as one line of a UTF-8 text file and read back as that line: no character
     at which :func:`read_lines` (``str.splitlines``) breaks a line (``\\n``, ``\\r``, ``\\v``, ``\\f``, ``\\x1c``-
-    ``\\x1e``, ``\\x85``, U+2028, U+2029), and no undecodable byte (a file name that is not UTF-8 holds
-    surrogates, which UTF-8 cannot write)."""
-    if text.splitlines() != [text]:
+    ``\\x1e``, ``\\x85``, U+2028, U+2029), no leading whitespace (read_lines strips each line), and no undecodable
+    byte (a file name that is not UTF-8 holds surrogates, which UTF-8 cannot write)."""
+    if text.splitlines() != [text] or text[:1].isspace():
         return False
     try:
         text.encode("utf-8")

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .config import add_config_arguments, build_cascade, changed_settings, config_from_args, train_settings
+from .config import (add_config_arguments, build_cascade, changed_settings, config_from_args, load_config,
+                     train_settings)
 from .data import DataError, list_test_images, load_classes, read_image_list, sample_split, split_from_list, write_split
 from .evaluate import topk_table, worst_classes
 from .features import ModelEncoder, clip_encoder, convnext_encoder, extract_features, text_features
@@ -74,10 +75,7 @@ def _log_balance(details: dict) -> None:
         return
     rule = details.get("balance_rule")
     if details["balanced"] and "balance_rho" in details:
-        why = ("the held-out rows declined, but there are few images per class" if details.get("balance_few")
-               else "no validation rows")
-        _log(f"final scores balanced part of the way to the class counts ({why}; count rule, "
-             f"rho {details['balance_rho']:.2f})")
+        _log(f"final scores balanced to the class counts ({_count_rule(details)})")
     elif "balance_gain" in details:
         verdict = "balanced to the class marginal" if details["balanced"] else "not balanced"
         _log(f"final scores {verdict} (held-out log-likelihood gain {details['balance_gain']:+.3f} "
@@ -88,6 +86,14 @@ def _log_balance(details: dict) -> None:
         _log("final scores not balanced (no validation rows and balance_without_val = \"none\")")
     else:
         _log("final scores not balanced (fewer images than classes)")
+
+
+def _count_rule(details: dict) -> str:
+    """Why the count rule balanced, and its ``rho`` (0: the query set reads as built to the marginal, balanced
+    fully; 1: as drawn at random from it, balanced towards its own counts), for the global and per-domain lines."""
+    why = {"few": "the held-out rows declined, but there are few images per class",
+           "setting": 'balance = "counts"'}.get(details.get("balance_why"), "no validation rows")
+    return f"{why}; count rule, rho {details['balance_rho']:.2f}"
 
 
 def _log_refit(details: dict) -> None:
@@ -107,10 +113,9 @@ def _log_domains(details: dict) -> None:
         if not d["rescored"]:
             _log(f"domain {d['domain'] or '-'}: {d['n_queries']} images, global scores kept")
             continue
-        rho = d.get("balance_rho")     # the count rule went part of the way: why, and how far
-        part = (f"balanced part of the way, {'few images per class' if d.get('balance_few') else 'no validation rows'}"
-                f", rho {rho:.2f}" if rho is not None else None)
-        steps = [(part or "balanced") if d["balanced"] else "not balanced"]
+        counts = d.get("balance_rho") is not None
+        steps = [(f"balanced to the class counts: {_count_rule(d)}" if counts else "balanced") if d["balanced"]
+                 else "not balanced"]
         if d["balance_refit"]:
             steps.append("GDA refit on the balanced scores")
         elif d["refit_dropped"]:
@@ -596,7 +601,7 @@ def test(cfg, progress: bool = True) -> dict:
     names, skipped = list_test_images(test_dir)
     if skipped:
         _log(f"{test_dir}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'} (no image "
-             "extension, hidden, a folder, or a name with a line break, a tab or bytes that are not UTF-8): " + ", ".join(map(repr, skipped)))
+             "extension, hidden, a folder, or a name that cannot be one result line): " + ", ".join(map(repr, skipped)))
     _log(f"{len(names)} test images in {test_dir}")
 
     clip_paths = cfg.clip_weights()
@@ -708,7 +713,10 @@ def _note_train_settings(cfg, bundle, model_dir, show: int = 8) -> None:
     test cannot apply them (a user changing stages.lpp.epochs at test time would otherwise see nothing change)."""
     if bundle.settings is None:     # a model saved before train recorded its settings
         return
-    differ = changed_settings(bundle.settings, train_settings(cfg))
+    # the shipped settings are those a test run not given any has: only the ones set away from them are named, and
+    # the specialist's preset, which test checks against the model itself (an error there), is left to that check
+    differ = [d for d in changed_settings(bundle.settings, train_settings(cfg), train_settings(load_config()))
+              if not d.startswith("specialist.params.preset ")]
     if differ:
         more = f"; and {len(differ) - show} more" if len(differ) > show else ""
         _log(f"note: {len(differ)} setting(s) differ from those the model in {model_dir} was trained with, and only "

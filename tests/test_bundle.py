@@ -217,11 +217,15 @@ def test_test_names_the_train_only_settings_it_is_given_differently(trained, tmp
     the same settings, get no note."""
     out = tmp_path / "out"
     shutil.copytree(trained / "out/model", out / "model")
-    args = _cli(trained, "stages.lpp.epochs=20") + ["--set", f'paths.out="{out}"', "--set",
-                                                    f'models.clip={{"ViT-B/32"="{trained / "out/weights/ViT-B-32.npz"}"}}']
+    here = ["--set", f'paths.out="{out}"', "--set",
+            f'models.clip={{"ViT-B/32"="{trained / "out/weights/ViT-B-32.npz"}"}}']
+    args = _cli(trained, "stages.lpp.epochs=20") + here
     assert main(["test", "--quiet", *args]) == 0
     assert "note:" not in capsys.readouterr().err
     before = (out / "result.txt").read_bytes()
+    # train was given stages.lpp.epochs=20; a test given none of the train-only settings is not told they differ
+    assert main(["test", "--quiet", *_cli(trained), *here]) == 0
+    assert "note:" not in capsys.readouterr().err
     changed = ["--set", "stages.lpp.epochs=7", "--set", "sampling.seed=3", "--set", 'prompts.domains.Animal=["a {}"]',
                "--set", "stages.cascade.backbone_weights={\"ViT-B/32\" = 1.0}"]
     assert main(["test", "--quiet", *args, *changed]) == 0

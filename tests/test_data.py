@@ -225,7 +225,8 @@ def test_test_folder_listing_is_sorted_and_skips_non_images(tmp_path):
     assert skipped == sorted([".hidden.jpg", "notes.txt", "sub"])
     # names that cannot be one line of the result file and read back: any line break Python splits at, or bytes
     # that are not UTF-8 (the name then holds surrogates); skipped and named, never a failed write at the end
-    odd = ["form\x0cfeed.jpg", "line\u2028sep.jpg", "next\x85line.jpg", "tab\there.jpg", "cr\r.jpg"]
+    odd = ["form\x0cfeed.jpg", "line\u2028sep.jpg", "next\x85line.jpg", "tab\there.jpg", "cr\r.jpg",
+           " lead.jpg", "\xa0nbsp.jpg"]                                     # read back stripped
     for n in odd:
         (d / n).write_bytes(b"x")
     with open(os.path.join(os.fsencode(d), b"bad\xffbyte.jpg"), "wb") as f:

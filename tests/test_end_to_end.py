@@ -463,9 +463,12 @@ def test_the_balancing_verdict_is_one_line_naming_its_rule(capsys):
         ({"balanced": False, "balance_rule": "check", "balance_few": False, "balance_gain": -0.1,
           "balance_gain_se": 0.05}, "not balanced (held-out log-likelihood gain -0.100"),
         ({"balanced": True, "balance_rule": "check", "balance_few": True, "balance_gain": 0.06,
-          "balance_gain_se": 0.05, "balance_rho": 0.0}, "few images per class; count rule, rho 0.00"),
-        ({"balanced": True, "balance_rule": "counts", "balance_few": False, "balance_rho": 0.5},
-         "no validation rows; count rule, rho 0.50"),
+          "balance_gain_se": 0.05, "balance_rho": 0.0, "balance_why": "few"},
+         "few images per class; count rule, rho 0.00"),
+        ({"balanced": True, "balance_rule": "counts", "balance_few": False, "balance_rho": 0.5,
+          "balance_why": "no_val"}, "no validation rows; count rule, rho 0.50"),
+        ({"balanced": True, "balance_rule": "counts", "balance_few": False, "balance_rho": 0.5,
+          "balance_why": "setting"}, 'balanced to the class counts (balance = "counts"; count rule, rho 0.50)'),
         ({"balanced": False, "balance_rule": "check", "balance_few": False}, "fewer images than classes"),
         ({"balanced": False, "balance_rule": "none", "balance_few": False}, "balance_without_val"),
     ]
@@ -503,18 +506,19 @@ def test_the_per_domain_verdicts_are_one_line_per_domain(capsys):
                               dict(base, domain="Caltech-101", n_queries=12, balanced=False, balance_refit=False,
                                    refine_dropped=True),
                               dict(base, domain="Thu-dog", n_queries=30, balance_refit=False, balance_few=True,
-                                   balance_rho=0.31),
-                              dict(base, domain="Animal", n_queries=20, balance_refit=False, balance_rho=0.5),
+                                   balance_rho=0.31, balance_why="few"),
+                              dict(base, domain="Animal", n_queries=20, balance_refit=False, balance_rho=0.5,
+                                   balance_why="no_val"),
                               {"domain": "Stanford-Cars", "n_queries": 3, "rescored": False}]})
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "[cascade] domain Food-101: 40 images scored again by its own cascade (balanced, GDA refit on the "
         "balanced scores)",
         "[cascade] domain Caltech-101: 12 images scored again by its own cascade (not balanced, refinement dropped)",
-        "[cascade] domain Thu-dog: 30 images scored again by its own cascade (balanced part of the way, few images "
-        "per class, rho 0.31)",
-        "[cascade] domain Animal: 20 images scored again by its own cascade (balanced part of the way, no validation "
-        "rows, rho 0.50)",
+        "[cascade] domain Thu-dog: 30 images scored again by its own cascade (balanced to the class counts: the "
+        "held-out rows declined, but there are few images per class; count rule, rho 0.31)",
+        "[cascade] domain Animal: 20 images scored again by its own cascade (balanced to the class counts: no "
+        "validation rows; count rule, rho 0.50)",
         "[cascade] domain Stanford-Cars: 3 images, global scores kept"]
     _log_domains({})                                  # one domain, or per_domain = false: nothing to say
     assert capsys.readouterr().err == ""

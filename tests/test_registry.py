@@ -128,6 +128,11 @@ def test_backbone_weights_are_checked_at_load_naming_the_key(value, expected):
     with pytest.raises(ConfigError, match=r"stages\.cascade\." + expected):
         load_config(overrides=[f"stages.cascade.backbone_weights={value}"])
     assert load_config(overrides=['stages.cascade.backbone_weights={"RN101" = 2.0}'])
+    # a backbone switched off keeps its weight in the table; the ones switched on must weigh something
+    assert load_config(overrides=['stages.cascade.backbone_weights={"ViT-B/32" = 0.5, "RN101" = 0.5}',
+                                  'models.clip.RN101=""'])
+    with pytest.raises(ConfigError, match=r"backbone_weights: no weight on the backbones switched on \(ViT-B/32\)"):
+        load_config(overrides=['stages.cascade.backbone_weights={"RN101" = 1.0}', 'models.clip.RN101=""'])
 
 
 def test_a_repeated_expert_name_is_numbered_so_each_keeps_its_exponent():

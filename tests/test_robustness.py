@@ -236,6 +236,10 @@ def test_the_packages_warnings_read_as_one_line_and_other_warnings_keep_pythons_
         "[cascade] warning: 1 class(es) have fewer than 4 training images and use what they have\n"
     other = _format_warning(UserWarning("x"), UserWarning, "/usr/lib/python3/dist-packages/sk/a.py", 3, "code")
     assert other.startswith("/usr/lib/python3/dist-packages/sk/a.py:3: UserWarning: x")
+    # numpy's warning raised under a line of the package keeps its category and place
+    ufunc = _format_warning(RuntimeWarning("divide by zero encountered in log"), RuntimeWarning,
+                            os.path.join(PACKAGE, "stages", "gda.py"), 120, "np.log(w)")
+    assert "gda.py:120: RuntimeWarning: divide by zero" in ufunc and "[cascade]" not in ufunc
     before = warnings.formatwarning
     assert main(["eval", "no-result.txt", "no-labels.txt"]) == 2   # a run puts Python's form back after it
     assert warnings.formatwarning is before

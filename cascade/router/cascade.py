@@ -555,7 +555,7 @@ class Cascade(HasParams):
                              refine_dropped=bool(d.get("refine_dropped", False)),
                              refit_dropped=bool(d.get("refit_dropped", False)),
                              balance_few=bool(d.get("balance_few", False)), balance_gain=d.get("balance_gain"),
-                             balance_rho=d.get("balance_rho"))
+                             balance_rho=d.get("balance_rho"), balance_why=d.get("balance_why"))
             out.append(entry)
         details["domains"] = out
 
@@ -633,7 +633,8 @@ class Cascade(HasParams):
         if (rule == "counts" or few) and len(scores) >= C:
             marginal, rho = count_marginal(scores, marginal)
             keep = True
-            details.update(balance_rho=rho, balance_target=marginal)
+            why = "few" if few else "setting" if self.balance == "counts" else "no_val"
+            details.update(balance_rho=rho, balance_target=marginal, balance_why=why)
         details.update(balanced=keep, balance_few=few)
         return (balanced(scores, marginal) if keep else scores), marginal
 

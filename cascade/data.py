@@ -17,7 +17,6 @@ Nothing here imports Jittor: this module is cheap to import and safe to use from
 from __future__ import annotations
 
 import os
-import posixpath
 import struct
 import warnings
 from collections import defaultdict
@@ -183,7 +182,7 @@ class Example:
 
 def read_image_list(path, classes: ClassList, root, check_files: bool = True) -> list[Example]:
     """Read ``<path> <index>`` lines (paths relative to ``root``; a path may contain spaces). Checks: each line's
-    form, the index is an integer of a seen class, no path twice (paths are normalised: ``./a/b`` and ``a//b`` are
+    form, the index is an integer of a seen class, no path twice (one spelling per path: ``./a/b`` and ``a//b`` are
     ``a/b``), the file exists, and, for the official layout
     ``.../<Domain>/<Class>/<image>``, that the folder's class is the labelled class (and, under a folder of a
     known domain, a class of the list). All problems are reported
@@ -208,7 +207,7 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
             problems.append(f"line {line_no}: index {idx} is out of range: {classes.source or 'the class list'} "
                             f"has {n} classes with training images (0..{n - 1})")
             continue
-        rel = posixpath.normpath(rel.replace("\\", "/"))    # one spelling per file: ./a, a//b, a/./b are a, a/b
+        rel = _one_spelling(rel)
         if rel in seen_paths:
             problems.append(f"line {line_no}: {rel} is listed twice (also line {seen_paths[rel]})")
             continue
@@ -232,6 +231,14 @@ def read_image_list(path, classes: ClassList, root, check_files: bool = True) ->
     raise_many(problems, f"{path}: invalid lines:", DataError)
     raise_many(missing, f"{path}: {len(missing)} listed image(s) missing under {root}:", DataError)
     return out
+
+
+def _one_spelling(rel: str) -> str:
+    """A listed path with ``\\`` as ``/`` and without empty or ``.`` parts (``./a``, ``a//b``, ``a/./b`` are ``a``,
+    ``a/b``), so that one file is one path. ``..`` is kept: through a symbolic link it may name another file."""
+    rel = rel.replace("\\", "/")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    return ("/" if rel.startswith("/") else "") + "/".join(parts)
 
 
 def write_image_list(path, examples: Iterable[Example]) -> None:

@@ -134,17 +134,14 @@ def _main(argv: list[str]) -> int:
     except (CascadeError, ValueError) as exc:
         print(f"cascade {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError as exc:
-        if exc.filename != STDOUT:
-            print(f"cascade {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
-            return 2
-        # the reader of the output went away (`| head`): stop quietly with a shell's status for it, and point the
-        # output at the null device so that Python's flush at exit does not report it again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 128 + 13     # 128 + SIGPIPE
     except OSError as exc:  # a filesystem fault (missing file, read-only folder, full disk): one line, the path
+        if isinstance(exc, BrokenPipeError) and exc.filename == STDOUT:
+            # the reader of the output went away (`| head`): stop quietly with a shell's status for it, and point
+            # the output at the null device so that Python's flush at exit does not report it again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 128 + 13     # 128 + SIGPIPE
         print(f"cascade {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
